@@ -1,0 +1,5 @@
+import sys
+
+from scalign.cli import main
+
+sys.exit(main())

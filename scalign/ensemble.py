@@ -1,0 +1,104 @@
+"""The ensemble data model: ``coords`` over ``(structure, point, space)``.
+
+An ensemble is an :class:`xarray.Dataset` with
+
+* ``coords`` — float32/float64, dims ``(structure, point, space)``, chunked along
+  ``structure`` only;
+* ``weights`` (optional) — dims ``(point,)`` or ``(structure, point)``, ``>= 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from scalign.validation import as_points, as_weights, check_enough_points
+
+STRUCTURE, POINT, SPACE = "structure", "point", "space"
+COORD_DIMS = (STRUCTURE, POINT, SPACE)
+
+
+def default_chunk(n_points: int, d: int, itemsize: int = 4) -> int:
+    """Structures per chunk: about 32 MiB of coordinates, so a task lasts well over 100 ms
+    of work on the distributed scheduler but several chunks still fit per worker."""
+    return max(1, (32 * 2**20) // max(1, n_points * d * itemsize))
+
+
+def make_ensemble(
+    coords: Any,
+    weights: Any | None = None,
+    *,
+    chunks: int | None = None,
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """Build an ensemble Dataset from an array of structures.
+
+    Parameters
+    ----------
+    coords : (structure, point, space) array-like
+        Coordinates, points as rows. NumPy arrays are checked for NaN/inf here;
+        dask arrays stay lazy (a non-finite structure then gives NaN results for itself).
+    weights : (point,) or (structure, point) array-like, optional
+        Per-point weights (e.g. masses), ``>= 0`` and not all zero.
+    chunks : int, optional
+        Structures per chunk; default :func:`default_chunk`.
+    attrs : dict, optional
+        Dataset attributes (JSON-serialisable to survive zarr).
+    """
+    if isinstance(coords, da.Array):
+        if coords.ndim != 3:
+            raise ValueError(f"coords must have shape (structure, point, space), got {coords.shape}")
+        arr = coords
+    else:
+        arr = as_points("coords", coords, min_ndim=3)
+        if arr.ndim != 3:
+            raise ValueError(f"coords must have shape (structure, point, space), got {arr.shape}")
+    n_structures, n, d = arr.shape
+    if n_structures == 0:
+        raise ValueError("coords is an empty ensemble: 0 structures")
+    check_enough_points("coords", n, d)
+    if chunks is None:
+        chunks = default_chunk(n, d, arr.dtype.itemsize)
+    data = da.asarray(arr).rechunk({0: chunks, 1: -1, 2: -1})
+    ds = xr.Dataset({"coords": (COORD_DIMS, data)}, attrs=dict(attrs or {}))
+    if weights is not None:
+        w = as_weights("weights", weights, n)
+        dims = (POINT,) if w.ndim == 1 else (STRUCTURE, POINT)
+        if w.ndim == 2 and w.shape[0] != n_structures:
+            raise ValueError(f"weights has {w.shape[0]} rows but coords has {n_structures} structures")
+        if w.ndim > 2:
+            raise ValueError(f"weights must have shape (point,) or (structure, point), got {w.shape}")
+        ds["weights"] = (dims, w)
+    return ds
+
+
+def validate_ensemble(ds: xr.Dataset | xr.DataArray, name: str = "ensemble") -> xr.Dataset:
+    """Check an ensemble's structure (not its values, which may be lazy) and return it.
+
+    ``coords`` must exist with dims ``(structure, point, space)``, a floating dtype, at
+    least one structure and at least ``d`` points; ``weights``, when present, must have
+    dims ``(point,)`` or ``(structure, point)``. A bare DataArray is taken as ``coords``.
+    """
+    if isinstance(ds, xr.DataArray):
+        ds = ds.to_dataset(name="coords")
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"{name} must be an xarray Dataset, got {type(ds).__name__}")
+    if "coords" not in ds.data_vars:
+        raise ValueError(f"{name} has no 'coords' variable (variables: {list(ds.data_vars)})")
+    coords = ds["coords"]
+    if coords.dims != COORD_DIMS:
+        raise ValueError(f"{name}.coords must have dims {COORD_DIMS}, got {coords.dims}")
+    if not np.issubdtype(coords.dtype, np.floating):
+        raise TypeError(f"{name}.coords must be float32 or float64, got {coords.dtype}")
+    if ds.sizes[STRUCTURE] == 0:
+        raise ValueError(f"{name} is empty: 0 structures")
+    check_enough_points(f"{name}.coords", ds.sizes[POINT], ds.sizes[SPACE])
+    if "weights" in ds.data_vars and ds["weights"].dims not in ((POINT,), (STRUCTURE, POINT)):
+        raise ValueError(
+            f"{name}.weights must have dims ('point',) or ('structure', 'point'), "
+            f"got {ds['weights'].dims}"
+        )
+    return ds

@@ -1,0 +1,82 @@
+"""Input checks shared by the pair-level functions, the ops and the CLI.
+
+Every check raises ``ValueError`` or ``TypeError`` naming the variable and what is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def as_points(name: str, X: Any, *, min_ndim: int = 2) -> np.ndarray:
+    """``X`` as a finite floating array of point sets ``(..., n, d)``."""
+    try:
+        arr = np.asarray(X)
+    except Exception as exc:  # ragged lists and other objects numpy cannot hold
+        raise TypeError(f"{name} must be an array of points, got {type(X).__name__}") from exc
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
+    if arr.ndim < min_ndim:
+        raise ValueError(f"{name} must have shape (..., n_points, d), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise ValueError(f"{name} has {bad} non-finite (NaN or inf) coordinate(s)")
+    return arr
+
+
+def check_enough_points(name: str, n: int, d: int) -> None:
+    """A d-dimensional fit needs at least d points."""
+    if n < d:
+        raise ValueError(f"{name} has {n} point(s) in {d} dimensions: at least {d} are needed")
+
+
+def check_pair(X: np.ndarray, Y: np.ndarray, x_name: str = "X", y_name: str = "Y") -> None:
+    """``X`` and ``Y`` are paired point sets: same number of points and dimensions."""
+    if X.shape[-1] != Y.shape[-1]:
+        raise ValueError(
+            f"{x_name} is {X.shape[-1]}-dimensional but {y_name} is {Y.shape[-1]}-dimensional"
+        )
+    if X.shape[-2] != Y.shape[-2]:
+        raise ValueError(
+            f"{x_name} has {X.shape[-2]} points but {y_name} has {Y.shape[-2]}: "
+            "paired point sets need the same number of points"
+        )
+    check_enough_points(x_name, X.shape[-2], X.shape[-1])
+
+
+def check_spread(name: str, X: np.ndarray) -> None:
+    """At least two distinct points, or no rotation is defined at all."""
+    centred = X - X.mean(axis=-2, keepdims=True)
+    if np.any(np.all(np.abs(centred) <= 1e-12 * (1.0 + np.abs(X).max()), axis=(-2, -1))):
+        raise ValueError(f"{name} is degenerate: all of its points coincide")
+
+
+def as_weights(name: str, w: Any, n: int) -> np.ndarray:
+    """Per-point weights ``(..., n)``: finite, non-negative, not all zero."""
+    arr = np.asarray(w, dtype=np.float64) if not isinstance(w, np.ndarray) else w
+    if not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+    arr = arr.astype(np.float64, copy=False)
+    if arr.ndim < 1 or arr.shape[-1] != n:
+        raise ValueError(f"{name} must have shape (..., {n}) (one per point), got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} has non-finite (NaN or inf) values")
+    if np.any(arr < 0):
+        raise ValueError(f"{name} has negative values: weights must be >= 0")
+    if np.any(np.all(arr == 0, axis=-1)):
+        raise ValueError(f"{name} are all zero: at least one point needs a positive weight")
+    return arr
+
+
+def check_option(name: str, value: Any, allowed: tuple) -> None:
+    """``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(map(repr, allowed))}")
