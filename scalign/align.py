@@ -66,11 +66,15 @@ def _resolve_weights(ds: xr.Dataset, weights) -> xr.DataArray | None:
         return None
     if isinstance(weights, str):
         if weights not in ds.variables:
-            raise ValueError(f"weights variable {weights!r} is not in the ensemble ({list(ds.data_vars)})")
+            raise ValueError(
+                f"weights variable {weights!r} is not in the ensemble ({list(ds.data_vars)})"
+            )
         weights = ds[weights]
     if isinstance(weights, xr.DataArray):
         if weights.dims not in ((POINT,), (STRUCTURE, POINT)):
-            raise ValueError(f"weights must have dims ('point',) or ('structure', 'point'), got {weights.dims}")
+            raise ValueError(
+                f"weights must have dims ('point',) or ('structure', 'point'), got {weights.dims}"
+            )
         if weights.sizes[POINT] != n:
             raise ValueError(f"weights has {weights.sizes[POINT]} points but coords has {n}")
         if weights.chunks is None:
@@ -80,8 +84,12 @@ def _resolve_weights(ds: xr.Dataset, weights) -> xr.DataArray | None:
     if w.ndim == 1:
         return xr.DataArray(w, dims=(POINT,))
     if w.shape != (ds.sizes[STRUCTURE], n):
-        raise ValueError(f"weights must have shape ({n},) or ({ds.sizes[STRUCTURE]}, {n}), got {w.shape}")
-    return xr.DataArray(w, dims=(STRUCTURE, POINT)).chunk({STRUCTURE: ds.chunksizes.get(STRUCTURE, -1)})
+        raise ValueError(
+            f"weights must have shape ({n},) or ({ds.sizes[STRUCTURE]}, {n}), got {w.shape}"
+        )
+    return xr.DataArray(w, dims=(STRUCTURE, POINT)).chunk(
+        {STRUCTURE: ds.chunksizes.get(STRUCTURE, -1)}
+    )
 
 
 def _resolve_reference(coords: xr.DataArray, reference) -> np.ndarray:
@@ -92,7 +100,9 @@ def _resolve_reference(coords: xr.DataArray, reference) -> np.ndarray:
         reference = 0
     if isinstance(reference, numbers.Integral):
         if not -n_structures <= reference < n_structures:
-            raise ValueError(f"reference index {reference} is out of range for {n_structures} structures")
+            raise ValueError(
+                f"reference index {reference} is out of range for {n_structures} structures"
+            )
         reference = coords.isel({STRUCTURE: int(reference)}).values
         name = "reference structure"
     else:
@@ -119,6 +129,8 @@ def _generalized_reference(coords, weights, scale, reflection, tol, max_iteratio
     ref = _resolve_reference(coords, 0)
     size = _centred_size(ref)
     shift = np.inf
+    # float64 coordinates (cast per chunk) so the mean is not limited by float32 rounding.
+    coords = coords.astype(np.float64)
     for iteration in range(1, max_iterations + 1):
         aligned = _fit_to(coords, ref, weights, scale, reflection)["aligned"]
         mean = np.asarray(aligned.mean(STRUCTURE, skipna=True).values, dtype=np.float64)
@@ -193,9 +205,13 @@ def align(
     out = xr.Dataset(_fit_to(coords, ref, w, scale, reflection), attrs=attrs)
     out["reference"] = ((POINT, SPACE), ref)
     out.attrs.update(
-        scalign_reference=str(reference) if not isinstance(reference, np.ndarray | xr.DataArray) else "array",
+        scalign_reference=str(reference)
+        if not isinstance(reference, np.ndarray | xr.DataArray)
+        else "array",
         scalign_scale=bool(scale),
         scalign_reflection=bool(reflection),
-        scalign_weights=weights if isinstance(weights, str) else ("none" if weights is None else "array"),
+        scalign_weights=weights
+        if isinstance(weights, str)
+        else ("none" if weights is None else "array"),
     )
     return out

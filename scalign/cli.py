@@ -54,10 +54,16 @@ def _cluster_args(parser: argparse.ArgumentParser, local_default: bool) -> None:
         help=f"address of a running Dask scheduler (default: ${SCHEDULER_ENV} if set)",
     )
     if local_default:
-        group.add_argument("--threads", action="store_true", help="use the threaded scheduler instead of a LocalCluster")
+        group.add_argument(
+            "--threads",
+            action="store_true",
+            help="use the threaded scheduler instead of a LocalCluster",
+        )
     else:
         group.add_argument("--local", action="store_true", help="start a distributed LocalCluster")
-    group.add_argument("--gpu", action="store_true", help="run on a dask-cuda LocalCUDACluster with CuPy chunks")
+    group.add_argument(
+        "--gpu", action="store_true", help="run on a dask-cuda LocalCUDACluster with CuPy chunks"
+    )
     group.add_argument("--workers", type=int, default=None, help="workers of a local cluster")
 
 
@@ -77,7 +83,9 @@ def _align_and_write(ds, out: Path, args, *, reference, progress: bool) -> tuple
     t0 = time.perf_counter()
     if args.gpu:
         ds = to_device(ds, "gpu")
-    result = align(ds, reference, weights=args.weights, scale=args.scale, reflection=args.reflection)
+    result = align(
+        ds, reference, weights=args.weights, scale=args.scale, reflection=args.reflection
+    )
     if args.gpu:
         result = to_device(result, "cpu")
     save_zarr(result, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=progress))
@@ -88,19 +96,20 @@ def _summary_rows(out: Path, seconds: float, client) -> tuple[xr.Dataset, list]:
     written = xr.open_zarr(out, consolidated=False)
     rmsd = written["rmsd"].values
     n = written.sizes[STRUCTURE]
+    chunks = written["aligned"].chunks[0]
     rows = [
         ("structures", f"{n:,} × {written.sizes['point']} points × {written.sizes['space']}-D"),
-        ("chunks", f"{len(written['aligned'].chunks[0])} of ≤ {max(written['aligned'].chunks[0]):,} structures"),
+        ("chunks", f"{len(chunks)} of ≤ {max(chunks):,} structures"),
         ("scheduler", _describe(client)),
         ("time", f"{seconds:.2f} s ({n / seconds:,.0f} structures/s, read + align + write)"),
         ("rmsd", _stats(rmsd)),
         ("r2", _stats(written["r2"].values)),
         ("failed (NaN)", f"{int(np.count_nonzero(~np.isfinite(rmsd)))} structure(s)"),
     ]
-    if "gpa_iterations" in written.attrs:
-        rows.append(
-            ("generalized Procrustes", f"{written.attrs['gpa_iterations']} iteration(s), last shift {written.attrs['gpa_shift']:.3g}")
-        )
+    attrs = written.attrs
+    if "gpa_iterations" in attrs:
+        gpa = f"{attrs['gpa_iterations']} iteration(s), last shift {attrs['gpa_shift']:.3g}"
+        rows.append(("generalized Procrustes", gpa))
     return written, rows
 
 
@@ -110,14 +119,18 @@ def cmd_demo(args) -> int:
     source, target = where / "ensemble.zarr", where / "aligned.zarr"
     args.weights, args.scale, args.reflection, args.overwrite = None, False, False, True
     print(f"scalign demo: {args.structures:,} synthetic helices of {args.points} points → {where}")
-    ds = helix_ensemble(args.structures, args.points, noise=args.noise, chunks=args.chunks, seed=args.seed)
+    ds = helix_ensemble(
+        args.structures, args.points, noise=args.noise, chunks=args.chunks, seed=args.seed
+    )
     with _scheduler(args, local_default=True) as client:
         print(f"scheduler: {_describe(client)}")
         print("writing the synthetic ensemble ...")
         save_zarr(ds, source, overwrite=True, compute=lambda d: run(d, progress=True))
         print("aligning every structure onto the reference helix ...")
         lazy = open_ensemble(source)
-        _, seconds = _align_and_write(lazy, target, args, reference=lazy["reference"].values, progress=True)
+        _, seconds = _align_and_write(
+            lazy, target, args, reference=lazy["reference"].values, progress=True
+        )
         written, rows = _summary_rows(target, seconds, client)
     angle = _rotation_angle_deg(written["rotation"].values, ds["true_rotation"].values)
     rows.insert(5, ("rotation error", _stats(angle, "°") + " (vs. the known rotations)"))
@@ -133,7 +146,9 @@ def cmd_align(args) -> int:
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
     ds = open_ensemble(args.input, chunks=args.chunks)
     with _scheduler(args, local_default=False) as client:
-        _, seconds = _align_and_write(ds, out, args, reference=_parse_reference(args.reference), progress=not args.quiet)
+        _, seconds = _align_and_write(
+            ds, out, args, reference=_parse_reference(args.reference), progress=not args.quiet
+        )
         _, rows = _summary_rows(out, seconds, client)
     rows += [("input", args.input), ("output", str(out))]
     print(_table("scalign align: summary", rows))
@@ -143,11 +158,19 @@ def cmd_align(args) -> int:
 def cmd_import(args) -> int:
     ds = load_ensemble(args.file, key=args.key, weights=args.weights, chunks=args.chunks)
     save_zarr(ds, args.output, overwrite=args.overwrite, compute=lambda d: run(d, progress=True))
-    print(_table("scalign import: summary", [
-        ("structures", f"{ds.sizes[STRUCTURE]:,} × {ds.sizes['point']} points × {ds.sizes['space']}-D"),
-        ("variables", ", ".join(ds.data_vars)),
-        ("output", args.output),
-    ]))
+    print(
+        _table(
+            "scalign import: summary",
+            [
+                (
+                    "structures",
+                    f"{ds.sizes[STRUCTURE]:,} × {ds.sizes['point']} points × {ds.sizes['space']}-D",
+                ),
+                ("variables", ", ".join(ds.data_vars)),
+                ("output", args.output),
+            ],
+        )
+    )
     return 0
 
 
@@ -155,7 +178,9 @@ def cmd_info(args) -> int:
     path = Path(args.path)
     if path.suffix in (".npy", ".npz") and path.is_file():
         with np.load(path, allow_pickle=False) as data:
-            arrays = {"(array)": data} if path.suffix == ".npy" else {k: data[k] for k in data.files}
+            arrays = (
+                {"(array)": data} if path.suffix == ".npy" else {k: data[k] for k in data.files}
+            )
             rows = [(k, f"{v.dtype} {v.shape}") for k, v in arrays.items()]
         print(_table(f"{path}", rows))
         return 0
@@ -175,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalign", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="align a synthetic ensemble of 100,000 structures end to end")
+    demo = sub.add_parser(
+        "demo", help="align a synthetic ensemble of 100,000 structures end to end"
+    )
     demo.add_argument("--structures", type=int, default=100_000)
     demo.add_argument("--points", type=int, default=64)
     demo.add_argument("--chunks", type=int, default=10_000, help="structures per chunk")
@@ -185,14 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_args(demo, local_default=True)
     demo.set_defaults(func=cmd_demo)
 
-    al = sub.add_parser("align", help="align every structure of IN.zarr onto a reference, write OUT.zarr")
+    al = sub.add_parser(
+        "align", help="align every structure of IN.zarr onto a reference, write OUT.zarr"
+    )
     al.add_argument("input", metavar="IN.zarr")
     al.add_argument("output", metavar="OUT.zarr")
-    al.add_argument("--reference", default="first", help="first | N (a structure index) | mean (default: first)")
+    al.add_argument(
+        "--reference", default="first", help="first | N (a structure index) | mean (default: first)"
+    )
     al.add_argument("--scale", action="store_true", help="fit an isotropic scale (Umeyama)")
     al.add_argument("--reflection", action="store_true", help="allow improper rotations")
-    al.add_argument("--weights", metavar="VAR", help="name of a per-point weights variable (e.g. masses)")
-    al.add_argument("--chunks", type=int, metavar="K", help="structures per chunk (default: the store's)")
+    al.add_argument(
+        "--weights", metavar="VAR", help="name of a per-point weights variable (e.g. masses)"
+    )
+    al.add_argument(
+        "--chunks", type=int, metavar="K", help="structures per chunk (default: the store's)"
+    )
     al.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
     al.add_argument("--quiet", action="store_true", help="no progress bar")
     _cluster_args(al, local_default=False)
@@ -202,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", metavar="FILE")
     imp.add_argument("output", metavar="OUT.zarr")
     imp.add_argument("--key", help="coordinates array in an .npz (default: coords/xyz/...)")
-    imp.add_argument("--weights", help="weights array in an .npz (default: weights/masses if present)")
+    imp.add_argument(
+        "--weights", help="weights array in an .npz (default: weights/masses if present)"
+    )
     imp.add_argument("--chunks", type=int, metavar="K", help="structures per chunk")
     imp.add_argument("--overwrite", action="store_true")
     imp.set_defaults(func=cmd_import)
@@ -223,7 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+        RuntimeError,
+        KeyError,
+    ) as exc:
         print(f"scalign: error: {exc}", file=sys.stderr)
         return 2
 

@@ -50,7 +50,9 @@ def make_ensemble(
     """
     if isinstance(coords, da.Array):
         if coords.ndim != 3:
-            raise ValueError(f"coords must have shape (structure, point, space), got {coords.shape}")
+            raise ValueError(
+                f"coords must have shape (structure, point, space), got {coords.shape}"
+            )
         arr = coords
     else:
         arr = as_points("coords", coords, min_ndim=3)
@@ -68,9 +70,13 @@ def make_ensemble(
         w = as_weights("weights", weights, n)
         dims = (POINT,) if w.ndim == 1 else (STRUCTURE, POINT)
         if w.ndim == 2 and w.shape[0] != n_structures:
-            raise ValueError(f"weights has {w.shape[0]} rows but coords has {n_structures} structures")
+            raise ValueError(
+                f"weights has {w.shape[0]} rows but coords has {n_structures} structures"
+            )
         if w.ndim > 2:
-            raise ValueError(f"weights must have shape (point,) or (structure, point), got {w.shape}")
+            raise ValueError(
+                f"weights must have shape (point,) or (structure, point), got {w.shape}"
+            )
         ds["weights"] = (dims, w)
     return ds
 

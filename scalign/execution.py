@@ -37,9 +37,7 @@ def _cuda_cluster(n_workers: int | None):
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as exc:
-        raise RuntimeError(
-            "--gpu needs dask-cuda and CuPy: pip install 'scalign[gpu]'"
-        ) from exc
+        raise RuntimeError("--gpu needs dask-cuda and CuPy: pip install 'scalign[gpu]'") from exc
     if not gpu_available():
         raise RuntimeError("--gpu: no usable CUDA device (cupy.is_available() is False)")
     return LocalCUDACluster(n_workers=n_workers)
@@ -61,7 +59,9 @@ def scheduler(
     """
     address = address or os.environ.get(SCHEDULER_ENV) or None
     if gpu and address:
-        raise ValueError("give either --gpu (a local CUDA cluster) or a scheduler address, not both")
+        raise ValueError(
+            "give either --gpu (a local CUDA cluster) or a scheduler address, not both"
+        )
     if not (address or local or gpu):
         yield None
         return

@@ -117,7 +117,9 @@ def _pick(data: Any, key: str | None, candidates: tuple[str, ...], what: str, pa
         return key
     found = [k for k in candidates if k in data]
     if what == "coordinates" and not found:
-        raise ValueError(f"{path} has none of {candidates} (arrays: {list(data)}): name it with key=")
+        raise ValueError(
+            f"{path} has none of {candidates} (arrays: {list(data)}): name it with key="
+        )
     return found[0] if found else None
 
 
@@ -138,7 +140,9 @@ def load_ensemble(
     if not path.exists():
         raise FileNotFoundError(f"no file at {path}")
     if path.suffix == ".npy":
-        return make_ensemble(np.load(path, allow_pickle=False), chunks=chunks, attrs={"source": path.name})
+        return make_ensemble(
+            np.load(path, allow_pickle=False), chunks=chunks, attrs={"source": path.name}
+        )
     if path.suffix != ".npz":
         raise ValueError(f"cannot import {path}: expected a .npy or .npz file")
     with np.load(path, allow_pickle=False) as data:
@@ -154,6 +158,11 @@ def load_ensemble(
         n = coords.shape[1] if coords.ndim == 3 else None
         for name in data.files:
             arr = data[name]
-            if name not in (ckey, wkey) and arr.ndim == 1 and arr.shape[0] == n and arr.dtype.kind in "biuf":
+            if (
+                name not in (ckey, wkey)
+                and arr.ndim == 1
+                and arr.shape[0] == n
+                and arr.dtype.kind in "biuf"
+            ):
                 ds[name] = ("point", arr)
     return ds

@@ -79,4 +79,6 @@ def as_weights(name: str, w: Any, n: int) -> np.ndarray:
 def check_option(name: str, value: Any, allowed: tuple) -> None:
     """``value`` is one of ``allowed``."""
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}: expected one of {', '.join(map(repr, allowed))}")
+        raise ValueError(
+            f"unknown {name} {value!r}: expected one of {', '.join(map(repr, allowed))}"
+        )

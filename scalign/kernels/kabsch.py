@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from scalign._array import namespace
 
 Array = Any
@@ -154,8 +156,12 @@ def superpose(
         see the module docstring for the formulas.
     """
     xp = namespace(X, Y, weights)
-    X = xp.asarray(X)
-    Y = xp.asarray(Y)
+    # Non-finite items are expected (they become NaN results): no warnings for them.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _superpose(xp, xp.asarray(X), xp.asarray(Y), weights, scale, reflection)
+
+
+def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
     batch, (n, d) = X.shape[:-2], X.shape[-2:]
     X = xp.reshape(xp.astype(X, xp.float64), (-1, n, d))
     Y = xp.astype(Y, xp.float64)
@@ -178,10 +184,9 @@ def superpose(
         idx = xp.nonzero(close)[0]
         Yb = xp.broadcast_to(xp.reshape(Y, (-1, n, d)), (B, n, d))
         pb = None if p is None else xp.broadcast_to(xp.reshape(p, (-1, n)), (B, n))
-        residual = (
-            s[idx, None, None] * ((X[idx] - cx[idx, None, :]) @ xp.matrix_transpose(R[idx]))
-            - (Yb[idx] - cy[idx, None, :])
-        )
+        residual = s[idx, None, None] * (
+            (X[idx] - cx[idx, None, :]) @ xp.matrix_transpose(R[idx])
+        ) - (Yb[idx] - cy[idx, None, :])
         sq = xp.sum(residual * residual, axis=-1)
         e2_exact = xp.mean(sq, axis=-1) if pb is None else xp.sum(pb[idx] * sq, axis=-1)
         e2 = xp.asarray(e2, copy=True)
@@ -212,7 +217,8 @@ def apply_transform(X: Array, rotation: Array, translation: Array, scale: Array)
     scale : (...) array
     """
     xp = namespace(X, rotation)
-    A = xp.astype(scale[..., None, None] * xp.matrix_transpose(rotation), X.dtype)
+    s = xp.asarray(scale, dtype=xp.float64)
+    A = xp.astype(s[..., None, None] * xp.matrix_transpose(rotation), X.dtype)
     return X @ A + xp.astype(translation, X.dtype)[..., None, :]
 
 

@@ -1,0 +1,45 @@
+"""Shared fixtures: a real distributed LocalCluster, the AdK data, hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=40, deadline=None)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+ADK = Path(__file__).resolve().parents[2] / "shared" / "data" / "adk_dims.npz"
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One real LocalCluster (2 worker processes) for the whole session."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cl:
+        yield cl
+
+
+@pytest.fixture
+def client(cluster):
+    """A Client on the session cluster, the default scheduler for the test's duration."""
+    from distributed import Client
+
+    with Client(cluster.scheduler_address, set_as_default=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def adk():
+    """The real AdK closed→open trajectory (98 frames × 3341 atoms, Å)."""
+    if not ADK.exists():
+        pytest.skip(f"AdK data not found at {ADK}")
+    with np.load(ADK, allow_pickle=False) as data:
+        return {k: data[k] for k in ("coords", "masses", "ca_indices")}

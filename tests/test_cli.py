@@ -1,0 +1,173 @@
+"""The command line, run as a user would: exit codes, summaries, files written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from scalign import helix_ensemble, save_zarr
+from scalign.cli import main
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = tmp_path / "in.zarr"
+    ens = helix_ensemble(500, 16, noise=0.05, chunks=100).assign(
+        masses=("point", np.linspace(1, 2, 16))
+    )
+    save_zarr(ens, path)
+    return path
+
+
+def test_demo_end_to_end_as_a_subprocess(tmp_path):
+    """The README's main job, shrunk: a LocalCluster, a progress bar, a summary, stores."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scalign",
+            "demo",
+            "--structures",
+            "3000",
+            "--chunks",
+            "1000",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "scalign demo: summary" in proc.stdout
+    assert "distributed, 2 worker(s)" in proc.stdout
+    assert "rotation error" in proc.stdout
+    out = xr.open_zarr(tmp_path / "aligned.zarr", consolidated=False)
+    assert out.sizes["structure"] == 3000
+    assert float(out["rmsd"].max()) < 0.2
+
+
+def test_align_writes_the_result_and_a_summary(store, tmp_path, capsys):
+    out = tmp_path / "out.zarr"
+    assert (
+        main(
+            [
+                "align",
+                str(store),
+                str(out),
+                "--reference",
+                "mean",
+                "--scale",
+                "--weights",
+                "masses",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "scalign align: summary" in text and "generalized Procrustes" in text
+    result = xr.open_zarr(out, consolidated=False)
+    assert set(result.data_vars) >= {
+        "aligned",
+        "rotation",
+        "translation",
+        "scale",
+        "rmsd",
+        "r2",
+        "reference",
+    }
+    assert result.attrs["scalign_weights"] == "masses" and result.attrs["gpa_converged"]
+
+
+def test_align_on_an_existing_scheduler_by_flag_and_env(
+    store, tmp_path, cluster, capsys, monkeypatch
+):
+    assert (
+        main(
+            [
+                "align",
+                str(store),
+                str(tmp_path / "a.zarr"),
+                "--scheduler",
+                cluster.scheduler_address,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert f"2 worker(s) at {cluster.scheduler_address}" in capsys.readouterr().out
+    monkeypatch.setenv("SCALIGN_SCHEDULER", cluster.scheduler_address)
+    assert (
+        main(
+            [
+                "align",
+                str(store),
+                str(tmp_path / "b.zarr"),
+                "--reference",
+                "3",
+                "--chunks",
+                "250",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert "distributed" in capsys.readouterr().out
+    b = xr.open_zarr(tmp_path / "b.zarr", consolidated=False)
+    assert b["aligned"].chunks[0] == (250, 250)
+    assert float(b["rmsd"][3]) < 1e-6
+
+
+def test_import_and_info(tmp_path, capsys):
+    coords = np.random.default_rng(1).standard_normal((30, 5, 3))
+    np.savez(tmp_path / "e.npz", coords=coords, masses=np.ones(5))
+    assert (
+        main(["import", str(tmp_path / "e.npz"), str(tmp_path / "e.zarr"), "--chunks", "10"]) == 0
+    )
+    assert main(["info", str(tmp_path / "e.zarr")]) == 0
+    text = capsys.readouterr().out
+    assert "structure=30" in text and "weights" in text and "chunks (10, 5, 3)" in text
+    assert main(["info", str(tmp_path / "e.npz")]) == 0
+    assert "(30, 5, 3)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["align", "{store}", "{tmp}/o.zarr", "--reference", "median"],
+            "unknown reference 'median'",
+        ),
+        (["align", "{store}", "{tmp}/o.zarr", "--reference", "999"], "out of range"),
+        (
+            ["align", "{store}", "{tmp}/o.zarr", "--weights", "nope"],
+            "'nope' is not in the ensemble",
+        ),
+        (["align", "{tmp}/missing.zarr", "{tmp}/o.zarr"], "no zarr store"),
+        (["align", "{store}", "{store}"], "exists"),
+        (["info", "{tmp}/missing"], "no file or zarr store"),
+        (["import", "{tmp}/missing.npy", "{tmp}/o.zarr"], "no file"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(store, tmp_path, capsys, args, message):
+    argv = [a.format(store=store, tmp=tmp_path) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("scalign: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_gpu_flag_without_a_gpu_is_a_clear_error(store, tmp_path, capsys):
+    from scalign.execution import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    assert main(["align", str(store), str(tmp_path / "o.zarr"), "--gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu" in err and ("dask-cuda" in err or "CUDA device" in err)

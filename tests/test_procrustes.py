@@ -1,0 +1,144 @@
+"""The seeds' pair-level functions: conventions, consistency and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from reference_fits import horn
+from scipy.spatial import procrustes as scipy_procrustes
+from scipy.spatial.transform import Rotation
+
+import scalign
+from scalign import (
+    kabsch,
+    procrustes_align,
+    procrustes_distance,
+    procrustes_r2,
+    procrustes_rmse,
+    umeyama,
+    weighted_procrustes,
+)
+
+
+@pytest.fixture
+def pair():
+    rng = np.random.default_rng(11)
+    Y = rng.standard_normal((30, 3)) * [4, 2, 1]
+    R = Rotation.random(random_state=12).as_matrix()
+    X = (Y - [1, 2, 3]) @ R / 1.7 + 0.05 * rng.standard_normal((30, 3))
+    return X, Y
+
+
+def test_procrustes_align_returns_what_its_transform_produces(pair):
+    X, Y = pair
+    aligned, R, error = procrustes_align(X, Y)
+    T = kabsch(X, Y)
+    np.testing.assert_allclose(R, T.rotation)
+    np.testing.assert_allclose(aligned, X @ R.T + T.translation, atol=1e-12)
+    assert error == pytest.approx(np.linalg.norm(aligned - Y) / np.sqrt(len(X)))
+    assert isinstance(error, float)
+
+
+def test_scores_follow_the_conventions(pair):
+    X, Y = pair
+    aligned, _, error = procrustes_align(X, Y, scale=True)
+    residual = np.linalg.norm(aligned - Y)
+    assert procrustes_distance(X, Y, scale=True) == pytest.approx(residual)
+    assert procrustes_rmse(X, Y, scale=True) == pytest.approx(residual / np.sqrt(len(X)))
+    assert procrustes_rmse(X, Y, scale=True) == pytest.approx(error)
+    ss_tot = np.sum((Y - Y.mean(0)) ** 2)
+    assert procrustes_r2(X, Y, scale=True) == pytest.approx(1 - residual**2 / ss_tot)
+    assert procrustes_rmse(X, Y, scale=True) == pytest.approx(horn(X, Y, scale=True)[3])
+
+
+def test_scaled_fit_moves_X_and_matches_scipy_disparity_after_normalisation(pair):
+    """scipy.spatial.procrustes standardises both sets; its disparity is our SS_res/SS_tot."""
+    X, Y = pair
+    _, _, disparity = scipy_procrustes(Y, X)
+    assert 1 - procrustes_r2(X, Y, scale=True) == pytest.approx(disparity, rel=1e-9)
+    T = umeyama(X, Y)
+    assert T.scale == pytest.approx(1.7, rel=0.05)
+
+
+def test_weighted_procrustes_uses_weighted_centroids(pair):
+    X, Y = pair
+    w = np.linspace(0.1, 3, len(X))
+    aligned, R, error = weighted_procrustes(X, Y, w)
+    Rh, th, _, eh = horn(X, Y, w)
+    np.testing.assert_allclose(R, Rh, atol=1e-10)
+    assert error == pytest.approx(eh)
+    p = w / w.sum()
+    assert error == pytest.approx(np.sqrt(np.sum(p * np.sum((aligned - Y) ** 2, axis=1))))
+
+
+def test_works_in_2d():
+    rng = np.random.default_rng(3)
+    Y = rng.standard_normal((8, 2))
+    a = np.deg2rad(33)
+    R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    X = (Y - [0.5, -1]) @ R
+    aligned, Rf, error = procrustes_align(X, Y)
+    np.testing.assert_allclose(Rf, R, atol=1e-12)
+    assert error < 1e-12
+
+
+def test_collinear_points_give_a_defined_rmsd_and_alignment():
+    """The rotation about the line is not unique: test RMSD and coordinates, not R."""
+    Y = np.outer(np.arange(6.0), [1, 2, 2])
+    R = Rotation.from_euler("xyz", [10, 20, 30], degrees=True).as_matrix()
+    X = Y @ R + 3
+    aligned, Rf, error = procrustes_align(X, Y)
+    assert error < 1e-12
+    np.testing.assert_allclose(aligned, Y, atol=1e-10)
+    assert np.linalg.det(Rf) == pytest.approx(1)
+
+
+BAD = [
+    (
+        "nan",
+        lambda X, Y: (np.where(np.arange(X.size).reshape(X.shape) == 4, np.nan, X), Y),
+        ValueError,
+        "X has 1 non-finite",
+    ),
+    (
+        "inf",
+        lambda X, Y: (X, np.where(np.arange(Y.size).reshape(Y.shape) == 0, np.inf, Y)),
+        ValueError,
+        "Y has 1 non-finite",
+    ),
+    ("points", lambda X, Y: (X[:-1], Y), ValueError, "X has 9 points but Y has 10"),
+    ("dims", lambda X, Y: (X[:, :2], Y), ValueError, "X is 2-dimensional but Y is 3-dimensional"),
+    ("too few", lambda X, Y: (X[:2], Y[:2]), ValueError, "at least 3 are needed"),
+    ("1-D", lambda X, Y: (X.ravel(), Y), ValueError, "X must have shape"),
+    ("empty", lambda X, Y: (X[:0], Y[:0]), ValueError, "X is empty"),
+    ("strings", lambda X, Y: (X.astype(str), Y), TypeError, "X must be a numeric array"),
+    ("coincident", lambda X, Y: (np.ones_like(X), Y), ValueError, "X is degenerate"),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "exc", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_error(case, make, exc, message):
+    rng = np.random.default_rng(0)
+    X, Y = make(rng.standard_normal((10, 3)), rng.standard_normal((10, 3)))
+    with pytest.raises(exc, match=message):
+        procrustes_align(X, Y)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (np.zeros(10), "all zero"),
+        (-np.ones(10), "negative"),
+        (np.r_[np.nan, np.ones(9)], "non-finite"),
+        (np.ones(9), r"shape \(\.\.\., 10\)"),
+    ],
+)
+def test_bad_weights_get_a_clear_error(weights, message):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=f"weights.*{message}|{message}"):
+        weighted_procrustes(rng.standard_normal((10, 3)), rng.standard_normal((10, 3)), weights)
+
+
+def test_public_api_is_exported():
+    for name in scalign.__all__:
+        assert hasattr(scalign, name), name
