@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from scalign._array import namespace
+from scalign.kernels.qcp import qcp_rotation
 
 Array = Any
 
@@ -74,7 +75,8 @@ def _shared_moments(xp, X: Array, Y: Array, p: Array | None):
     last ``d`` columns of ``M`` give the centroids of ``X`` in the same pass.
     """
     B, n, d = X.shape
-    if p is None:
+    uniform = p is None
+    if uniform:
         p = xp.full((n,), 1.0 / n, dtype=xp.float64)
     cy = p @ Y
     Yc = Y - cy
@@ -87,8 +89,12 @@ def _shared_moments(xp, X: Array, Y: Array, p: Array | None):
     moments = flat @ xp.concat([cross, mean], axis=1)
     H = xp.reshape(moments[:, : d * d], (B, d, d))
     cx = moments[:, d * d :]
-    pd = xp.reshape(xp.broadcast_to(p[:, None], (n, d)), (n * d,))
-    gx = (flat * flat) @ pd - xp.sum(cx * cx, axis=-1)
+    if uniform:
+        gx = xp.vecdot(flat, flat) / n
+    else:
+        pd = xp.reshape(xp.broadcast_to(p[:, None], (n, d)), (n * d,))
+        gx = xp.vecdot(flat * pd, flat)
+    gx = gx - xp.sum(cx * cx, axis=-1)
     gy = xp.sum(p * xp.sum(Yc * Yc, axis=-1))
     return cx, cy, H, gx, xp.broadcast_to(gy, (B,))
 
@@ -110,11 +116,9 @@ def _batched_moments(xp, X: Array, Y: Array, p: Array | None):
     return cx, cy, H, gx, gy
 
 
-def _rotation(xp, H: Array, ok: Array, reflection: bool):
-    """``R = V D U^T`` and ``tr(Sigma D)`` for ``H = U Sigma V^T``; NaN items get identity."""
-    d = H.shape[-1]
-    eye = xp.eye(d, dtype=H.dtype)
-    U, S, Vt = xp.linalg.svd(xp.where(ok[:, None, None], H, eye), full_matrices=False)
+def _svd_rotation(xp, H: Array, reflection: bool):
+    """``R = V D U^T`` and ``tr(Sigma D)`` for finite ``H = U Sigma V^T``, any ``d``."""
+    U, S, Vt = xp.linalg.svd(H, full_matrices=False)
     if reflection:
         D = xp.ones_like(S)
     else:
@@ -124,6 +128,26 @@ def _rotation(xp, H: Array, ok: Array, reflection: bool):
         D = xp.concat([xp.ones_like(S[:, :-1]), sign[:, None]], axis=1)
     R = (xp.matrix_transpose(Vt) * D[:, None, :]) @ xp.matrix_transpose(U)
     return R, xp.sum(S * D, axis=-1)
+
+
+def _rotation(xp, H: Array, ok: Array, reflection: bool, bound: Array):
+    """Best rotation and ``tr(Sigma D)`` per item; non-finite items get the identity.
+
+    Proper 3-D rotations use the vectorised QCP solve (several times faster than a batched
+    SVD); items QCP flags as ill-determined, reflections and other dimensions use the SVD.
+    """
+    d = H.shape[-1]
+    eye = xp.eye(d, dtype=H.dtype)
+    H = xp.where(ok[:, None, None], H, eye)
+    if d != 3 or reflection:
+        return _svd_rotation(xp, H, reflection)
+    R, lam, unsure = qcp_rotation(xp, H, xp.where(ok, bound, 1.5))
+    if bool(xp.any(unsure)):
+        idx = xp.nonzero(unsure)[0]
+        R_svd, lam_svd = _svd_rotation(xp, H[idx], reflection=False)
+        R[idx] = R_svd
+        lam[idx] = lam_svd
+    return R, lam
 
 
 def superpose(
@@ -163,8 +187,8 @@ def superpose(
 
 def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
     batch, (n, d) = X.shape[:-2], X.shape[-2:]
-    X = xp.reshape(xp.astype(X, xp.float64), (-1, n, d))
-    Y = xp.astype(Y, xp.float64)
+    X = xp.reshape(xp.astype(X, xp.float64, copy=False), (-1, n, d))
+    Y = xp.astype(Y, xp.float64, copy=False)
     p = _probabilities(xp, weights, n)
     shared = Y.ndim == 2 and (p is None or p.ndim == 1)
     moments = _shared_moments if shared else _batched_moments
@@ -172,7 +196,7 @@ def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
     B = X.shape[0]
     cy = xp.broadcast_to(cy, (B, d))
     ok = xp.all(xp.isfinite(H), axis=(-2, -1)) & xp.isfinite(gx) & xp.isfinite(gy)
-    R, trace = _rotation(xp, H, ok, reflection)
+    R, trace = _rotation(xp, H, ok, reflection, 0.5 * (gx + gy))
     if scale:
         s = xp.where(gx > 0, trace / xp.where(gx > 0, gx, 1.0), 1.0)
     else:
@@ -219,7 +243,13 @@ def apply_transform(X: Array, rotation: Array, translation: Array, scale: Array)
     xp = namespace(X, rotation)
     s = xp.asarray(scale, dtype=xp.float64)
     A = xp.astype(s[..., None, None] * xp.matrix_transpose(rotation), X.dtype)
-    return X @ A + xp.astype(translation, X.dtype)[..., None, :]
+    t = xp.astype(translation, X.dtype)
+    out = X @ A
+    # One add per coordinate: broadcasting t over (..., n, d) in one ufunc call runs an
+    # inner loop of length d, several times slower than d loops of length n.
+    for axis in range(X.shape[-1]):
+        out[..., axis] += t[..., axis, None]
+    return out
 
 
 def rmsd(X: Array, Y: Array, weights: Array | None = None) -> Array:

@@ -1,0 +1,67 @@
+"""The vectorised QCP solver against LAPACK eigen/SVD solutions, hard cases included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from scalign.kernels import superpose
+from scalign.kernels.kabsch import _svd_rotation
+from scalign.kernels.qcp import horn_matrix, qcp_rotation
+
+
+def covariances(X, Y):
+    Xc = X - X.mean(-2, keepdims=True)
+    Yc = Y - Y.mean(-2, keepdims=True)
+    n = X.shape[-2]
+    return np.swapaxes(Xc, -1, -2) @ Yc / n, 0.5 * (
+        (Xc**2).sum((-2, -1)) + (Yc**2).sum((-2, -1))
+    ) / n
+
+
+def test_largest_eigenvalue_and_rotation_match_lapack():
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((200, 30, 3))
+    X = Y @ Rotation.random(200, random_state=1).as_matrix() + 0.5 * rng.standard_normal(
+        (200, 30, 3)
+    )
+    S, bound = covariances(X, Y)
+    R, lam, unsure = qcp_rotation(np, S, bound)
+    assert not unsure.any()
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(horn_matrix(np, S))[:, -1], rtol=1e-12)
+    R_svd, trace = _svd_rotation(np, S, reflection=False)
+    np.testing.assert_allclose(R, R_svd, atol=1e-10)
+    np.testing.assert_allclose(lam, trace, rtol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]])
+def test_half_turns_have_zero_scalar_quaternion_part(axis):
+    rng = np.random.default_rng(2)
+    Y = rng.standard_normal((25, 3))
+    Q = Rotation.from_rotvec(np.pi * np.array(axis) / np.linalg.norm(axis)).as_matrix()
+    fit = superpose((Y @ Q)[None], Y)
+    np.testing.assert_allclose(fit.rotation[0], Q, atol=1e-10)
+    assert fit.rmsd[0] < 1e-10
+
+
+def test_repeated_eigenvalue_is_flagged_and_solved_by_svd():
+    """Collinear sets: any spin about the line is optimal, so λmax is a repeated root."""
+    line = np.outer(np.arange(5.0), [1, 2, 3])
+    moved = line @ Rotation.random(random_state=3).as_matrix() + 2.0
+    S, bound = covariances(moved[None], line[None])
+    _, _, unsure = qcp_rotation(np, S, bound)
+    assert unsure.all()
+    fit = superpose(moved[None], line)
+    assert np.linalg.det(fit.rotation[0]) == pytest.approx(1.0)
+    assert fit.rmsd[0] < 1e-10
+    np.testing.assert_allclose(moved @ fit.rotation[0].T + fit.translation[0], line, atol=1e-10)
+
+
+def test_identity_and_tiny_residuals():
+    rng = np.random.default_rng(4)
+    Y = rng.standard_normal((50, 3)) * 10
+    X = np.stack([Y, Y + 1e-9 * rng.standard_normal((50, 3))])
+    fit = superpose(X, Y)
+    np.testing.assert_allclose(fit.rotation, np.broadcast_to(np.eye(3), (2, 3, 3)), atol=1e-9)
+    assert fit.rmsd[0] < 1e-12 and fit.rmsd[1] < 1e-8
