@@ -16,6 +16,7 @@ from scalign.procrustes import (
     procrustes_distance,
     procrustes_r2,
     procrustes_rmse,
+    rotation_angle,
     umeyama,
     weighted_procrustes,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "procrustes_r2",
     "procrustes_rmse",
     "rmsd",
+    "rotation_angle",
     "run",
     "save_zarr",
     "scheduler",

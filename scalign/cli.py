@@ -16,6 +16,7 @@ from scalign.align import align
 from scalign.ensemble import STRUCTURE
 from scalign.execution import SCHEDULER_ENV, run, scheduler, to_device
 from scalign.io import load_ensemble, open_ensemble, save_zarr
+from scalign.procrustes import rotation_angle
 from scalign.synthetic import helix_ensemble
 
 
@@ -32,11 +33,6 @@ def _stats(values: np.ndarray, unit: str = "") -> str:
         return "all NaN"
     q = np.percentile(v, [50, 95])
     return f"median {q[0]:.4g}{unit}, p95 {q[1]:.4g}{unit}, max {v.max():.4g}{unit}"
-
-
-def _rotation_angle_deg(R: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    cos = (np.trace(np.swapaxes(R, -1, -2) @ Q, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
 def _parse_reference(text: str) -> int | str:
@@ -132,7 +128,7 @@ def cmd_demo(args) -> int:
             lazy, target, args, reference=lazy["reference"].values, progress=True
         )
         written, rows = _summary_rows(target, seconds, client)
-    angle = _rotation_angle_deg(written["rotation"].values, ds["true_rotation"].values)
+    angle = rotation_angle(written["rotation"].values, ds["true_rotation"].values)
     rows.insert(5, ("rotation error", _stats(angle, "°") + " (vs. the known rotations)"))
     rows += [("input", str(source)), ("output", str(target))]
     print()

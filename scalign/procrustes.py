@@ -103,3 +103,15 @@ def procrustes_distance(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> floa
 def procrustes_r2(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
     """``1 - SS_res / SS_tot`` after optimal alignment; SS_tot is taken about Y's centroid."""
     return _scalar(_fit(X, Y, scale=scale)[1].r2)
+
+
+def rotation_angle(R1: ArrayLike, R2: ArrayLike, *, degrees: bool = True) -> np.ndarray:
+    """Angle of the rotation ``R1^T R2`` (batched): ``arccos((tr(R1^T R2) - 1) / 2)``.
+
+    The geodesic distance between two rotations; use it to compare a fitted rotation with a
+    known one. Near 0 its precision is limited to about 1e-8 rad by the arccos.
+    """
+    R1, R2 = np.asarray(R1, dtype=np.float64), np.asarray(R2, dtype=np.float64)
+    cos = (np.trace(np.swapaxes(R1, -1, -2) @ R2, axis1=-2, axis2=-1) - 1.0) / 2.0
+    angle = np.arccos(np.clip(cos, -1.0, 1.0))
+    return np.degrees(angle) if degrees else angle

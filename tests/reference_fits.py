@@ -40,9 +40,3 @@ def horn(X: np.ndarray, Y: np.ndarray, w: np.ndarray | None = None, scale: bool 
     t = cy - s * R @ cx
     r = s * X @ R.T + t - Y
     return R, t, s, float(np.sqrt(np.sum(p * np.sum(r * r, axis=1))))
-
-
-def rotation_angle_deg(R1: np.ndarray, R2: np.ndarray) -> np.ndarray:
-    """Angle of ``R1^T R2`` in degrees (batched)."""
-    cos = (np.trace(np.swapaxes(R1, -1, -2) @ R2, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
