@@ -118,10 +118,10 @@ def cmd_demo(args) -> int:
     ds = helix_ensemble(
         args.structures, args.points, noise=args.noise, chunks=args.chunks, seed=args.seed
     )
+    print("writing the synthetic ensemble ...")
+    save_zarr(ds, source, overwrite=True, compute=lambda d: run(d, progress=True))
     with _scheduler(args, local_default=True) as client:
         print(f"scheduler: {_describe(client)}")
-        print("writing the synthetic ensemble ...")
-        save_zarr(ds, source, overwrite=True, compute=lambda d: run(d, progress=True))
         print("aligning every structure onto the reference helix ...")
         lazy = open_ensemble(source)
         _, seconds = _align_and_write(

@@ -65,3 +65,12 @@ def test_identity_and_tiny_residuals():
     fit = superpose(X, Y)
     np.testing.assert_allclose(fit.rotation, np.broadcast_to(np.eye(3), (2, 3, 3)), atol=1e-9)
     assert fit.rmsd[0] < 1e-12 and fit.rmsd[1] < 1e-8
+
+
+def test_vectorised_determinants_match_lapack():
+    from scalign.kernels.qcp import _det3, _det4
+
+    rng = np.random.default_rng(5)
+    m3, m4 = rng.standard_normal((50, 3, 3)), rng.standard_normal((50, 4, 4))
+    np.testing.assert_allclose(_det3(m3), np.linalg.det(m3), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(_det4(np, m4), np.linalg.det(m4), rtol=1e-12, atol=1e-14)

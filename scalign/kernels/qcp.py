@@ -23,9 +23,10 @@ from typing import Any
 
 Array = Any
 
-# Newton stops when every step is below this fraction of lambda.
-_NEWTON_RTOL = 1e-15
-_NEWTON_MAX_ITERATIONS = 60
+# Newton stops when every step is below this fraction of lambda (Theobald's evalprec);
+# convergence is quadratic, so the last step leaves an error far below float64 rounding.
+_NEWTON_RTOL = 1e-11
+_NEWTON_MAX_ITERATIONS = 50
 # adj(K - lambda I) scales as the product of the three eigen-gaps; below this fraction of
 # lambda^3 the quaternion has lost too many digits and the item is re-solved by SVD.
 _ADJUGATE_RTOL = 1e-6
@@ -56,6 +57,15 @@ def _det3(m: Array) -> Array:
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
+def _det4(xp, m: Array) -> Array:
+    """Determinants of ``(..., 4, 4)`` by cofactor expansion along the first row."""
+    rows = xp.asarray(_KEEP[0])
+    cols = xp.asarray(_KEEP)
+    minors = m[..., rows[None, :, None], cols[:, None, :]]
+    signs = xp.asarray([1.0, -1.0, 1.0, -1.0], dtype=m.dtype)
+    return xp.sum(signs * m[..., 0, :] * _det3(minors), axis=-1)
+
+
 def largest_eigenvalue(xp, S: Array, bound: Array) -> Array:
     """:math:`\\lambda_{max}` of Horn's matrix by Newton on the QCP polynomial.
 
@@ -67,7 +77,7 @@ def largest_eigenvalue(xp, S: Array, bound: Array) -> Array:
     c2 = -2.0 * xp.sum(S * S, axis=(-2, -1))
     c1 = -8.0 * _det3(S)
     K = horn_matrix(xp, S)
-    c0 = xp.linalg.det(K)
+    c0 = _det4(xp, K)
     lam = xp.asarray(bound, copy=True)
     for _ in range(_NEWTON_MAX_ITERATIONS):
         lam2 = lam * lam
