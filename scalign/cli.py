@@ -84,7 +84,13 @@ def _align_and_write(ds, out: Path, args, *, reference, progress: bool) -> tuple
     )
     if args.gpu:
         result = to_device(result, "cpu")
-    save_zarr(result, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=progress))
+    save_zarr(
+        result,
+        out,
+        overwrite=args.overwrite,
+        compress=args.compress,
+        compute=lambda d: run(d, progress=progress),
+    )
     return result, time.perf_counter() - t0
 
 
@@ -113,7 +119,8 @@ def cmd_demo(args) -> int:
     where = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="scalign-demo-"))
     where.mkdir(parents=True, exist_ok=True)
     source, target = where / "ensemble.zarr", where / "aligned.zarr"
-    args.weights, args.scale, args.reflection, args.overwrite = None, False, False, True
+    args.weights, args.scale, args.reflection = None, False, False
+    args.overwrite, args.compress = True, False
     print(f"scalign demo: {args.structures:,} synthetic helices of {args.points} points → {where}")
     ds = helix_ensemble(
         args.structures, args.points, noise=args.noise, chunks=args.chunks, seed=args.seed
@@ -153,7 +160,13 @@ def cmd_align(args) -> int:
 
 def cmd_import(args) -> int:
     ds = load_ensemble(args.file, key=args.key, weights=args.weights, chunks=args.chunks)
-    save_zarr(ds, args.output, overwrite=args.overwrite, compute=lambda d: run(d, progress=True))
+    save_zarr(
+        ds,
+        args.output,
+        overwrite=args.overwrite,
+        compress=args.compress,
+        compute=lambda d: run(d, progress=True),
+    )
     print(
         _table(
             "scalign import: summary",
@@ -226,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     al.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
     al.add_argument("--quiet", action="store_true", help="no progress bar")
+    al.add_argument(
+        "--compress", action="store_true", help="zstd-compress float variables (default: raw)"
+    )
     _cluster_args(al, local_default=False)
     al.set_defaults(func=cmd_align)
 
@@ -238,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--chunks", type=int, metavar="K", help="structures per chunk")
     imp.add_argument("--overwrite", action="store_true")
+    imp.add_argument("--compress", action="store_true", help="zstd-compress the coordinates")
     imp.set_defaults(func=cmd_import)
 
     info = sub.add_parser("info", help="describe a zarr store or a .npy/.npz file")

