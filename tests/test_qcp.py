@@ -74,3 +74,18 @@ def test_vectorised_determinants_match_lapack():
     m3, m4 = rng.standard_normal((50, 3, 3)), rng.standard_normal((50, 4, 4))
     np.testing.assert_allclose(_det3(m3), np.linalg.det(m3), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(_det4(np, m4), np.linalg.det(m4), rtol=1e-12, atol=1e-14)
+
+
+def test_vectorised_adjugate_matches_lapack():
+    from scalign.kernels.qcp import _adjugate
+
+    m = np.random.default_rng(6).standard_normal((20, 4, 4))
+    adj = np.stack(
+        [
+            np.stack(row, -1)
+            for row in _adjugate([[m[:, i, j] for j in range(4)] for i in range(4)])
+        ],
+        -2,
+    )
+    want = np.linalg.inv(m) * np.linalg.det(m)[:, None, None]
+    np.testing.assert_allclose(adj, want, rtol=1e-10, atol=1e-12)

@@ -31,22 +31,57 @@ _NEWTON_MAX_ITERATIONS = 50
 # lambda^3 the quaternion has lost too many digits and the item is re-solved by SVD.
 _ADJUGATE_RTOL = 1e-6
 
-# (row, col) of the 3x3 minor left when row i and column j of a 4x4 matrix are removed.
-_KEEP = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2))
+
+def _horn_entries(S: Array) -> list[list[Array]]:
+    """Entries ``K[i][j]`` of Horn's symmetric traceless 4×4 matrix, each of shape (...,)."""
+    sxx, sxy, sxz = S[..., 0, 0], S[..., 0, 1], S[..., 0, 2]
+    syx, syy, syz = S[..., 1, 0], S[..., 1, 1], S[..., 1, 2]
+    szx, szy, szz = S[..., 2, 0], S[..., 2, 1], S[..., 2, 2]
+    k01, k02, k03 = syz - szy, szx - sxz, sxy - syx
+    k12, k13, k23 = sxy + syx, szx + sxz, syz + szy
+    return [
+        [sxx + syy + szz, k01, k02, k03],
+        [k01, sxx - syy - szz, k12, k13],
+        [k02, k12, -sxx + syy - szz, k23],
+        [k03, k13, k23, -sxx - syy + szz],
+    ]
 
 
 def horn_matrix(xp, S: Array) -> Array:
     """Horn's symmetric 4×4 matrix ``K`` for cross-covariances ``S (..., 3, 3)``."""
-    sxx, sxy, sxz = S[..., 0, 0], S[..., 0, 1], S[..., 0, 2]
-    syx, syy, syz = S[..., 1, 0], S[..., 1, 1], S[..., 1, 2]
-    szx, szy, szz = S[..., 2, 0], S[..., 2, 1], S[..., 2, 2]
-    rows = [
-        [sxx + syy + szz, syz - szy, szx - sxz, sxy - syx],
-        [syz - szy, sxx - syy - szz, sxy + syx, szx + sxz],
-        [szx - sxz, sxy + syx, -sxx + syy - szz, syz + szy],
-        [sxy - syx, szx + sxz, syz + szy, -sxx - syy + szz],
-    ]
-    return xp.stack([xp.stack(r, axis=-1) for r in rows], axis=-2)
+    return xp.stack([xp.stack(row, axis=-1) for row in _horn_entries(S)], axis=-2)
+
+
+def _pair_minors(m: list[list[Array]]):
+    """The 2×2 minors of rows (0, 1) and of rows (2, 3) of a 4×4 matrix (Laplace expansion)."""
+    (m00, m01, m02, m03), (m10, m11, m12, m13), (m20, m21, m22, m23), (m30, m31, m32, m33) = m
+    top = (
+        m00 * m11 - m10 * m01,
+        m00 * m12 - m10 * m02,
+        m00 * m13 - m10 * m03,
+        m01 * m12 - m11 * m02,
+        m01 * m13 - m11 * m03,
+        m02 * m13 - m12 * m03,
+    )
+    bottom = (
+        m20 * m31 - m30 * m21,
+        m20 * m32 - m30 * m22,
+        m20 * m33 - m30 * m23,
+        m21 * m32 - m31 * m22,
+        m21 * m33 - m31 * m23,
+        m22 * m33 - m32 * m23,
+    )
+    return top, bottom
+
+
+def _det4_entries(m: list[list[Array]]) -> Array:
+    (s0, s1, s2, s3, s4, s5), (c0, c1, c2, c3, c4, c5) = _pair_minors(m)
+    return s0 * c5 - s1 * c4 + s2 * c3 + s3 * c2 - s4 * c1 + s5 * c0
+
+
+def _det4(xp, m: Array) -> Array:
+    """Determinants of ``(..., 4, 4)`` arrays (vectorised, no LAPACK loop)."""
+    return _det4_entries([[m[..., i, j] for j in range(4)] for i in range(4)])
 
 
 def _det3(m: Array) -> Array:
@@ -57,13 +92,36 @@ def _det3(m: Array) -> Array:
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
-def _det4(xp, m: Array) -> Array:
-    """Determinants of ``(..., 4, 4)`` by cofactor expansion along the first row."""
-    rows = xp.asarray(_KEEP[0])
-    cols = xp.asarray(_KEEP)
-    minors = m[..., rows[None, :, None], cols[:, None, :]]
-    signs = xp.asarray([1.0, -1.0, 1.0, -1.0], dtype=m.dtype)
-    return xp.sum(signs * m[..., 0, :] * _det3(minors), axis=-1)
+def _adjugate(m: list[list[Array]]) -> list[list[Array]]:
+    """``adj(m)`` of a 4×4 matrix from its 2×2 pair minors, entry by entry."""
+    (m00, m01, m02, m03), (m10, m11, m12, m13), (m20, m21, m22, m23), (m30, m31, m32, m33) = m
+    (s0, s1, s2, s3, s4, s5), (c0, c1, c2, c3, c4, c5) = _pair_minors(m)
+    return [
+        [
+            m11 * c5 - m12 * c4 + m13 * c3,
+            -m01 * c5 + m02 * c4 - m03 * c3,
+            m31 * s5 - m32 * s4 + m33 * s3,
+            -m21 * s5 + m22 * s4 - m23 * s3,
+        ],
+        [
+            -m10 * c5 + m12 * c2 - m13 * c1,
+            m00 * c5 - m02 * c2 + m03 * c1,
+            -m30 * s5 + m32 * s2 - m33 * s1,
+            m20 * s5 - m22 * s2 + m23 * s1,
+        ],
+        [
+            m10 * c4 - m11 * c2 + m13 * c0,
+            -m00 * c4 + m01 * c2 - m03 * c0,
+            m30 * s4 - m31 * s2 + m33 * s0,
+            -m20 * s4 + m21 * s2 - m23 * s0,
+        ],
+        [
+            -m10 * c3 + m11 * c1 - m12 * c0,
+            m00 * c3 - m01 * c1 + m02 * c0,
+            -m30 * s3 + m31 * s1 - m32 * s0,
+            m20 * s3 - m21 * s1 + m22 * s0,
+        ],
+    ]
 
 
 def largest_eigenvalue(xp, S: Array, bound: Array) -> Array:
@@ -76,8 +134,7 @@ def largest_eigenvalue(xp, S: Array, bound: Array) -> Array:
     """
     c2 = -2.0 * xp.sum(S * S, axis=(-2, -1))
     c1 = -8.0 * _det3(S)
-    K = horn_matrix(xp, S)
-    c0 = _det4(xp, K)
+    c0 = _det4_entries(_horn_entries(S))
     lam = xp.asarray(bound, copy=True)
     for _ in range(_NEWTON_MAX_ITERATIONS):
         lam2 = lam * lam
@@ -87,7 +144,7 @@ def largest_eigenvalue(xp, S: Array, bound: Array) -> Array:
         lam = lam - step
         if not bool(xp.any(xp.abs(step) > _NEWTON_RTOL * xp.abs(lam))):
             break
-    return lam, K
+    return lam
 
 
 def quaternion_rotation(xp, q: Array) -> Array:
@@ -110,12 +167,12 @@ def qcp_rotation(xp, S: Array, bound: Array):
     lam : (B,) :math:`\\lambda_{max} = \\mathrm{tr}(\\Sigma D)`.
     unsure : (B,) bool, items whose rotation is ill-determined by QCP (re-solve by SVD).
     """
-    lam, K = largest_eigenvalue(xp, S, bound)
-    A = K - lam[:, None, None] * xp.eye(4, dtype=K.dtype)
-    keep = xp.asarray(_KEEP)
-    minors = A[:, keep[:, None, :, None], keep[None, :, None, :]]
-    sign = xp.asarray([[(-1.0) ** (i + j) for j in range(4)] for i in range(4)], dtype=K.dtype)
-    adjugate = sign * _det3(minors)
+    lam = largest_eigenvalue(xp, S, bound)
+    shifted = _horn_entries(S)
+    for i in range(4):
+        shifted[i][i] = shifted[i][i] - lam
+    # adj(K - lam I) is symmetric: its rows are its columns, each proportional to q.
+    adjugate = xp.stack([xp.stack(row, axis=-1) for row in _adjugate(shifted)], axis=-2)
     norms = xp.sum(adjugate * adjugate, axis=-1)
     best = xp.argmax(norms, axis=-1)
     column = xp.take_along_axis(adjugate, best[:, None, None], axis=1)[:, 0, :]
