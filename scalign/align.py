@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from scalign._array import namespace
 from scalign.ensemble import POINT, SPACE, STRUCTURE, validate_ensemble
 from scalign.kernels.kabsch import apply_transform, rmsd, superpose
 from scalign.mapping import map_batch
@@ -19,22 +20,23 @@ log = logging.getLogger(__name__)
 REFERENCE_OPTIONS = ("first", "mean")
 
 
-def _align_chunk(X, Y, *weights, scale: bool, reflection: bool):
+def _align_chunk(X, Y, *weights, scale: bool, reflection: bool, aligned: bool):
     w = weights[0] if weights else None
     if w is not None:
-        xp = w.__array_namespace__() if hasattr(w, "__array_namespace__") else np
+        xp = namespace(w)
         # Lazily given per-structure weights cannot be checked up front: an invalid row
         # (negative or non-finite) makes that structure's results NaN, like a NaN coordinate.
         bad = xp.any((w < 0) | ~xp.isfinite(w), axis=-1, keepdims=True)
         w = xp.where(bad, xp.nan, w)
     fit = superpose(X, Y, w, scale=scale, reflection=reflection)
-    aligned = apply_transform(X, fit.rotation, fit.translation, fit.scale)
-    return (aligned, *fit)
+    if not aligned:
+        return tuple(fit)
+    return (apply_transform(X, fit.rotation, fit.translation, fit.scale), *fit)
 
 
-def _outputs(dtype) -> dict[str, tuple[tuple[str, ...], Any]]:
-    return {
-        "aligned": ((POINT, SPACE), dtype),
+def _outputs(dtype, aligned: bool) -> dict[str, tuple[tuple[str, ...], Any]]:
+    coordinates = {"aligned": ((POINT, SPACE), dtype)} if aligned else {}
+    return coordinates | {
         "rotation": (("row", "col"), np.float64),
         "translation": ((SPACE,), np.float64),
         "scale": ((), np.float64),
@@ -43,7 +45,7 @@ def _outputs(dtype) -> dict[str, tuple[tuple[str, ...], Any]]:
     }
 
 
-def _fit_to(coords: xr.DataArray, reference: np.ndarray, weights, scale, reflection):
+def _fit_to(coords: xr.DataArray, reference: np.ndarray, weights, scale, reflection, aligned=True):
     ref = xr.DataArray(reference, dims=(POINT, SPACE))
     inputs, core = [coords, ref], [[POINT, SPACE], [POINT, SPACE]]
     if weights is not None:
@@ -54,9 +56,9 @@ def _fit_to(coords: xr.DataArray, reference: np.ndarray, weights, scale, reflect
         _align_chunk,
         inputs,
         core,
-        _outputs(coords.dtype),
+        _outputs(coords.dtype, aligned),
         sizes={"row": d, "col": d},
-        kwargs={"scale": scale, "reflection": reflection},
+        kwargs={"scale": scale, "reflection": reflection, "aligned": aligned},
     )
 
 
@@ -157,6 +159,7 @@ def align(
     reflection: bool = False,
     tol: float = 1e-6,
     max_iterations: int = 100,
+    aligned: bool = True,
 ) -> xr.Dataset:
     """Superpose every structure of an ensemble onto a reference, lazily.
 
@@ -180,6 +183,10 @@ def align(
         Allow improper rotations (det -1).
     tol, max_iterations :
         Convergence of ``reference="mean"``.
+    aligned : bool
+        Include the aligned coordinates. ``False`` keeps only the fit (rotation,
+        translation, scale, rmsd, r2): RMSDs of a large ensemble without writing or
+        transforming its coordinates.
 
     Returns
     -------
@@ -202,7 +209,7 @@ def align(
         attrs.update(report)
     else:
         ref = _resolve_reference(coords, reference)
-    out = xr.Dataset(_fit_to(coords, ref, w, scale, reflection), attrs=attrs)
+    out = xr.Dataset(_fit_to(coords, ref, w, scale, reflection, aligned), attrs=attrs)
     out["reference"] = ((POINT, SPACE), ref)
     out.attrs.update(
         scalign_reference=str(reference)

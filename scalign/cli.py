@@ -80,7 +80,12 @@ def _align_and_write(ds, out: Path, args, *, reference, progress: bool) -> tuple
     if args.gpu:
         ds = to_device(ds, "gpu")
     result = align(
-        ds, reference, weights=args.weights, scale=args.scale, reflection=args.reflection
+        ds,
+        reference,
+        weights=args.weights,
+        scale=args.scale,
+        reflection=args.reflection,
+        aligned=not args.fit_only,
     )
     if args.gpu:
         result = to_device(result, "cpu")
@@ -98,7 +103,7 @@ def _summary_rows(out: Path, seconds: float, client) -> tuple[xr.Dataset, list]:
     written = xr.open_zarr(out, consolidated=False)
     rmsd = written["rmsd"].values
     n = written.sizes[STRUCTURE]
-    chunks = written["aligned"].chunks[0]
+    chunks = written["rmsd"].chunks[0]
     rows = [
         ("structures", f"{n:,} × {written.sizes['point']} points × {written.sizes['space']}-D"),
         ("chunks", f"{len(chunks)} of ≤ {max(chunks):,} structures"),
@@ -120,7 +125,7 @@ def cmd_demo(args) -> int:
     where.mkdir(parents=True, exist_ok=True)
     source, target = where / "ensemble.zarr", where / "aligned.zarr"
     args.weights, args.scale, args.reflection = None, False, False
-    args.overwrite, args.compress = True, False
+    args.overwrite, args.compress, args.fit_only = True, False, False
     print(f"scalign demo: {args.structures:,} synthetic helices of {args.points} points → {where}")
     ds = helix_ensemble(
         args.structures, args.points, noise=args.noise, chunks=args.chunks, seed=args.seed
@@ -239,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     al.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
     al.add_argument("--quiet", action="store_true", help="no progress bar")
+    al.add_argument(
+        "--fit-only",
+        action="store_true",
+        help="write the fit (rotation, translation, scale, rmsd, r2), not aligned coordinates",
+    )
     al.add_argument(
         "--compress", action="store_true", help="zstd-compress float variables (default: raw)"
     )

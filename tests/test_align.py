@@ -225,3 +225,10 @@ def test_make_ensemble_rejects_bad_input():
         make_ensemble(np.zeros((4, 5, 3, 1)))
     with pytest.raises(ValueError, match="weights.*all zero"):
         make_ensemble(np.ones((2, 5, 3)), np.zeros(5))
+
+
+def test_fit_only_skips_the_aligned_coordinates(ens):
+    full = align(ens, 0, scale=True).compute()
+    fit = align(ens, 0, scale=True, aligned=False)
+    assert "aligned" not in fit and fit["rmsd"].chunks == ens["coords"].chunks[:1]
+    xr.testing.assert_identical(fit.compute(), full.drop_vars("aligned"))

@@ -171,3 +171,9 @@ def test_gpu_flag_without_a_gpu_is_a_clear_error(store, tmp_path, capsys):
     assert main(["align", str(store), str(tmp_path / "o.zarr"), "--gpu"]) == 2
     err = capsys.readouterr().err
     assert "--gpu" in err and ("dask-cuda" in err or "CUDA device" in err)
+
+
+def test_fit_only_writes_no_coordinates(store, tmp_path, capsys):
+    assert main(["align", str(store), str(tmp_path / "f.zarr"), "--fit-only", "--quiet"]) == 0
+    written = xr.open_zarr(tmp_path / "f.zarr", consolidated=False)
+    assert "aligned" not in written and written.sizes["structure"] == 500
