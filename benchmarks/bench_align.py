@@ -453,6 +453,11 @@ def bench_mdanalysis(X, masses, repeat, budget, rows, checks) -> None:
 
     ref_u = universe(X[:1].copy())
 
+    def timed_row(run_on, key: str, label: str, kind: str, note: str) -> None:
+        m = frames_within(run_on, N, budget, probe)
+        times = [run_on(m) for _ in range(repeat)]
+        rows.append(Row(key, label, kind, times, m, note=subset_note(m, N, note)))
+
     # lib.qcprot per frame; it expects centred coordinates (centred in float64 here, as
     # MDAnalysis.analysis.rms.rmsd does) and returns the RMSD and the rotation.
     ref_c = X[0].astype(np.float64)
@@ -471,17 +476,12 @@ def bench_mdanalysis(X, masses, repeat, budget, rows, checks) -> None:
         state["qcp"] = r
         return time.perf_counter() - t0
 
-    m = frames_within(qcp_loop, N, budget, probe)
-    t = [qcp_loop(m) for _ in range(repeat)]
-    rows.append(
-        Row(
-            "mda.qcprot",
-            "MDAnalysis lib.qcprot.CalcRMSDRotationalMatrix loop",
-            "rmsd",
-            t,
-            m,
-            note=subset_note(m, N, "per frame: centre + RMSD + rotation"),
-        )
+    timed_row(
+        qcp_loop,
+        "mda.qcprot",
+        "MDAnalysis lib.qcprot.CalcRMSDRotationalMatrix loop",
+        "rmsd",
+        "per frame: centre + RMSD + rotation",
     )
     checks["mda_qcprot_rmsd"] = state["qcp"]
 
@@ -491,17 +491,12 @@ def bench_mdanalysis(X, masses, repeat, budget, rows, checks) -> None:
         state["R"] = mda_rms.RMSD(u, ref_u, select="all").run()
         return time.perf_counter() - t0
 
-    m = frames_within(rmsd_run, N, budget, probe)
-    t = [rmsd_run(m) for _ in range(repeat)]
-    rows.append(
-        Row(
-            "mda.rms",
-            "MDAnalysis analysis.rms.RMSD(u, ref).run()",
-            "rmsd",
-            t,
-            m,
-            note=subset_note(m, N, "in-memory Universe"),
-        )
+    timed_row(
+        rmsd_run,
+        "mda.rms",
+        "MDAnalysis analysis.rms.RMSD(u, ref).run()",
+        "rmsd",
+        "in-memory Universe",
     )
     checks["mda_rms_rmsd"] = state["R"].results.rmsd[:, 2]
 
@@ -515,17 +510,12 @@ def bench_mdanalysis(X, masses, repeat, budget, rows, checks) -> None:
         state["A"] = (a.results.rmsd, u.trajectory.coordinate_array)
         return dt
 
-    m = frames_within(align_run, N, budget, probe)
-    t = [align_run(m) for _ in range(repeat)]
-    rows.append(
-        Row(
-            "mda.align",
-            "MDAnalysis analysis.align.AlignTraj(in_memory=True)",
-            "superpose",
-            t,
-            m,
-            note=subset_note(m, N, "in-memory Universe"),
-        )
+    timed_row(
+        align_run,
+        "mda.align",
+        "MDAnalysis analysis.align.AlignTraj(in_memory=True)",
+        "superpose",
+        "in-memory Universe",
     )
     checks["mda_align"] = state["A"]
 
