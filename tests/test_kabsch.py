@@ -220,3 +220,16 @@ def test_invariances(seed, n, shift):
         superpose(X @ Q.T + np.array(shift), Y).rmsd, e, rtol=1e-7, atol=1e-9
     )
     np.testing.assert_allclose(superpose(X, Y @ Q.T).rmsd, e, rtol=1e-7, atol=1e-9)
+
+
+def test_far_from_the_origin_in_float64_keeps_scale_and_rmsd(rng):
+    """sigma_x^2 from raw second moments would cancel; such items are re-centred first."""
+    Y = rng.standard_normal((30, 3))
+    R = Rotation.random(4, random_state=8).as_matrix()
+    s = np.array([0.5, 1.0, 2.0, 3.0])
+    X = moved(Y, R, 0.0, s[:, None, None]) + 0.01 * rng.standard_normal((4, 30, 3)) + 1e7
+    fit = superpose(X, Y, scale=True)
+    for i in range(4):
+        _, _, s_ref, e_ref = horn(X[i], Y, scale=True)
+        assert fit.scale[i] == pytest.approx(s_ref, rel=1e-8)
+        assert fit.rmsd[i] == pytest.approx(e_ref, rel=1e-6)

@@ -39,6 +39,9 @@ Array = Any
 
 # Float64 bytes per cache block of the shared-reference moments (see _block_rows).
 _BLOCK_BYTES = 4 * 2**20
+# Beyond this ratio of |centroid|^2 to sigma_x^2 the shared path's sigma_x^2 has lost
+# about 8 of float64's 16 digits (a 1 Å set 10 km from the origin, in Å).
+_FAR_FROM_ORIGIN = 1e8
 # Below this fraction of the second moments the closed-form e^2 has lost digits to
 # cancellation; such items get the explicit residual instead.
 _CANCELLATION = 1e-6
@@ -215,6 +218,14 @@ def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
     moments = _shared_moments if shared else _batched_moments
     cx, cy, H, gx, gy = moments(xp, X, Y if shared else xp.reshape(Y, (-1, n, d)), p)
     B = X.shape[0]
+    if shared:
+        # sigma_x^2 = E|x|^2 - |cx|^2 loses digits when a set sits far from the origin
+        # relative to its size; such items get their moments again, centred first.
+        far = xp.sum(cx * cx, axis=-1) > _FAR_FROM_ORIGIN * gx
+        if bool(xp.any(far)):
+            idx = xp.nonzero(far)[0]
+            pf = None if p is None else p[None, :]
+            cx[idx], _, H[idx], gx[idx], _ = _batched_moments(xp, X[idx], Y[None], pf)
     cy = xp.broadcast_to(cy, (B, d))
     ok = xp.all(xp.isfinite(H), axis=(-2, -1)) & xp.isfinite(gx) & xp.isfinite(gy)
     R, trace = _rotation(xp, H, ok, reflection, 0.5 * (gx + gy))
