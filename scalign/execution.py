@@ -84,7 +84,8 @@ def scheduler(
                     n_workers=n_workers,
                     threads_per_worker=threads_per_worker,
                     processes=True,
-                    dashboard_address=None,
+                    # any free port: 8787 may be held by another cluster on the machine
+                    dashboard_address=":0",
                 )
             )
         client = stack.enter_context(Client(target, set_as_default=True))
