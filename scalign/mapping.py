@@ -20,7 +20,7 @@ def _whole_core_dims(arr: xr.DataArray, core: Sequence[str]) -> xr.DataArray:
 
 
 def map_batch(
-    kernel: Callable[..., tuple],
+    kernel: Callable[..., Any],
     inputs: Sequence[xr.DataArray],
     core_dims: Sequence[Sequence[str]],
     outputs: Mapping[str, tuple[Sequence[str], Any]],
@@ -33,8 +33,9 @@ def map_batch(
     Parameters
     ----------
     kernel : callable
-        ``kernel(*arrays, **kwargs) -> tuple`` of arrays; every array has the broadcast
-        batch axes first and its core dims last, in the order given.
+        ``kernel(*arrays, **kwargs)`` returning one array per output (a tuple when there
+        are several); every array has the broadcast batch axes first and its core dims
+        last, in the order given.
     inputs : DataArrays
         Inputs; dims not listed as core are batch dims (chunked or not).
     core_dims : one list of core dims per input
