@@ -26,3 +26,12 @@ def test_adk_trajectory_example(adk):
 
     out = run_example("adk_trajectory.py", str(ADK))
     assert "C-alpha RMSD to frame 0: first 0.000 Å, last 6.81" in out
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["rmsd"] < 1.0 and (tmp_path / "aligned.zarr").is_dir()
