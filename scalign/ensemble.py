@@ -15,7 +15,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from scalign.validation import as_points, as_weights, check_enough_points
+from scalign.validation import as_points, as_weights, check_chunks, check_enough_points
 
 STRUCTURE, POINT, SPACE = "structure", "point", "space"
 COORD_DIMS = (STRUCTURE, POINT, SPACE)
@@ -58,6 +58,7 @@ def make_ensemble(
         arr = as_points("coords", coords, min_ndim=3)
         if arr.ndim != 3:
             raise ValueError(f"coords must have shape (structure, point, space), got {arr.shape}")
+    check_chunks(chunks)
     n_structures, n, d = arr.shape
     if n_structures == 0:
         raise ValueError("coords is an empty ensemble: 0 structures")

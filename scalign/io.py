@@ -18,6 +18,7 @@ import numpy as np
 import xarray as xr
 
 from scalign.ensemble import STRUCTURE, make_ensemble, validate_ensemble
+from scalign.validation import check_chunks
 
 NPZ_COORD_KEYS = ("coords", "coordinates", "xyz", "positions")
 NPZ_WEIGHT_KEYS = ("weights", "masses")
@@ -32,6 +33,7 @@ def open_ensemble(path: str | os.PathLike, *, chunks: int | None = None) -> xr.D
     chunks : int, optional
         Structures per dask chunk; default: the store's own chunking.
     """
+    check_chunks(chunks)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no zarr store at {path}")

@@ -82,3 +82,13 @@ def check_option(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(
             f"unknown {name} {value!r}: expected one of {', '.join(map(repr, allowed))}"
         )
+
+
+def check_chunks(chunks: int | None) -> None:
+    """Structures per chunk: a positive integer (or None for the default)."""
+    if chunks is None:
+        return
+    if isinstance(chunks, bool) or not isinstance(chunks, int | np.integer):
+        raise TypeError(f"chunks must be a positive integer, got {chunks!r}")
+    if chunks < 1:
+        raise ValueError(f"chunks must be a positive integer, got {chunks}")

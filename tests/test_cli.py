@@ -149,6 +149,7 @@ def test_import_and_info(tmp_path, capsys):
             "'nope' is not in the ensemble",
         ),
         (["align", "{tmp}/missing.zarr", "{tmp}/o.zarr"], "no zarr store"),
+        (["align", "{store}", "{tmp}/o.zarr", "--chunks", "0"], "chunks must be a positive"),
         (["align", "{store}", "{store}"], "exists"),
         (["info", "{tmp}/missing"], "no file or zarr store"),
         (["import", "{tmp}/missing.npy", "{tmp}/o.zarr"], "no file"),
