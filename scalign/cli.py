@@ -124,8 +124,6 @@ def cmd_demo(args) -> int:
     where = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="scalign-demo-"))
     where.mkdir(parents=True, exist_ok=True)
     source, target = where / "ensemble.zarr", where / "aligned.zarr"
-    args.weights, args.scale, args.reflection = None, False, False
-    args.overwrite, args.compress, args.fit_only = True, False, False
     print(f"scalign demo: {args.structures:,} synthetic helices of {args.points} points → {where}")
     ds = helix_ensemble(
         args.structures, args.points, noise=args.noise, chunks=args.chunks, seed=args.seed
@@ -224,7 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", help="directory for the stores (default: a new temporary directory)")
     _cluster_args(demo, local_default=True)
-    demo.set_defaults(func=cmd_demo)
+    # the demo's fixed choices for what `align` takes as options
+    demo.set_defaults(
+        func=cmd_demo,
+        weights=None,
+        scale=False,
+        reflection=False,
+        overwrite=True,
+        compress=False,
+        fit_only=False,
+    )
 
     al = sub.add_parser(
         "align", help="align every structure of IN.zarr onto a reference, write OUT.zarr"

@@ -127,13 +127,15 @@ def save_zarr(
     return path
 
 
-def _pick(data: Any, key: str | None, candidates: tuple[str, ...], what: str, path) -> str | None:
+def _pick(
+    data: Any, key: str | None, candidates: tuple[str, ...], required: bool, path
+) -> str | None:
     if key is not None:
         if key not in data:
             raise ValueError(f"{path} has no array {key!r} (arrays: {list(data)})")
         return key
     found = [k for k in candidates if k in data]
-    if what == "coordinates" and not found:
+    if required and not found:
         raise ValueError(
             f"{path} has none of {candidates} (arrays: {list(data)}): name it with key="
         )
@@ -163,8 +165,8 @@ def load_ensemble(
     if path.suffix != ".npz":
         raise ValueError(f"cannot import {path}: expected a .npy or .npz file")
     with np.load(path, allow_pickle=False) as data:
-        ckey = _pick(data, key, NPZ_COORD_KEYS, "coordinates", path)
-        wkey = _pick(data, weights, NPZ_WEIGHT_KEYS, "weights", path)
+        ckey = _pick(data, key, NPZ_COORD_KEYS, True, path)
+        wkey = _pick(data, weights, NPZ_WEIGHT_KEYS, False, path)
         coords = data[ckey]
         ds = make_ensemble(
             coords,

@@ -61,9 +61,9 @@ def check_spread(name: str, X: np.ndarray) -> None:
 
 def as_weights(name: str, w: Any, n: int) -> np.ndarray:
     """Per-point weights ``(..., n)``: finite, non-negative, not all zero."""
-    arr = np.asarray(w, dtype=np.float64) if not isinstance(w, np.ndarray) else w
-    if not np.issubdtype(arr.dtype, np.number):
-        raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+    arr = np.asarray(w)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
+        raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
     if arr.ndim < 1 or arr.shape[-1] != n:
         raise ValueError(f"{name} must have shape (..., {n}) (one per point), got {arr.shape}")

@@ -66,7 +66,7 @@ class Superposition(NamedTuple):
     r2: Array
 
 
-def _probabilities(xp, weights: Array | None, n: int) -> Array | None:
+def _probabilities(xp, weights: Array | None) -> Array | None:
     if weights is None:
         return None
     w = xp.astype(weights, xp.float64)
@@ -86,7 +86,7 @@ def _shared_moments(xp, X: Array, Y: Array, p: Array | None):
     """Moments for one target ``Y (n, d)`` and one weight vector shared by the batch.
 
     All cross-covariances come from one GEMM, ``X.reshape(B, n*d) @ M``: as ``Y`` is
-    centred, :math:`\\sum_k p_k x_k (y_k - \bar y)^T` needs no centring of ``X``, and the
+    centred, :math:`\\sum_k p_k x_k (y_k - \\bar y)^T` needs no centring of ``X``, and the
     last ``d`` columns of ``M`` give the centroids of ``X`` in the same pass. ``X`` (any
     float dtype) is copied to float64 one cache block at a time, so every product and sum
     is accumulated in float64 without a float64 copy of the whole batch.
@@ -213,7 +213,7 @@ def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
         X = xp.astype(X, xp.float64)
     X = xp.reshape(X, (-1, n, d))
     Y = xp.astype(Y, xp.float64, copy=False)
-    p = _probabilities(xp, weights, n)
+    p = _probabilities(xp, weights)
     shared = Y.ndim == 2 and (p is None or p.ndim == 1)
     moments = _shared_moments if shared else _batched_moments
     cx, cy, H, gx, gy = moments(xp, X, Y if shared else xp.reshape(Y, (-1, n, d)), p)
@@ -296,5 +296,5 @@ def rmsd(X: Array, Y: Array, weights: Array | None = None) -> Array:
     xp = namespace(X, Y, weights)
     diff = xp.astype(X, xp.float64) - xp.astype(Y, xp.float64)
     sq = xp.sum(diff * diff, axis=-1)
-    p = _probabilities(xp, weights, X.shape[-2])
+    p = _probabilities(xp, weights)
     return xp.sqrt(xp.mean(sq, axis=-1) if p is None else xp.sum(p * sq, axis=-1))
