@@ -9,9 +9,13 @@ from scalign.ensemble import make_ensemble, validate_ensemble
 from scalign.execution import gpu_available, run, scheduler
 from scalign.io import load_ensemble, open_ensemble, save_zarr
 from scalign.kernels.kabsch import Superposition, apply_transform, rmsd, superpose
+from scalign.pairwise import pairwise_rmsd
 from scalign.procrustes import (
     Transform,
+    coarsen,
+    iteratively_reweighted_procrustes,
     kabsch,
+    multiscale_procrustes,
     procrustes_align,
     procrustes_distance,
     procrustes_r2,
@@ -29,13 +33,17 @@ __all__ = [
     "Transform",
     "align",
     "apply_transform",
+    "coarsen",
     "gpu_available",
     "helix",
     "helix_ensemble",
+    "iteratively_reweighted_procrustes",
     "kabsch",
     "load_ensemble",
     "make_ensemble",
+    "multiscale_procrustes",
     "open_ensemble",
+    "pairwise_rmsd",
     "procrustes_align",
     "procrustes_distance",
     "procrustes_r2",

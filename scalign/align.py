@@ -10,17 +10,19 @@ import numpy as np
 import xarray as xr
 
 from scalign._array import namespace
-from scalign.ensemble import POINT, SPACE, STRUCTURE, validate_ensemble
+from scalign.ensemble import POINT, SPACE, STRUCTURE, ensemble_variable, validate_ensemble
 from scalign.kernels.kabsch import apply_transform, rmsd, superpose
+from scalign.kernels.robust import TUNING, irls_superpose
 from scalign.mapping import map_batch
 from scalign.validation import as_points, as_weights, check_option
 
 log = logging.getLogger(__name__)
 
 REFERENCE_OPTIONS = ("first", "mean")
+ROBUST_LOSSES = tuple(TUNING)
 
 
-def _align_chunk(X, Y, *weights, scale: bool, reflection: bool, aligned: bool):
+def _align_chunk(X, Y, *weights, scale: bool, reflection: bool, aligned: bool, robust):
     w = weights[0] if weights else None
     if w is not None:
         xp = namespace(w)
@@ -28,24 +30,43 @@ def _align_chunk(X, Y, *weights, scale: bool, reflection: bool, aligned: bool):
         # (negative or non-finite) makes that structure's results NaN, like a NaN coordinate.
         bad = xp.any((w < 0) | ~xp.isfinite(w), axis=-1, keepdims=True)
         w = xp.where(bad, xp.nan, w)
-    fit = superpose(X, Y, w, scale=scale, reflection=reflection)
+    if robust is None:
+        fit, extra = superpose(X, Y, w, scale=scale, reflection=reflection), ()
+    else:
+        result = irls_superpose(X, Y, w, loss=robust, scale=scale, reflection=reflection)
+        fit, extra = result.fit, (result.weights, result.iterations)
     if not aligned:
-        return tuple(fit)
-    return (apply_transform(X, fit.rotation, fit.translation, fit.scale), *fit)
+        return (*fit, *extra)
+    return (apply_transform(X, fit.rotation, fit.translation, fit.scale), *fit, *extra)
 
 
-def _outputs(dtype, aligned: bool) -> dict[str, tuple[tuple[str, ...], Any]]:
+def _outputs(dtype, aligned: bool, robust) -> dict[str, tuple[tuple[str, ...], Any]]:
     coordinates = {"aligned": ((POINT, SPACE), dtype)} if aligned else {}
-    return coordinates | {
+    fit = {
         "rotation": (("row", "col"), np.float64),
         "translation": ((SPACE,), np.float64),
         "scale": ((), np.float64),
         "rmsd": ((), np.float64),
         "r2": ((), np.float64),
     }
+    if robust is None:
+        return coordinates | fit
+    return (
+        coordinates
+        | fit
+        | {"robust_weights": ((POINT,), np.float64), "robust_iterations": ((), np.int64)}
+    )
 
 
-def _fit_to(coords: xr.DataArray, reference: np.ndarray, weights, scale, reflection, aligned=True):
+def _fit_to(
+    coords: xr.DataArray,
+    reference: np.ndarray,
+    weights,
+    scale,
+    reflection,
+    aligned=True,
+    robust=None,
+):
     ref = xr.DataArray(reference, dims=(POINT, SPACE))
     inputs, core = [coords, ref], [[POINT, SPACE], [POINT, SPACE]]
     if weights is not None:
@@ -56,9 +77,9 @@ def _fit_to(coords: xr.DataArray, reference: np.ndarray, weights, scale, reflect
         _align_chunk,
         inputs,
         core,
-        _outputs(coords.dtype, aligned),
+        _outputs(coords.dtype, aligned, robust),
         sizes={"row": d, "col": d},
-        kwargs={"scale": scale, "reflection": reflection, "aligned": aligned},
+        kwargs={"scale": scale, "reflection": reflection, "aligned": aligned, "robust": robust},
     )
 
 
@@ -66,12 +87,7 @@ def _resolve_weights(ds: xr.Dataset, weights) -> xr.DataArray | None:
     n = ds.sizes[POINT]
     if weights is None:
         return None
-    if isinstance(weights, str):
-        if weights not in ds.variables:
-            raise ValueError(
-                f"weights variable {weights!r} is not in the ensemble ({list(ds.data_vars)})"
-            )
-        weights = ds[weights]
+    weights = ensemble_variable(ds, weights)
     if isinstance(weights, xr.DataArray):
         if weights.dims not in ((POINT,), (STRUCTURE, POINT)):
             raise ValueError(
@@ -120,34 +136,77 @@ def _centred_size(Y: np.ndarray) -> float:
     return float(np.sqrt(np.sum((Y - Y.mean(axis=0)) ** 2)))
 
 
-def _generalized_reference(coords, weights, scale, reflection, tol, max_iterations):
-    """Generalized Procrustes: align to the current mean, average, repeat.
+def _mean_structure(fit: dict[str, xr.DataArray]) -> np.ndarray:
+    """Mean of the aligned structures; with robust weights, each point's weighted mean."""
+    aligned = fit["aligned"]
+    if "robust_weights" not in fit:
+        return np.asarray(aligned.mean(STRUCTURE, skipna=True).values, dtype=np.float64)
+    w = fit["robust_weights"].fillna(0.0)
+    sums = xr.Dataset(
+        {
+            "weighted": (aligned.fillna(0.0) * w).sum(STRUCTURE),
+            "total": w.sum(STRUCTURE),
+            "plain": aligned.mean(STRUCTURE, skipna=True),
+        }
+    ).compute()
+    total = sums["total"].values[:, None]
+    # A point that every structure rejects (an outlier of the starting reference itself)
+    # has no weighted mean: it takes the plain mean, and later iterations reweight it.
+    mean = np.where(
+        total > 0, sums["weighted"].values / np.where(total > 0, total, 1.0), sums["plain"].values
+    )
+    return np.asarray(mean, dtype=np.float64)
 
-    Each iteration is one pass over the chunks (fit, transform and per-chunk sums fuse).
-    The mean is re-centred, and with ``scale`` rescaled to the first structure's centred
-    size, which fixes the gauge that GPA otherwise lets drift (the mean would shrink).
-    Stops when the mean moves by less than ``tol`` (RMSD between successive means).
-    """
-    ref = _resolve_reference(coords, 0)
+
+def _gpa_iterations(coords, ref, weights, scale, reflection, tol, max_iterations, robust):
+    """Iterate align -> mean from ``ref``; return the last mean and every shift."""
     size = _centred_size(ref)
-    shift = np.inf
-    # float64 coordinates (cast per chunk) so the mean is not limited by float32 rounding.
-    coords = coords.astype(np.float64)
+    shifts: list[float] = []
     for iteration in range(1, max_iterations + 1):
-        aligned = _fit_to(coords, ref, weights, scale, reflection)["aligned"]
-        mean = np.asarray(aligned.mean(STRUCTURE, skipna=True).values, dtype=np.float64)
+        mean = _mean_structure(_fit_to(coords, ref, weights, scale, reflection, robust=robust))
         if not np.all(np.isfinite(mean)):
             raise ValueError("generalized Procrustes failed: every structure gave NaN")
         mean -= mean.mean(axis=0)
         if scale:
             mean *= size / _centred_size(mean)
-        shift = float(rmsd(mean, ref))
+        shifts.append(float(rmsd(mean, ref)))
         ref = mean
-        log.info("generalized Procrustes iteration %d: mean moved %.3g", iteration, shift)
-        if shift <= tol:
-            return ref, {"gpa_iterations": iteration, "gpa_shift": shift, "gpa_converged": True}
-    log.warning("generalized Procrustes did not converge in %d iterations", max_iterations)
-    return ref, {"gpa_iterations": max_iterations, "gpa_shift": shift, "gpa_converged": False}
+        log.info("generalized Procrustes iteration %d: mean moved %.3g", iteration, shifts[-1])
+        if shifts[-1] <= tol:
+            break
+    else:
+        log.warning("generalized Procrustes did not converge in %d iterations", max_iterations)
+    return ref, shifts
+
+
+def _generalized_reference(coords, weights, scale, reflection, tol, max_iterations, robust):
+    """Generalized Procrustes: align to the current mean, average, repeat.
+
+    Starts from the first structure. Each iteration is one pass over the chunks (fit,
+    transform and per-chunk sums fuse). The mean is re-centred, and with ``scale``
+    rescaled to the first structure's centred size, which fixes the gauge that GPA
+    otherwise lets drift (the mean would shrink). With ``robust``, each point of the mean
+    is weighted by the structures' robust weights, so outlying points do not drag it; the
+    redescending losses (Tukey, Welsch) start from the Huber mean, as they keep the
+    outliers of a poor start (the first structure's own) instead of rejecting them. Stops
+    when the mean moves by less than ``tol`` (RMSD between successive means); the report
+    holds every iteration's shift.
+    """
+    ref = _resolve_reference(coords, 0)
+    # float64 coordinates (cast per chunk) so the mean is not limited by float32 rounding.
+    coords = coords.astype(np.float64)
+    args = (weights, scale, reflection, tol, max_iterations)
+    shifts: list[float] = []
+    if robust in ("tukey", "welsch"):
+        ref, shifts = _gpa_iterations(coords, ref, *args, robust="huber")
+    ref, more = _gpa_iterations(coords, ref, *args, robust=robust)
+    shifts += more
+    return ref, {
+        "gpa_iterations": len(shifts),
+        "gpa_shift": shifts[-1],
+        "gpa_shifts": shifts,
+        "gpa_converged": shifts[-1] <= tol,
+    }
 
 
 def align(
@@ -160,6 +219,7 @@ def align(
     tol: float = 1e-6,
     max_iterations: int = 100,
     aligned: bool = True,
+    robust: str | None = None,
 ) -> xr.Dataset:
     """Superpose every structure of an ensemble onto a reference, lazily.
 
@@ -187,6 +247,12 @@ def align(
         Include the aligned coordinates. ``False`` keeps only the fit (rotation,
         translation, scale, rmsd, r2): RMSDs of a large ensemble without writing or
         transforming its coordinates.
+    robust : {"huber", "tukey", "welsch"}, optional
+        Fit each structure by IRLS with this loss (:mod:`scalign.kernels.robust`): points
+        far off the reference are down-weighted. Adds ``robust_weights (structure, point)``
+        (prior weights times robust weights) and ``robust_iterations``; ``rmsd`` and ``r2``
+        are then weighted by the final weights. With ``reference="mean"`` the mean is
+        robust too (each point weighted by the structures' robust weights).
 
     Returns
     -------
@@ -204,12 +270,16 @@ def align(
     attrs = dict(ds.attrs)
     if isinstance(reference, str):
         check_option("reference", reference, REFERENCE_OPTIONS)
+    if robust is not None:
+        check_option("robust", robust, ROBUST_LOSSES)
     if isinstance(reference, str) and reference == "mean":
-        ref, report = _generalized_reference(coords, w, scale, reflection, tol, max_iterations)
+        ref, report = _generalized_reference(
+            coords, w, scale, reflection, tol, max_iterations, robust
+        )
         attrs.update(report)
     else:
         ref = _resolve_reference(coords, reference)
-    out = xr.Dataset(_fit_to(coords, ref, w, scale, reflection, aligned), attrs=attrs)
+    out = xr.Dataset(_fit_to(coords, ref, w, scale, reflection, aligned, robust), attrs=attrs)
     out["reference"] = ((POINT, SPACE), ref)
     out.attrs.update(
         scalign_reference=str(reference)
@@ -217,6 +287,7 @@ def align(
         else "array",
         scalign_scale=bool(scale),
         scalign_reflection=bool(reflection),
+        scalign_robust=robust or "none",
         scalign_weights=weights
         if isinstance(weights, str)
         else ("none" if weights is None else "array"),

@@ -109,3 +109,12 @@ def validate_ensemble(ds: xr.Dataset | xr.DataArray, name: str = "ensemble") -> 
             f"got {ds['weights'].dims}"
         )
     return ds
+
+
+def ensemble_variable(ds: xr.Dataset, value: Any, role: str = "weights") -> Any:
+    """``ds[value]`` when ``value`` names a variable of the ensemble, else ``value``."""
+    if not isinstance(value, str):
+        return value
+    if value not in ds.variables:
+        raise ValueError(f"{role} variable {value!r} is not in the ensemble ({list(ds.data_vars)})")
+    return ds[value]

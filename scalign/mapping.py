@@ -1,7 +1,9 @@
 """The one bridge between batched kernels and chunked xarray data.
 
-Every op maps its kernel through :func:`map_batch`: chunks stay along the batch
-dimension, core dimensions are whole in every chunk, results stay lazy.
+Every op maps its kernel through :func:`map_batch` (one batch of items in, one result per
+item out) or :func:`map_pairs` (every item of one batch against every item of another):
+chunks stay along the batch dimension, core dimensions are whole in every chunk, results
+stay lazy.
 """
 
 from __future__ import annotations
@@ -9,7 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import dask
+import dask.array as da
+import numpy as np
 import xarray as xr
+from dask.array.utils import meta_from_array
 
 
 def _whole_core_dims(arr: xr.DataArray, core: Sequence[str]) -> xr.DataArray:
@@ -73,3 +79,68 @@ def map_batch(
     if len(outputs) == 1:
         result = (result,)
     return dict(zip(outputs, result, strict=True))
+
+
+def _chunked(arr: xr.DataArray, core: Sequence[str]) -> da.Array:
+    arr = _whole_core_dims(arr, core)
+    return arr.data if arr.chunks is not None else da.from_array(arr.data, chunks=-1)
+
+
+def map_pairs(
+    kernel: Callable[..., Any],
+    a: xr.DataArray,
+    b: xr.DataArray | None,
+    core_dims: Sequence[str],
+    dims: tuple[str, str],
+    *,
+    dtype: Any = np.float64,
+    kwargs: Mapping[str, Any] | None = None,
+) -> xr.DataArray:
+    """Map ``kernel(A, B)`` over every pair of chunks of two batches, lazily.
+
+    Parameters
+    ----------
+    kernel : callable
+        ``kernel(A_chunk, B_chunk_or_None, **kwargs) -> (len(A_chunk), len(B_chunk))``;
+        ``B_chunk`` is ``None`` for a diagonal block of the symmetric case (``A`` against
+        itself), so the kernel can use the symmetry.
+    a, b : DataArrays with the batch dim first and ``core_dims`` after it
+        With ``b is None`` the result is ``a`` against itself and symmetric: only the
+        blocks on and below the diagonal are computed; each block above it is the
+        transpose of its mirror (the same task, computed once).
+    core_dims : dims whole in every chunk (e.g. ``point, space``)
+    dims : names of the two output dims
+    dtype : dtype of the result
+    kwargs : dict, optional
+        Keyword arguments for the kernel.
+
+    Returns
+    -------
+    DataArray over ``dims``, one dask task per block (chunk of ``a`` x chunk of ``b``),
+    with the batch coordinates of ``a`` and ``b``.
+    """
+    A = _chunked(a, core_dims)
+    B = A if b is None else _chunked(b, core_dims)
+    meta = meta_from_array(A, ndim=2, dtype=dtype)
+    call = dask.delayed(kernel, pure=True)
+    blocks_a = A.to_delayed().reshape(-1)
+    blocks_b = blocks_a if b is None else B.to_delayed().reshape(-1)
+    rows, cols = A.chunks[0], B.chunks[0]
+    computed: dict[tuple[int, int], da.Array] = {}
+
+    def block(i: int, j: int) -> da.Array:
+        if b is None and j > i:
+            return block(j, i).T
+        if (i, j) not in computed:
+            other = None if b is None and i == j else blocks_b[j]
+            value = call(blocks_a[i], other, **dict(kwargs or {}))
+            computed[i, j] = da.from_delayed(value, (rows[i], cols[j]), dtype=dtype, meta=meta)
+        return computed[i, j]
+
+    data = da.block([[block(i, j) for j in range(len(cols))] for i in range(len(rows))])
+    coords = {}
+    for dim, src in zip(dims, (a, a if b is None else b), strict=True):
+        batch = src.dims[0]
+        if batch in src.coords:
+            coords[dim] = src.coords[batch].values
+    return xr.DataArray(data, dims=dims, coords=coords)

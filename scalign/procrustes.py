@@ -14,7 +14,18 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from scalign.kernels.kabsch import apply_transform, superpose
-from scalign.validation import as_points, as_weights, check_pair, check_spread
+from scalign.kernels.robust import TUNING, irls_superpose
+from scalign.validation import (
+    as_points,
+    as_weights,
+    check_enough_points,
+    check_option,
+    check_pair,
+    check_spread,
+)
+
+ROBUST_LOSSES = tuple(TUNING)
+MULTISCALE_METHODS = ("standard", "weighted", "robust")
 
 
 class Transform(NamedTuple):
@@ -25,14 +36,18 @@ class Transform(NamedTuple):
     scale: np.ndarray | float
 
 
-def _fit(X, Y, weights=None, *, scale=False, reflection=False):
+def _checked(X, Y, weights=None):
     X = as_points("X", X)
     Y = as_points("Y", Y)
     check_pair(X, Y)
     check_spread("X", X)
     w = None if weights is None else as_weights("weights", weights, X.shape[-2])
-    fit = superpose(X, Y, w, scale=scale, reflection=reflection)
-    return X, fit
+    return X, Y, w
+
+
+def _fit(X, Y, weights=None, *, scale=False, reflection=False):
+    X, Y, w = _checked(X, Y, weights)
+    return X, superpose(X, Y, w, scale=scale, reflection=reflection)
 
 
 def _scalar(a: np.ndarray):
@@ -115,3 +130,141 @@ def rotation_angle(R1: ArrayLike, R2: ArrayLike, *, degrees: bool = True) -> np.
     cos = (np.trace(np.swapaxes(R1, -1, -2) @ R2, axis1=-2, axis2=-1) - 1.0) / 2.0
     angle = np.arccos(np.clip(cos, -1.0, 1.0))
     return np.degrees(angle) if degrees else angle
+
+
+def _check_iterations(max_iterations: int, tol: float) -> None:
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int | np.integer):
+        raise TypeError(f"max_iterations must be a positive integer, got {max_iterations!r}")
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}")
+    if not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+
+
+def iteratively_reweighted_procrustes(
+    X: ArrayLike,
+    Y: ArrayLike,
+    robust_loss: str = "huber",
+    max_iterations: int = 50,
+    tol: float = 1e-6,
+    scale: bool = False,
+    weights: ArrayLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Robust alignment of ``X`` onto ``Y`` by IRLS; return ``(X_aligned, R, error, weights)``.
+
+    Iterates a weighted fit and a reweighting of each point from its residual norm
+    :math:`r_k` over the robust scale :math:`\\hat\\sigma = 1.4826\\,\\mathrm{median}\\,
+    r_k`: Huber (c = 1.345), Tukey's bisquare (c = 4.685) or Welsch (c = 2.985); see
+    :mod:`scalign.kernels.robust`. Stops when no weight changes by more than ``tol``.
+
+    Returns
+    -------
+    X_aligned : ``s X R^T + t`` with the final transform.
+    R : rotation.
+    error : weighted RMSD :math:`\\sqrt{\\sum_k p_k r_k^2}` under the final weights
+        (``p = weights / sum(weights)``), the quantity the fit minimises at convergence.
+    weights : final per-point weights, prior ``weights`` times the robust weight, so that
+        outliers show as weights near 0.
+
+    Notes
+    -----
+    Judge a robust fit by its inlier RMSD and the error of the rotation, not by the
+    unweighted R² or RMSD over all points, which plain Kabsch maximises (minimises) by
+    construction.
+    """
+    check_option("robust_loss", robust_loss, ROBUST_LOSSES)
+    _check_iterations(max_iterations, tol)
+    X, Y, prior = _checked(X, Y, weights)
+    result = irls_superpose(
+        X,
+        Y,
+        prior,
+        loss=robust_loss,
+        scale=scale,
+        max_iterations=max_iterations,
+        tol=tol,
+    )
+    fit = result.fit
+    aligned = apply_transform(X, fit.rotation, fit.translation, fit.scale)
+    return aligned, fit.rotation, _scalar(fit.rmsd), result.weights
+
+
+def coarsen(X: ArrayLike, factor: int, weights: ArrayLike | None = None):
+    """Block means of ``factor`` consecutive points; return ``(coarse, block_weights)``.
+
+    Block ``j`` holds points ``j*factor ... (j+1)*factor - 1``; when ``n`` is not a
+    multiple of ``factor`` the last block holds the remaining ``n mod factor`` points.
+    Each block's position is the (weighted) mean of its points and its weight is the sum
+    of their weights (their count without weights), so a short last block weighs less.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape[-2:]
+    blocks = -(-n // factor)
+    w = np.ones(X.shape[:-1]) if weights is None else np.broadcast_to(weights, X.shape[:-1])
+    pad = blocks * factor - n
+    padding = [(0, 0)] * (X.ndim - 2) + [(0, pad)]
+    Xp = np.pad(X * w[..., None], padding + [(0, 0)]).reshape(X.shape[:-2] + (blocks, factor, d))
+    wp = np.pad(w, padding).reshape(w.shape[:-1] + (blocks, factor))
+    block_weights = wp.sum(axis=-1)
+    return Xp.sum(axis=-2) / block_weights[..., None], block_weights
+
+
+def multiscale_procrustes(
+    low_res: ArrayLike,
+    high_res: ArrayLike,
+    scale_factor: int,
+    method: str = "standard",
+    *,
+    scale: bool = False,
+    weights: ArrayLike | None = None,
+    robust_loss: str = "huber",
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Align a high-resolution structure onto a low-resolution one; ``(aligned, R, error)``.
+
+    ``high_res`` (``n`` points) is the set that is **moved**; ``low_res`` (``ceil(n /
+    scale_factor)`` points, bead ``j`` standing for high-resolution points ``j*f ...
+    (j+1)*f - 1``) stays fixed. ``high_res`` is coarsened to the low-resolution beads
+    (:func:`coarsen`: the mean of each block of ``scale_factor`` points, a shorter last
+    block when ``n`` is not a multiple), the transform is fitted between the beads, and
+    applied to every point of ``high_res``:
+
+    * ``"standard"``: Kabsch/Umeyama on the beads, every bead weighted equally;
+    * ``"weighted"``: beads weighted by their block weight (the count of points, or the
+      sum of ``weights`` over the block), so a short last block counts less;
+    * ``"robust"``: IRLS (``robust_loss``) on the block-weighted beads.
+
+    Returns
+    -------
+    aligned : (n, d) ``s high_res R^T + t``, at full resolution.
+    R : (d, d) rotation.
+    error : RMSD between the transformed beads and ``low_res`` (weighted for "weighted"
+        and "robust", with the final weights).
+    """
+    check_option("method", method, MULTISCALE_METHODS)
+    if isinstance(scale_factor, bool) or not isinstance(scale_factor, int | np.integer):
+        raise TypeError(f"scale_factor must be a positive integer, got {scale_factor!r}")
+    if scale_factor < 1:
+        raise ValueError(f"scale_factor must be a positive integer, got {scale_factor}")
+    low = as_points("low_res", low_res)
+    high = as_points("high_res", high_res)
+    n, d = high.shape[-2:]
+    w = None if weights is None else as_weights("weights", weights, n)
+    if low.shape[-1] != d:
+        raise ValueError(f"low_res is {low.shape[-1]}-dimensional but high_res is {d}-dimensional")
+    blocks = -(-n // scale_factor)
+    if low.shape[-2] != blocks:
+        raise ValueError(
+            f"low_res has {low.shape[-2]} points but high_res has {n}: with scale_factor "
+            f"{scale_factor} it needs ceil({n}/{scale_factor}) = {blocks}"
+        )
+    check_enough_points("low_res", blocks, d)
+    beads, block_weights = coarsen(high, scale_factor, w)
+    check_spread("coarsened high_res", beads)
+    if method == "robust":
+        check_option("robust_loss", robust_loss, ROBUST_LOSSES)
+        fit = irls_superpose(beads, low, block_weights, loss=robust_loss, scale=scale).fit
+    else:
+        bead_weights = block_weights if method == "weighted" else None
+        fit = superpose(beads, low, bead_weights, scale=scale)
+    aligned = apply_transform(high, fit.rotation, fit.translation, fit.scale)
+    return aligned, fit.rotation, _scalar(fit.rmsd)

@@ -1,0 +1,107 @@
+"""Cross-resolution (multiscale) alignment and the coarsening it relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+import scalign
+from scalign import coarsen, multiscale_procrustes
+
+METHODS = ("standard", "weighted", "robust")
+
+
+def chain(n, seed=0):
+    """A compact random-walk chain (consecutive points are neighbours, like a polymer)."""
+    return np.cumsum(np.random.default_rng(seed).normal(size=(n, 3)), axis=0)
+
+
+def moved(Y, seed=0, noise=0.0):
+    """``Y`` moved by a known rotation ``Q`` and translation: ``Y = X Q^T + t`` recovers it."""
+    rng = np.random.default_rng(seed)
+    Q = Rotation.random(random_state=rng).as_matrix()
+    t = rng.normal(size=3) * 10
+    X = (Y - t) @ Q + rng.normal(scale=noise, size=Y.shape)
+    return X, Q, t
+
+
+def test_coarsen_is_the_block_mean_with_a_short_last_block():
+    X = np.arange(7 * 3, dtype=float).reshape(7, 3)
+    beads, counts = coarsen(X, 3)
+    np.testing.assert_array_equal(counts, [3, 3, 1])
+    np.testing.assert_allclose(beads, [X[0:3].mean(0), X[3:6].mean(0), X[6]])
+    w = np.array([1, 2, 3, 1, 1, 1, 5.0])
+    beads_w, sums = coarsen(X, 3, w)
+    np.testing.assert_allclose(sums, [6, 3, 5])
+    np.testing.assert_allclose(beads_w[0], w[:3] @ X[:3] / 6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("n", [200, 203])  # a multiple of the factor and not
+def test_recovers_a_known_transform_between_resolutions(method, n):
+    Y = chain(n)
+    high, Q, t = moved(Y, seed=n)
+    low = coarsen(Y, 4)[0]  # the fixed low-resolution structure
+    aligned, R, error = multiscale_procrustes(low, high, 4, method)
+    np.testing.assert_allclose(R, Q, atol=1e-6)
+    np.testing.assert_allclose(aligned, Y, atol=1e-6)  # applied at full resolution
+    assert aligned.shape == (n, 3) and error < 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_recovers_a_known_transform_from_noisy_data_with_scale(method):
+    Y = chain(401)
+    high, Q, _ = moved(Y, seed=1, noise=0.05)
+    high = high / 1.5
+    low = coarsen(Y, 4)[0]
+    aligned, R, error = multiscale_procrustes(low, high, 4, method, scale=True)
+    assert scalign.rotation_angle(R, Q) < 0.05
+    assert np.sqrt(np.mean(np.sum((aligned - Y) ** 2, axis=1))) < 0.1
+    assert error < 0.05  # the beads average the noise of 4 points
+
+
+def test_weighted_method_uses_block_counts():
+    """With a short last block, "weighted" equals a weighted fit on the block counts."""
+    Y = chain(201)
+    high, _, _ = moved(Y, seed=2, noise=0.2)
+    low = coarsen(Y, 4)[0]
+    beads, counts = coarsen(high, 4)
+    _, R_weighted, _ = multiscale_procrustes(low, high, 4, "weighted")
+    _, R_standard, _ = multiscale_procrustes(low, high, 4, "standard")
+    np.testing.assert_allclose(R_weighted, scalign.kabsch(beads, low, counts).rotation, atol=1e-12)
+    np.testing.assert_allclose(R_standard, scalign.kabsch(beads, low).rotation, atol=1e-12)
+    assert not np.allclose(R_weighted, R_standard, atol=1e-9)
+
+
+def test_robust_method_ignores_outlying_beads():
+    Y = chain(400)
+    high, Q, _ = moved(Y, seed=3, noise=0.02)
+    low = coarsen(Y, 4)[0]
+    low[::7] += 6.0  # 15% of the low-resolution beads are wrong
+    _, R_robust, _ = multiscale_procrustes(low, high, 4, "robust", robust_loss="tukey")
+    _, R_plain, _ = multiscale_procrustes(low, high, 4, "standard")
+    assert scalign.rotation_angle(R_robust, Q) < 0.2 < scalign.rotation_angle(R_plain, Q)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "exc", "message"),
+    [
+        ((np.zeros((50, 3)), chain(200), 4), {"method": "median"}, ValueError, "unknown method"),
+        ((np.zeros((49, 3)), chain(200), 4), {}, ValueError, r"needs ceil\(200/4\) = 50"),
+        ((chain(2), chain(5), 4), {}, ValueError, "low_res has 2 point"),
+        ((chain(50), chain(200), 0), {}, ValueError, "scale_factor must be a positive"),
+        ((chain(50), chain(200), 2.0), {}, TypeError, "scale_factor must be a positive"),
+        ((chain(50)[:, :2], chain(200), 4), {}, ValueError, "2-dimensional"),
+        ((np.full((50, 3), np.nan), chain(200), 4), {}, ValueError, "low_res has 150 non-finite"),
+        (
+            (chain(50), chain(200), 4),
+            {"robust_loss": "l1", "method": "robust"},
+            ValueError,
+            "unknown robust_loss",
+        ),
+    ],
+)
+def test_bad_input_gets_clear_errors(args, kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        multiscale_procrustes(*args, **kwargs)
