@@ -16,8 +16,12 @@ from scalign.align import align
 from scalign.ensemble import STRUCTURE
 from scalign.execution import SCHEDULER_ENV, run, scheduler, to_device
 from scalign.io import load_ensemble, open_ensemble, save_zarr
-from scalign.procrustes import rotation_angle
+from scalign.pairwise import pairwise_rmsd
+from scalign.procrustes import ROBUST_LOSSES, rotation_angle
 from scalign.synthetic import helix_ensemble
+
+# Matrices up to this many entries are read back for the summary's statistics.
+_SUMMARY_ENTRIES = 25_000_000
 
 
 def _table(title: str, rows: list[tuple[str, object]]) -> str:
@@ -86,6 +90,7 @@ def _align_and_write(ds, out: Path, args, *, reference, progress: bool) -> tuple
         scale=args.scale,
         reflection=args.reflection,
         aligned=not args.fit_only,
+        robust=args.robust,
     )
     if args.gpu:
         result = to_device(result, "cpu")
@@ -117,6 +122,15 @@ def _summary_rows(out: Path, seconds: float, client) -> tuple[xr.Dataset, list]:
     if "gpa_iterations" in attrs:
         gpa = f"{attrs['gpa_iterations']} iteration(s), last shift {attrs['gpa_shift']:.3g}"
         rows.append(("generalized Procrustes", gpa))
+    if "robust_weights" in written:
+        w = written["robust_weights"].values
+        rows.append(
+            (
+                f"robust ({attrs['scalign_robust']})",
+                f"{np.mean(w < 0.5):.1%} of points weighted < 0.5, "
+                f"median {np.median(written['robust_iterations'].values):.0f} iteration(s)",
+            )
+        )
     return written, rows
 
 
@@ -158,6 +172,42 @@ def cmd_align(args) -> int:
         _, rows = _summary_rows(out, seconds, client)
     rows += [("input", args.input), ("output", str(out))]
     print(_table("scalign align: summary", rows))
+    return 0
+
+
+def cmd_rmsd(args) -> int:
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    ds = open_ensemble(args.input)
+    other = None if args.other is None else open_ensemble(args.other)
+    t0 = time.perf_counter()
+    with _scheduler(args, local_default=False) as client:
+        D = pairwise_rmsd(ds, other, weights=args.weights, chunks=args.chunks)
+        save_zarr(
+            D.to_dataset(),
+            out,
+            overwrite=args.overwrite,
+            compute=lambda d: run(d, progress=not args.quiet),
+        )
+        seconds = time.perf_counter() - t0
+        written = xr.open_zarr(out, consolidated=False)["rmsd"]
+        values = written.values if written.size <= _SUMMARY_ENTRIES else None
+        rows = [
+            ("matrix", f"{written.shape[0]:,} × {written.shape[1]:,} structures"),
+            (
+                "blocks",
+                f"{len(written.chunks[0])} × {len(written.chunks[1])} ("
+                + ("lower triangle computed)" if other is None else "all computed)"),
+            ),
+            ("scheduler", _describe(client)),
+            ("time", f"{seconds:.2f} s ({written.size / seconds:,.0f} pairs/s)"),
+        ]
+    if values is not None:
+        off = values[~np.eye(*values.shape, dtype=bool)] if other is None else values.ravel()
+        rows.append(("rmsd", _stats(off)))
+    rows += [("input", args.input), ("output", str(out))]
+    print(_table("scalign rmsd: summary", rows))
     return 0
 
 
@@ -231,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         overwrite=True,
         compress=False,
         fit_only=False,
+        robust=None,
     )
 
     al = sub.add_parser(
@@ -259,8 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument(
         "--compress", action="store_true", help="zstd-compress float variables (default: raw)"
     )
+    al.add_argument(
+        "--robust",
+        choices=ROBUST_LOSSES,
+        help="robust IRLS fit with this loss; adds robust_weights (outliers near 0)",
+    )
     _cluster_args(al, local_default=False)
     al.set_defaults(func=cmd_align)
+
+    rm = sub.add_parser(
+        "rmsd", help="pairwise RMSD matrix of IN.zarr (or IN.zarr vs --other), written blockwise"
+    )
+    rm.add_argument("input", metavar="IN.zarr")
+    rm.add_argument("output", metavar="OUT.zarr")
+    rm.add_argument("--other", metavar="OTHER.zarr", help="compare against this ensemble")
+    rm.add_argument("--weights", metavar="VAR", help="name of a (point,) weights variable")
+    rm.add_argument("--chunks", type=int, metavar="K", help="structures per block")
+    rm.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
+    rm.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cluster_args(rm, local_default=False)
+    rm.set_defaults(func=cmd_rmsd)
 
     imp = sub.add_parser("import", help="convert a .npy/.npz ensemble into a zarr store")
     imp.add_argument("file", metavar="FILE")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from reference_fits import horn
+from scipy.spatial.transform import Rotation
 
 import scalign
 from scalign import align, helix_ensemble, make_ensemble
@@ -166,6 +167,29 @@ def test_adk_calpha_rmsd_to_frame_0(adk):
     assert out["rmsd"][0] < 1e-6
     assert 6.0 < out["rmsd"].max() < 7.5
     assert out["rmsd"][-1] > 0.99 * out["rmsd"].max()
+
+
+def test_adk_generalized_procrustes_mean_and_rmsd_to_it(adk):
+    """GPA of the C-alpha ensemble against an independent float64 loop over scipy fits."""
+    ca = adk["coords"][:, adk["ca_indices"]].astype(np.float64)
+    out = align(make_ensemble(ca, chunks=25), "mean", tol=1e-10).compute()
+    mean = ca[0] - ca[0].mean(axis=0)
+    for _ in range(200):
+        fitted = []
+        for x in ca:
+            rot, _ = Rotation.align_vectors(mean, x - x.mean(axis=0))
+            fitted.append(rot.apply(x - x.mean(axis=0)))
+        new = np.mean(fitted, axis=0)
+        new -= new.mean(axis=0)
+        shift = np.sqrt(np.mean(np.sum((new - mean) ** 2, axis=1)))
+        mean = new
+        if shift < 1e-10:
+            break
+    rmsd_to_mean = np.sqrt(np.mean(np.sum((np.array(fitted) - mean) ** 2, axis=2), axis=1))
+    assert out.attrs["gpa_converged"] and out.attrs["gpa_shift"] <= 1e-10
+    np.testing.assert_allclose(out["reference"].values, mean, atol=1e-8)
+    np.testing.assert_allclose(out["rmsd"].values, rmsd_to_mean, atol=1e-8)
+    assert out["rmsd"].max() < 4.5  # the mean sits between the closed and open states (6-7.5 apart)
 
 
 def test_adk_mass_weighted_all_atom_alignment(adk):

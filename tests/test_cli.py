@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from scalign import helix_ensemble, save_zarr
+from scalign import helix_ensemble, procrustes_rmse, save_zarr
 from scalign.cli import main
 
 
@@ -178,3 +178,34 @@ def test_fit_only_writes_no_coordinates(store, tmp_path, capsys):
     assert main(["align", str(store), str(tmp_path / "f.zarr"), "--fit-only", "--quiet"]) == 0
     written = xr.open_zarr(tmp_path / "f.zarr", consolidated=False)
     assert "aligned" not in written and written.sizes["structure"] == 500
+
+
+def test_align_robust_writes_the_final_weights(tmp_path, capsys):
+    source = tmp_path / "corrupted.zarr"
+    ens = helix_ensemble(120, 40, noise=0.02, outlier_fraction=0.2, outlier_size=10, chunks=40)
+    save_zarr(ens, source)
+    out = tmp_path / "robust.zarr"
+    code = main(["align", str(source), str(out), "--robust", "huber", "--quiet"])
+    assert code == 0
+    assert "robust (huber)" in capsys.readouterr().out
+    written = xr.open_zarr(out, consolidated=False)
+    assert written["robust_weights"].dims == ("structure", "point")
+    assert written.attrs["scalign_robust"] == "huber"
+
+
+def test_rmsd_writes_the_pairwise_matrix(store, tmp_path, capsys):
+    out = tmp_path / "rmsd.zarr"
+    assert main(["rmsd", str(store), str(out), "--chunks", "128", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "500 × 500 structures" in text and "lower triangle computed" in text
+    D = xr.open_zarr(out, consolidated=False)["rmsd"]
+    assert D.dims == ("structure", "structure_other") and D.chunks[0][0] == 128
+    coords = xr.open_zarr(store, consolidated=False)["coords"].values
+    assert D.values[3, 17] == pytest.approx(procrustes_rmse(coords[3], coords[17]), abs=1e-10)
+    assert main(["rmsd", str(store), str(out)]) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+    other = tmp_path / "other.zarr"
+    save_zarr(helix_ensemble(7, 16, seed=4), other)
+    out2 = tmp_path / "cross.zarr"
+    assert main(["rmsd", str(store), str(out2), "--other", str(other), "--weights", "masses"]) == 0
+    assert xr.open_zarr(out2, consolidated=False)["rmsd"].shape == (500, 7)

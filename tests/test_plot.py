@@ -1,0 +1,67 @@
+"""Plots draw the data they are given (checked on the artists, Agg backend)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+import scalign  # noqa: E402
+from scalign import plot  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_rmsd_distribution_counts_every_finite_structure():
+    ens = scalign.helix_ensemble(60, 20, noise=0.1, seed=1)
+    result = scalign.align(ens, 0, aligned=False).compute()
+    rmsd = result["rmsd"].values.copy()
+    rmsd[3] = np.nan
+    result["rmsd"].values[:] = rmsd
+    ax = plot.rmsd_distribution(result, bins=10)
+    heights = [patch.get_height() for patch in ax.patches]
+    assert sum(heights) == 59 and "1 NaN left out" in ax.get_title()
+    counts, _ = np.histogram(rmsd[np.isfinite(rmsd)], bins=10)
+    np.testing.assert_array_equal(heights, counts)
+
+
+def test_point_residuals_draws_residuals_and_irls_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    Y = scalign.helix(80)
+    X = Y + rng.normal(scale=0.01, size=Y.shape)
+    X[::10] += 5.0
+    aligned, _, _, weights = scalign.iteratively_reweighted_procrustes(X, Y, "tukey")
+    ax = plot.point_residuals(aligned, Y, weights)
+    (line,) = ax.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), np.linalg.norm(aligned - Y, axis=1))
+    twin = [a for a in ax.figure.axes if a is not ax][0]
+    np.testing.assert_allclose(twin.get_lines()[0].get_ydata(), weights)
+    ax.figure.savefig(tmp_path / "residuals.png")
+    assert (tmp_path / "residuals.png").stat().st_size > 0
+
+
+def test_pairwise_heatmap_shows_the_matrix():
+    ens = scalign.helix_ensemble(12, 20, noise=0.3, seed=2)
+    D = scalign.pairwise_rmsd(ens).compute()
+    ax = plot.pairwise_heatmap(D)
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), D.values)
+    assert ax.get_xlabel() == "structure_other"
+
+
+def test_bad_input_gets_clear_errors():
+    with pytest.raises(ValueError, match="rmsd must be 1-dimensional"):
+        plot.rmsd_distribution(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="aligned has shape"):
+        plot.point_residuals(np.zeros((3, 3)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="weights has shape"):
+        plot.point_residuals(np.zeros((3, 3)), np.zeros((3, 3)), np.ones(2))
+    with pytest.raises(ValueError, match="D is empty"):
+        plot.pairwise_heatmap(np.zeros((0, 0)))
