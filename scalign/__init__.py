@@ -7,6 +7,7 @@ RMSD = Frobenius norm of the residual / sqrt(n_points).
 from scalign.align import align
 from scalign.ensemble import make_ensemble, validate_ensemble
 from scalign.execution import gpu_available, run, scheduler
+from scalign.icp import ICPInfo, icp
 from scalign.io import load_ensemble, open_ensemble, save_zarr
 from scalign.kernels.kabsch import Superposition, apply_transform, rmsd, superpose
 from scalign.pairwise import pairwise_rmsd
@@ -29,6 +30,7 @@ from scalign.synthetic import helix, helix_ensemble
 __version__ = "0.1.0"
 
 __all__ = [
+    "ICPInfo",
     "Superposition",
     "Transform",
     "align",
@@ -37,6 +39,7 @@ __all__ = [
     "gpu_available",
     "helix",
     "helix_ensemble",
+    "icp",
     "iteratively_reweighted_procrustes",
     "kabsch",
     "load_ensemble",

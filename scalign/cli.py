@@ -15,7 +15,8 @@ import xarray as xr
 from scalign.align import align
 from scalign.ensemble import STRUCTURE
 from scalign.execution import SCHEDULER_ENV, run, scheduler, to_device
-from scalign.io import load_ensemble, open_ensemble, save_zarr
+from scalign.icp import icp
+from scalign.io import load_ensemble, load_points, open_ensemble, save_zarr
 from scalign.pairwise import pairwise_rmsd
 from scalign.procrustes import ROBUST_LOSSES, rotation_angle
 from scalign.synthetic import helix_ensemble
@@ -211,6 +212,49 @@ def cmd_rmsd(args) -> int:
     return 0
 
 
+def cmd_icp(args) -> int:
+    out = None if args.out is None else Path(args.out)
+    if out is not None and out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    source, target = load_points(args.source, args.key), load_points(args.target, args.key)
+    t0 = time.perf_counter()
+    aligned, R, t, info = icp(
+        source,
+        target,
+        max_iterations=args.max_iterations,
+        tolerance=args.tolerance,
+        trim=args.trim,
+        scale=args.scale,
+    )
+    seconds = time.perf_counter() - t0
+    rows = [
+        ("points", f"{len(source):,} source, {len(target):,} target, {source.shape[1]}-D"),
+        ("rotation", f"{float(rotation_angle(np.eye(len(R)), R)):.4g}° from the identity"),
+        ("translation", np.array2string(t, precision=4)),
+        ("scale", f"{info.scale:.6g}"),
+        ("fitness", f"{info.fitness:.4f} (within {info.max_correspondence_distance:.4g})"),
+        ("inlier rmse", f"{info.inlier_rmse:.4g}"),
+        ("iterations", f"{info.iterations} ({'converged' if info.converged else 'not converged'})"),
+        ("time", f"{seconds:.2f} s"),
+    ]
+    if out is not None:
+        with open(out, "wb") as f:
+            np.savez(
+                f,
+                aligned=aligned,
+                rotation=R,
+                translation=t,
+                scale=info.scale,
+                transformation=info.transformation,
+                correspondences=info.correspondences,
+                fitness=info.fitness,
+                inlier_rmse=info.inlier_rmse,
+            )
+        rows.append(("output", str(out)))
+    print(_table("scalign icp: summary", rows))
+    return 0
+
+
 def cmd_import(args) -> int:
     ds = load_ensemble(args.file, key=args.key, weights=args.weights, chunks=args.chunks)
     save_zarr(
@@ -330,6 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--quiet", action="store_true", help="no progress bar")
     _cluster_args(rm, local_default=False)
     rm.set_defaults(func=cmd_rmsd)
+
+    ic = sub.add_parser(
+        "icp", help="register an unpaired point cloud SRC onto TGT (global search + ICP)"
+    )
+    ic.add_argument("source", metavar="SRC", help=".npy, .npz or text file of (n, d) points")
+    ic.add_argument("target", metavar="TGT")
+    ic.add_argument("--key", help="array name in .npz files")
+    ic.add_argument("--trim", type=float, help="fraction of closest pairs kept (trimmed ICP)")
+    ic.add_argument("--scale", action="store_true", help="fit an isotropic scale")
+    ic.add_argument("--max-iterations", type=int, default=50)
+    ic.add_argument("--tolerance", type=float, default=1e-7)
+    ic.add_argument("--out", metavar="FILE.npz", help="write the aligned cloud and transform")
+    ic.add_argument("--overwrite", action="store_true", help="replace FILE.npz if it exists")
+    ic.set_defaults(func=cmd_icp)
 
     imp = sub.add_parser("import", help="convert a .npy/.npz ensemble into a zarr store")
     imp.add_argument("file", metavar="FILE")

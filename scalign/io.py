@@ -185,3 +185,30 @@ def load_ensemble(
             ):
                 ds[name] = ("point", arr)
     return ds
+
+
+def load_points(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
+    """One point cloud ``(n, d)`` from ``.npy``, ``.npz`` (array ``key``, or the only 2-D
+    one), or a text file of one point per row (``.csv``: commas; otherwise whitespace)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no point file at {path}")
+    if path.suffix == ".npy":
+        points = np.load(path, allow_pickle=False)
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            if key is None:
+                planar = [k for k in data.files if data[k].ndim == 2]
+                if len(planar) != 1:
+                    raise ValueError(
+                        f"{path} holds {len(planar)} 2-D arrays ({planar}): name one with --key"
+                    )
+                key = planar[0]
+            if key not in data.files:
+                raise ValueError(f"{path} has no array {key!r} (arrays: {data.files})")
+            points = data[key]
+    else:
+        points = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    if points.ndim != 2:
+        raise ValueError(f"{path}: a point cloud must have shape (n_points, d), got {points.shape}")
+    return points

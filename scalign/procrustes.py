@@ -19,6 +19,7 @@ from scalign.validation import (
     as_points,
     as_weights,
     check_enough_points,
+    check_iterations,
     check_option,
     check_pair,
     check_spread,
@@ -132,15 +133,6 @@ def rotation_angle(R1: ArrayLike, R2: ArrayLike, *, degrees: bool = True) -> np.
     return np.degrees(angle) if degrees else angle
 
 
-def _check_iterations(max_iterations: int, tol: float) -> None:
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int | np.integer):
-        raise TypeError(f"max_iterations must be a positive integer, got {max_iterations!r}")
-    if max_iterations < 1:
-        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}")
-    if not (np.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-
-
 def iteratively_reweighted_procrustes(
     X: ArrayLike,
     Y: ArrayLike,
@@ -173,7 +165,7 @@ def iteratively_reweighted_procrustes(
     construction.
     """
     check_option("robust_loss", robust_loss, ROBUST_LOSSES)
-    _check_iterations(max_iterations, tol)
+    check_iterations(max_iterations, tol)
     X, Y, prior = _checked(X, Y, weights)
     result = irls_superpose(
         X,

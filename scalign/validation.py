@@ -5,6 +5,8 @@ Every check raises ``ValueError`` or ``TypeError`` naming the variable and what 
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -92,3 +94,15 @@ def check_chunks(chunks: int | None) -> None:
         raise TypeError(f"chunks must be a positive integer, got {chunks!r}")
     if chunks < 1:
         raise ValueError(f"chunks must be a positive integer, got {chunks}")
+
+
+def check_iterations(max_iterations: int, tol: float, tol_name: str = "tol") -> None:
+    """An iteration budget (a positive integer) and a tolerance (positive, finite)."""
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int | np.integer):
+        raise TypeError(f"max_iterations must be a positive integer, got {max_iterations!r}")
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}")
+    if isinstance(tol, bool | np.bool_) or not isinstance(tol, Real):
+        raise TypeError(f"{tol_name} must be a positive number, got {tol!r}")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"{tol_name} must be a positive finite number, got {tol!r}")

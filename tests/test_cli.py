@@ -209,3 +209,22 @@ def test_rmsd_writes_the_pairwise_matrix(store, tmp_path, capsys):
     out2 = tmp_path / "cross.zarr"
     assert main(["rmsd", str(store), str(out2), "--other", str(other), "--weights", "masses"]) == 0
     assert xr.open_zarr(out2, consolidated=False)["rmsd"].shape == (500, 7)
+
+
+def test_icp_registers_point_files(tmp_path, capsys):
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(size=(300, 3)) * [3, 1, 0.5], rng.normal(size=(200, 3)) + 4])
+    R = Rotation.from_rotvec([0.3, -0.2, 2.5]).as_matrix()
+    np.save(tmp_path / "src.npy", X[rng.permutation(len(X))] @ R.T + 5.0)
+    np.savetxt(tmp_path / "tgt.csv", X, delimiter=",")
+    out = tmp_path / "reg.npz"
+    args = ["icp", str(tmp_path / "src.npy"), str(tmp_path / "tgt.csv"), "--out", str(out)]
+    assert main(args) == 0
+    assert "fitness      1.0000" in capsys.readouterr().out
+    with np.load(out) as reg:
+        np.testing.assert_allclose(reg["rotation"], R.T, atol=1e-8)
+    assert main(args) == 2  # exists, no --overwrite
+    assert main(["icp", str(tmp_path / "src.npy"), str(tmp_path / "tgt.csv"), "--trim", "2"]) == 2
+    assert "trim must be in (0, 1]" in capsys.readouterr().err

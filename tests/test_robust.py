@@ -127,7 +127,7 @@ def test_batched_kernel_gives_nan_for_a_nan_item_only():
     [
         ({"robust_loss": "cauchy"}, "unknown robust_loss 'cauchy'"),
         ({"max_iterations": 0}, "max_iterations must be a positive integer"),
-        ({"tol": -1.0}, "tol must be a positive number"),
+        ({"tol": -1.0}, "tol must be a positive finite number"),
         ({"weights": -np.ones(300)}, "weights has negative values"),
     ],
 )
