@@ -28,10 +28,23 @@ def test_adk_trajectory_example(adk):
     assert "C-alpha RMSD to frame 0: first 0.000 Å, last 6.81" in out
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch):
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README, in order, in one namespace."""
     readme = (EXAMPLES.parent / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
+    assert len(blocks) == 2
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["rmsd"] < 1.0 and (tmp_path / "aligned.zarr").is_dir()
+    assert (tmp_path / "rmsd.zarr").is_dir() and 0 < namespace["info"].fitness <= 1
+
+
+def test_robust_pairwise_icp_example(tmp_path):
+    out = run_example("robust_pairwise_icp.py", "400", "--plot", str(tmp_path / "fig.png"))
+    robust = float(out.split("Tukey IRLS: rotation error median ")[1].split("°")[0])
+    plain = float(out.split("plain Kabsch: rotation error median ")[1].split("°")[0])
+    assert robust < 0.2 < plain
+    assert "pairwise RMSD (400, 400)" in out and (tmp_path / "fig.png").stat().st_size > 0
+    assert float(out.split("ICP: rotation error ")[1].split("°")[0]) < 0.5
