@@ -11,18 +11,23 @@ import xarray as xr
 
 from scalign._array import namespace
 from scalign.ensemble import POINT, SPACE, STRUCTURE, ensemble_variable, validate_ensemble
+from scalign.kernels.coarsen import block_means
 from scalign.kernels.kabsch import apply_transform, rmsd, superpose
 from scalign.kernels.robust import TUNING, irls_superpose
 from scalign.mapping import map_batch
-from scalign.validation import as_points, as_weights, check_option
+from scalign.validation import as_points, as_weights, check_factor, check_option
 
 log = logging.getLogger(__name__)
 
 REFERENCE_OPTIONS = ("first", "mean")
+#: The dim of a coarsened reference's points (``align(..., coarsen=f)``).
+BEAD = "bead"
 ROBUST_LOSSES = tuple(TUNING)
 
 
-def _align_chunk(X, Y, *weights, scale: bool, reflection: bool, aligned: bool, robust):
+def _align_chunk(
+    X, Y, *weights, scale: bool, reflection: bool, aligned: bool, robust, factor: int | None
+):
     w = weights[0] if weights else None
     if w is not None:
         xp = namespace(w)
@@ -30,17 +35,21 @@ def _align_chunk(X, Y, *weights, scale: bool, reflection: bool, aligned: bool, r
         # (negative or non-finite) makes that structure's results NaN, like a NaN coordinate.
         bad = xp.any((w < 0) | ~xp.isfinite(w), axis=-1, keepdims=True)
         w = xp.where(bad, xp.nan, w)
+    moving = X
+    if factor is not None:
+        # Fit the beads, each weighted by its block weight; move the full structure.
+        moving, w = block_means(X, factor, w)
     if robust is None:
-        fit, extra = superpose(X, Y, w, scale=scale, reflection=reflection), ()
+        fit, extra = superpose(moving, Y, w, scale=scale, reflection=reflection), ()
     else:
-        result = irls_superpose(X, Y, w, loss=robust, scale=scale, reflection=reflection)
+        result = irls_superpose(moving, Y, w, loss=robust, scale=scale, reflection=reflection)
         fit, extra = result.fit, (result.weights, result.iterations)
     if not aligned:
         return (*fit, *extra)
     return (apply_transform(X, fit.rotation, fit.translation, fit.scale), *fit, *extra)
 
 
-def _outputs(dtype, aligned: bool, robust) -> dict[str, tuple[tuple[str, ...], Any]]:
+def _outputs(dtype, aligned: bool, robust, fitted: str) -> dict[str, tuple[tuple[str, ...], Any]]:
     coordinates = {"aligned": ((POINT, SPACE), dtype)} if aligned else {}
     fit = {
         "rotation": (("row", "col"), np.float64),
@@ -54,7 +63,7 @@ def _outputs(dtype, aligned: bool, robust) -> dict[str, tuple[tuple[str, ...], A
     return (
         coordinates
         | fit
-        | {"robust_weights": ((POINT,), np.float64), "robust_iterations": ((), np.int64)}
+        | {"robust_weights": ((fitted,), np.float64), "robust_iterations": ((), np.int64)}
     )
 
 
@@ -66,9 +75,11 @@ def _fit_to(
     reflection,
     aligned=True,
     robust=None,
+    factor=None,
 ):
-    ref = xr.DataArray(reference, dims=(POINT, SPACE))
-    inputs, core = [coords, ref], [[POINT, SPACE], [POINT, SPACE]]
+    fitted = POINT if factor is None else BEAD
+    ref = xr.DataArray(reference, dims=(fitted, SPACE))
+    inputs, core = [coords, ref], [[POINT, SPACE], [fitted, SPACE]]
     if weights is not None:
         inputs.append(weights)
         core.append([POINT])
@@ -77,9 +88,15 @@ def _fit_to(
         _align_chunk,
         inputs,
         core,
-        _outputs(coords.dtype, aligned, robust),
+        _outputs(coords.dtype, aligned, robust, fitted),
         sizes={"row": d, "col": d},
-        kwargs={"scale": scale, "reflection": reflection, "aligned": aligned, "robust": robust},
+        kwargs={
+            "scale": scale,
+            "reflection": reflection,
+            "aligned": aligned,
+            "robust": robust,
+            "factor": factor,
+        },
     )
 
 
@@ -110,7 +127,7 @@ def _resolve_weights(ds: xr.Dataset, weights) -> xr.DataArray | None:
     )
 
 
-def _resolve_reference(coords: xr.DataArray, reference) -> np.ndarray:
+def _resolve_reference(coords: xr.DataArray, reference, expected: str = "") -> np.ndarray:
     n_structures = coords.sizes[STRUCTURE]
     if isinstance(reference, bool):
         raise TypeError("reference must be an index, an array, 'first' or 'mean', not a bool")
@@ -128,8 +145,33 @@ def _resolve_reference(coords: xr.DataArray, reference) -> np.ndarray:
     ref = as_points(name, reference.values if isinstance(reference, xr.DataArray) else reference)
     n, d = coords.sizes[POINT], coords.sizes[SPACE]
     if ref.shape != (n, d):
-        raise ValueError(f"{name} must have shape ({n}, {d}) like one structure, got {ref.shape}")
+        raise ValueError(
+            f"{name} must have shape {expected} ({n}, {d}) like one structure, got {ref.shape}"
+            if expected
+            else f"{name} must have shape ({n}, {d}) like one structure, got {ref.shape}"
+        )
     return ref.astype(np.float64)
+
+
+def _coarse_reference(coords: xr.DataArray, reference, factor: int, weights) -> np.ndarray:
+    """The bead-level reference of ``align(..., coarsen=factor)``.
+
+    An array with ``ceil(n / factor)`` points is used as given (a low-resolution
+    structure); a structure index or a full-resolution array is coarsened like the
+    structures are (block means, with the point weights).
+    """
+    n, d = coords.sizes[POINT], coords.sizes[SPACE]
+    blocks = -(-n // factor)
+    if isinstance(reference, np.ndarray | xr.DataArray | list | tuple):
+        given = as_points("reference", np.asarray(reference))
+        if given.shape == (blocks, d):
+            return given.astype(np.float64)
+    ref = _resolve_reference(coords, reference, expected=f"({blocks}, {d}) beads or")
+    if weights is not None and STRUCTURE in weights.dims:
+        index = int(reference) if isinstance(reference, numbers.Integral) else 0
+        weights = weights.isel({STRUCTURE: index})
+    w = None if weights is None else np.asarray(weights.values, dtype=np.float64)
+    return block_means(ref, factor, w)[0]
 
 
 def _centred_size(Y: np.ndarray) -> float:
@@ -220,6 +262,7 @@ def align(
     max_iterations: int = 100,
     aligned: bool = True,
     robust: str | None = None,
+    coarsen: int | None = None,
 ) -> xr.Dataset:
     """Superpose every structure of an ensemble onto a reference, lazily.
 
@@ -253,6 +296,14 @@ def align(
         (prior weights times robust weights) and ``robust_iterations``; ``rmsd`` and ``r2``
         are then weighted by the final weights. With ``reference="mean"`` the mean is
         robust too (each point weighted by the structures' robust weights).
+    coarsen : int, optional
+        Cross-resolution alignment onto a low-resolution reference: each structure is
+        coarsened to ``ceil(n / coarsen)`` beads (block means of consecutive points, a
+        shorter last block; :func:`scalign.coarsen`), the fit is made between the beads
+        and the reference (each bead weighted by its block weight) and applied to the
+        full-resolution structure. ``reference`` is then a ``(beads, space)`` array, or a
+        structure index or full-resolution array that is coarsened the same way; the
+        output's ``reference`` (and ``robust_weights``) are over ``bead``.
 
     Returns
     -------
@@ -272,15 +323,24 @@ def align(
         check_option("reference", reference, REFERENCE_OPTIONS)
     if robust is not None:
         check_option("robust", robust, ROBUST_LOSSES)
-    if isinstance(reference, str) and reference == "mean":
+    if coarsen is not None:
+        check_factor(coarsen, "coarsen")
+        if isinstance(reference, str) and reference == "mean":
+            raise ValueError(
+                "reference='mean' cannot be combined with coarsen: give a low-resolution "
+                "reference array or a structure index"
+            )
+        ref = _coarse_reference(coords, reference, coarsen, w)
+    elif isinstance(reference, str) and reference == "mean":
         ref, report = _generalized_reference(
             coords, w, scale, reflection, tol, max_iterations, robust
         )
         attrs.update(report)
     else:
         ref = _resolve_reference(coords, reference)
-    out = xr.Dataset(_fit_to(coords, ref, w, scale, reflection, aligned, robust), attrs=attrs)
-    out["reference"] = ((POINT, SPACE), ref)
+    fit = _fit_to(coords, ref, w, scale, reflection, aligned, robust, coarsen)
+    out = xr.Dataset(fit, attrs=attrs)
+    out["reference"] = ((POINT if coarsen is None else BEAD, SPACE), ref)
     out.attrs.update(
         scalign_reference=str(reference)
         if not isinstance(reference, np.ndarray | xr.DataArray)
@@ -288,6 +348,7 @@ def align(
         scalign_scale=bool(scale),
         scalign_reflection=bool(reflection),
         scalign_robust=robust or "none",
+        scalign_coarsen=coarsen or 1,
         scalign_weights=weights
         if isinstance(weights, str)
         else ("none" if weights is None else "array"),

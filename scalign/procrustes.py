@@ -13,12 +13,14 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
+from scalign.kernels.coarsen import block_means
 from scalign.kernels.kabsch import apply_transform, superpose
 from scalign.kernels.robust import TUNING, irls_superpose
 from scalign.validation import (
     as_points,
     as_weights,
     check_enough_points,
+    check_factor,
     check_iterations,
     check_option,
     check_pair,
@@ -189,16 +191,10 @@ def coarsen(X: ArrayLike, factor: int, weights: ArrayLike | None = None):
     Each block's position is the (weighted) mean of its points and its weight is the sum
     of their weights (their count without weights), so a short last block weighs less.
     """
-    X = np.asarray(X, dtype=np.float64)
-    n, d = X.shape[-2:]
-    blocks = -(-n // factor)
-    w = np.ones(X.shape[:-1]) if weights is None else np.broadcast_to(weights, X.shape[:-1])
-    pad = blocks * factor - n
-    padding = [(0, 0)] * (X.ndim - 2) + [(0, pad)]
-    Xp = np.pad(X * w[..., None], padding + [(0, 0)]).reshape(X.shape[:-2] + (blocks, factor, d))
-    wp = np.pad(w, padding).reshape(w.shape[:-1] + (blocks, factor))
-    block_weights = wp.sum(axis=-1)
-    return Xp.sum(axis=-2) / block_weights[..., None], block_weights
+    X = as_points("X", X)
+    check_factor(factor)
+    w = None if weights is None else as_weights("weights", weights, X.shape[-2])
+    return block_means(X, factor, w)
 
 
 def multiscale_procrustes(
@@ -233,10 +229,7 @@ def multiscale_procrustes(
         and "robust", with the final weights).
     """
     check_option("method", method, MULTISCALE_METHODS)
-    if isinstance(scale_factor, bool) or not isinstance(scale_factor, int | np.integer):
-        raise TypeError(f"scale_factor must be a positive integer, got {scale_factor!r}")
-    if scale_factor < 1:
-        raise ValueError(f"scale_factor must be a positive integer, got {scale_factor}")
+    check_factor(scale_factor, "scale_factor")
     low = as_points("low_res", low_res)
     high = as_points("high_res", high_res)
     n, d = high.shape[-2:]
@@ -250,7 +243,7 @@ def multiscale_procrustes(
             f"{scale_factor} it needs ceil({n}/{scale_factor}) = {blocks}"
         )
     check_enough_points("low_res", blocks, d)
-    beads, block_weights = coarsen(high, scale_factor, w)
+    beads, block_weights = block_means(high, scale_factor, w)
     check_spread("coarsened high_res", beads)
     if method == "robust":
         check_option("robust_loss", robust_loss, ROBUST_LOSSES)

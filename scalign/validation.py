@@ -106,3 +106,11 @@ def check_iterations(max_iterations: int, tol: float, tol_name: str = "tol") -> 
         raise TypeError(f"{tol_name} must be a positive number, got {tol!r}")
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"{tol_name} must be a positive finite number, got {tol!r}")
+
+
+def check_factor(factor: int, name: str = "factor") -> None:
+    """A coarsening factor: a positive integer."""
+    if isinstance(factor, bool) or not isinstance(factor, int | np.integer):
+        raise TypeError(f"{name} must be a positive integer, got {factor!r}")
+    if factor < 1:
+        raise ValueError(f"{name} must be a positive integer, got {factor}")

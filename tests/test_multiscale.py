@@ -105,3 +105,57 @@ def test_robust_method_ignores_outlying_beads():
 def test_bad_input_gets_clear_errors(args, kwargs, exc, message):
     with pytest.raises(exc, match=message):
         multiscale_procrustes(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# the ensemble op: scalign.align(..., coarsen=f)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ens():
+    return scalign.helix_ensemble(90, 103, noise=0.0, chunks=40, seed=3, dtype=np.float64)
+
+
+def test_align_coarsen_recovers_known_transforms_at_full_resolution(ens):
+    low = coarsen(ens["reference"].values, 4)[0]
+    out = scalign.align(ens, low, coarsen=4).compute()
+    assert out["reference"].dims == ("bead", "space") and out.sizes["bead"] == 26
+    assert out["aligned"].shape == (90, 103, 3)
+    np.testing.assert_allclose(out["rotation"].values, ens["true_rotation"].values, atol=1e-6)
+    np.testing.assert_allclose(
+        out["aligned"].values, np.broadcast_to(ens["reference"].values, (90, 103, 3)), atol=1e-6
+    )
+
+
+def test_align_coarsen_equals_the_pair_level_weighted_method():
+    noisy = scalign.helix_ensemble(30, 103, noise=0.3, chunks=10, seed=4)
+    low = coarsen(noisy["reference"].values, 4)[0]
+    out = scalign.align(noisy, low, coarsen=4).compute()
+    for i in (0, 17):
+        aligned, R, error = multiscale_procrustes(low, noisy["coords"].values[i], 4, "weighted")
+        np.testing.assert_allclose(out["rotation"].values[i], R, atol=1e-10)
+        np.testing.assert_allclose(out["aligned"].values[i], aligned, atol=1e-4)  # float32 out
+        assert out["rmsd"].values[i] == pytest.approx(error, rel=1e-6)
+
+
+def test_align_coarsen_to_a_structure_index_with_robust_weights(ens):
+    out = scalign.align(ens, 0, coarsen=5, robust="huber").compute()
+    expected = coarsen(ens["coords"].values[0], 5)[0]
+    np.testing.assert_allclose(out["reference"].values, expected, atol=1e-12)
+    assert out["robust_weights"].dims == ("structure", "bead")
+    assert float(out["rmsd"].max()) < 1e-6 and out.attrs["scalign_coarsen"] == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"reference": "mean", "coarsen": 4}, ValueError, "cannot be combined with coarsen"),
+        ({"reference": np.zeros((25, 3)), "coarsen": 4}, ValueError, r"\(26, 3\) beads or"),
+        ({"reference": 0, "coarsen": 0}, ValueError, "coarsen must be a positive integer"),
+        ({"reference": 0, "coarsen": 1.5}, TypeError, "coarsen must be a positive integer"),
+    ],
+)
+def test_align_coarsen_bad_input(ens, kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        scalign.align(ens, **kwargs)
