@@ -133,30 +133,46 @@ def irls_superpose(
     xp = namespace(X, Y, weights)
     c = TUNING[loss] if tuning is None else float(tuning)
     X, Y = xp.asarray(X), xp.asarray(Y)
-    n = X.shape[-2]
-    batch = X.shape[:-2]
+    batch, (n, d) = X.shape[:-2], X.shape[-2:]
+    # One float64 copy for all iterations (each fit would cast again); items flattened so
+    # that the unsettled ones can be gathered.
+    X = xp.reshape(xp.astype(X, xp.float64), (-1, n, d))
+    shared = Y.ndim == 2
+    Y = xp.astype(Y, xp.float64) if shared else xp.reshape(xp.astype(Y, xp.float64), (-1, n, d))
+    B = X.shape[0]
     prior = xp.ones((n,), dtype=xp.float64) if weights is None else xp.asarray(weights)
-    prior = xp.astype(xp.broadcast_to(prior, batch + (n,)), xp.float64)
-    fit = superpose(X, Y, weights, scale=scale, reflection=reflection)
-    size = xp.sqrt(xp.sum(xp.astype(Y, xp.float64) ** 2, axis=(-2, -1)) / n)
-    w = prior
-    iterations = xp.zeros(batch, dtype=xp.int64)
-    done = xp.zeros(batch, dtype=xp.bool)
+    prior = xp.reshape(xp.astype(xp.broadcast_to(prior, batch + (n,)), xp.float64), (B, n))
+    fit = [
+        xp.asarray(a, copy=True)
+        for a in superpose(X, Y, weights, scale=scale, reflection=reflection)
+    ]
+    size = xp.sqrt(xp.sum(Y * Y, axis=(-2, -1)) / n)
+    w = xp.asarray(prior, copy=True)
+    iterations = xp.zeros((B,), dtype=xp.int64)
+    done = xp.zeros((B,), dtype=xp.bool)
     with np.errstate(invalid="ignore", divide="ignore"):
         for _ in range(max_iterations):
-            r = residual_norms(X, Y, fit)
-            sigma = xp.maximum(_MAD_TO_SIGMA * _median(xp, r), _SIGMA_FLOOR * size)
-            new = prior * robust_weight(xp, r / sigma[..., None], loss, c)
-            # Settled items keep their weights, so that an item's result does not depend
-            # on how long the rest of its batch iterates.
-            new = xp.where(done[..., None], w, new)
-            change = xp.max(xp.abs(new - w), axis=-1)
-            iterations = xp.where(done, iterations, iterations + 1)
-            done = done | (change <= tol) | ~xp.isfinite(change)
-            w = new
-            fit = superpose(X, Y, w, scale=scale, reflection=reflection)
-            if bool(xp.all(done)):
+            # Only unsettled items iterate: a settled item keeps its weights and fit, so
+            # its result does not depend on how long the rest of its batch iterates.
+            idx = xp.nonzero(~done)[0]
+            if idx.shape[0] == 0:
                 break
+            Xa, Ya = X[idx], (Y if shared else Y[idx])
+            r = residual_norms(Xa, Ya, Superposition(*(a[idx] for a in fit)))
+            scale_a = size if shared else size[idx]
+            sigma = xp.maximum(_MAD_TO_SIGMA * _median(xp, r), _SIGMA_FLOOR * scale_a)
+            new = prior[idx] * robust_weight(xp, r / sigma[:, None], loss, c)
+            change = xp.max(xp.abs(new - w[idx]), axis=-1)
+            iterations[idx] += 1
+            done[idx] = (change <= tol) | ~xp.isfinite(change)
+            w[idx] = new
+            refit = superpose(Xa, Ya, new, scale=scale, reflection=reflection)
+            for full, part in zip(fit, refit, strict=True):
+                full[idx] = part
+    shapes = (batch + (d, d), batch + (d,), batch, batch, batch)
+    fit = Superposition(*(xp.reshape(a, shape) for a, shape in zip(fit, shapes, strict=True)))
     finite = xp.isfinite(fit.rmsd)
+    w = xp.reshape(w, batch + (n,))
+    iterations, done = xp.reshape(iterations, batch), xp.reshape(done, batch)
     converged = done & finite
     return RobustSuperposition(fit, xp.where(finite[..., None], w, xp.nan), iterations, converged)
