@@ -24,26 +24,21 @@ Run:  python benchmarks/bench_align.py            # N = 10,000 x n = 1,000 (~1-2
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import _report as report
 import dask.array as da
 import numpy as np
 import xarray as xr
+from _report import Row, best_time, fmt_rate, status
 
 import scalign
 from scalign.kernels.kabsch import apply_transform, superpose
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "adk_dims.npz"
 
 TARGET_RMSD = 1.5e6  # structures/s, RMSD-to-reference kernel
 TARGET_SUPERPOSE = 5e5  # structures/s, superposition with aligned coordinates written
@@ -51,113 +46,12 @@ TARGET_SUPERPOSE = 5e5  # structures/s, superposition with aligned coordinates w
 # The two anchors: every other row of the same kind is compared with these.
 ANCHOR = {"rmsd": "scalign.rmsd", "superpose": "scalign.superpose"}
 
-
-# --------------------------------------------------------------------------------------
-# timing
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    key: str  # stable id used by the ratio lines
-    method: str  # label printed in the table
-    kind: str  # "rmsd", "superpose" (compared with the anchor of that kind) or "context"
-    times: list[float]  # seconds of each timed run
-    timed: int  # structures per timed run
-    note: str = ""
-    seconds: float = field(init=False)
-    rate: float = field(init=False)  # structures/s from the best run
-
-    def __post_init__(self):
-        self.seconds = min(self.times)
-        self.rate = self.timed / self.seconds
-
-
-def best_time(
-    fn: Callable[[], object],
-    repeat: int,
-    *,
-    setup: Callable[[], object] | None = None,
-    warmup: bool = True,
-) -> list[float]:
-    """Wall times (``time.perf_counter``) of ``repeat`` calls of ``fn``, after one untimed
-    warm-up call; ``setup`` runs, untimed, before each call (warm-up included)."""
-    times = []
-    for i in range(repeat + (1 if warmup else 0)):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        if i > 0 or not warmup:
-            times.append(dt)
-    return times
-
-
-def fmt_rate(rate: float) -> str:
-    if rate >= 1e6:
-        return f"{rate / 1e6:.2f}M"
-    if rate >= 1e3:
-        return f"{rate / 1e3:.1f}k"
-    return f"{rate:.0f}"
-
-
-def status(rate: float, target: float) -> str:
-    return "met" if rate >= target else "not met"
-
-
-# --------------------------------------------------------------------------------------
-# data and environment
-# --------------------------------------------------------------------------------------
-
-
-def load_data(path: Path, n_structures: int, n_points: int, noise: float, seed: int):
-    """``(X (N, n, 3) float32, masses (n,), frames in the file)``."""
-    with np.load(path) as data:
-        frames = np.asarray(data["coords"], dtype=np.float32)  # (98, 3341, 3) Angstrom
-        masses = np.asarray(data["masses"], dtype=np.float64)
-    if n_points > frames.shape[1]:
-        raise SystemExit(f"--points {n_points}: the trajectory has {frames.shape[1]} atoms")
-    frames = frames[:, :n_points]
-    reps = -(-n_structures // frames.shape[0])
-    X = np.tile(frames, (reps, 1, 1))[:n_structures]
-    rng = np.random.default_rng(seed)
-    X += rng.normal(0.0, noise, size=X.shape).astype(np.float32)
-    return np.ascontiguousarray(X), masses[:n_points], frames.shape[0]
-
-
-def print_environment() -> None:
-    import dask
-    import zarr
-
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?"
-            )
-    except OSError:
-        pass
-    print(
-        f"python {platform.python_version()} on {platform.machine()}, {cpu}, "
-        f"{os.cpu_count()} logical CPUs (affinity: {len(os.sched_getaffinity(0))})"
-    )
-    print(
-        f"numpy {np.__version__}, scalign {scalign.__version__}, dask {dask.__version__}, "
-        f"xarray {xr.__version__}, zarr {zarr.__version__}"
-    )
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        print("  BLAS: (threadpoolctl not installed)")
-        return
-    for info in threadpool_info():
-        if info.get("user_api") == "blas":
-            print(
-                f"  BLAS: {info.get('internal_api')} {info.get('version')} "
-                f"({info.get('architecture', '?')}, {info.get('threading_layer', '?')}), "
-                f"{info.get('num_threads')} threads  [{Path(info['filepath']).name}]"
-            )
+# The --skip-* flags of this benchmark's own rows (with --skip-mdtraj, --skip-mdanalysis).
+SKIPS = [
+    ("--skip-op", "skip the zarr->zarr op rows"),
+    ("--skip-local", "skip the LocalCluster row"),
+    ("--skip-context", "skip the memory-floor and op-part rows"),
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -274,10 +168,6 @@ def bench_floors(X, repeat, rows) -> None:
     )
 
 
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def bench_scalign_op(X, repeat, chunk, tmp: Path, rows, checks, *, local: bool, parts: bool):
     """open_ensemble -> align(reference=0) -> save_zarr, to a fresh output store per run."""
     N = X.shape[0]
@@ -287,7 +177,7 @@ def bench_scalign_op(X, repeat, chunk, tmp: Path, rows, checks, *, local: bool, 
         t0 = time.perf_counter()
         scalign.save_zarr(scalign.make_ensemble(X, chunks=chunk), src, overwrite=True)
         print(
-            f"  wrote the input store ({dir_size(src) / 2**20:.0f} MiB on disk, chunks of "
+            f"  wrote the input store ({report.dir_size(src) / 2**20:.0f} MiB on disk, chunks of "
             f"{chunk} structures) in {time.perf_counter() - t0:.1f} s (untimed)"
         )
     runs = iter(range(10**6))
@@ -318,7 +208,7 @@ def bench_scalign_op(X, repeat, chunk, tmp: Path, rows, checks, *, local: bool, 
             if i < repeat:
                 shutil.rmtree(state["dst"], ignore_errors=True)
     last = state["dst"]
-    out_mib = dir_size(last) / 2**20
+    out_mib = report.dir_size(last) / 2**20
     rows.append(
         Row(
             f"op.{label}",
@@ -368,15 +258,11 @@ def bench_scalign_op(X, repeat, chunk, tmp: Path, rows, checks, *, local: bool, 
 def bench_mdtraj(X, repeat, rows, checks) -> None:
     import mdtraj as md
 
-    N, n, _ = X.shape
-    top = md.Topology()
-    chain = top.add_chain()
-    for _ in range(n):
-        top.add_atom("CA", md.element.carbon, top.add_residue("GLY", chain))
+    N = X.shape[0]
     # mdtraj works in nm; the Angstrom values are just taken as nm (no effect on timing).
     # md.rmsd(traj, traj, 0) centres traj.xyz IN PLACE (documented) and superpose edits it
     # too, so every timed call gets a fresh copy of the pristine coordinates (untimed).
-    pristine = md.Trajectory(X.copy(), top)
+    pristine = report.mdtraj_trajectory(X)
     out, state = {}, {}
 
     def fresh():
@@ -441,43 +327,18 @@ def bench_mdtraj(X, repeat, rows, checks) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def frames_within(run_on: Callable[[int], float], N: int, budget: float, probe: int) -> int:
-    """Frames to time so that one run takes at most about ``budget`` seconds.
-
-    ``run_on(m)`` runs the method on ``m`` frames and returns its seconds; this probe run
-    doubles as the warm-up.
-    """
-    m = min(N, probe)
-    rate = m / max(run_on(m), 1e-9)
-    return N if rate * budget >= N else max(m, int(rate * budget))
-
-
-def subset_note(m: int, N: int, note: str) -> str:
-    return note if m == N else f"{note}; SUBSET: {m:,} of {N:,} frames"
-
-
 def bench_mdanalysis(X, masses, repeat, budget, rows, checks) -> None:
-    import MDAnalysis as mda
     from MDAnalysis.analysis import align as mda_align
     from MDAnalysis.analysis import rms as mda_rms
-    from MDAnalysis.coordinates.memory import MemoryReader
     from MDAnalysis.lib import qcprot
 
     N, n, _ = X.shape
     probe = min(N, 500)
-
-    def universe(coords):
-        u = mda.Universe.empty(n, trajectory=True)
-        u.add_TopologyAttr("masses", masses)  # rms.RMSD reads masses even when unweighted
-        u.load_new(coords, format=MemoryReader)  # the reader keeps (AlignTraj edits) coords
-        return u
-
-    ref_u = universe(X[:1].copy())
+    ref_u = report.mda_universe(X[:1].copy(), masses)
 
     def timed_row(run_on, key: str, label: str, kind: str, note: str) -> None:
-        m = frames_within(run_on, N, budget, probe)
-        times = [run_on(m) for _ in range(repeat)]
-        rows.append(Row(key, label, kind, times, m, note=subset_note(m, N, note)))
+        m, times = report.timed_within(run_on, N, budget, probe, repeat)
+        rows.append(Row(key, label, kind, times, m, note=report.subset_note(m, N, note)))
 
     # lib.qcprot per frame; it expects centred coordinates (centred in float64 here, as
     # MDAnalysis.analysis.rms.rmsd does) and returns the RMSD and the rotation.
@@ -507,7 +368,7 @@ def bench_mdanalysis(X, masses, repeat, budget, rows, checks) -> None:
     checks["mda_qcprot_rmsd"] = state["qcp"]
 
     def rmsd_run(m):
-        u = universe(X[:m].copy())
+        u = report.mda_universe(X[:m].copy(), masses)
         t0 = time.perf_counter()
         state["R"] = mda_rms.RMSD(u, ref_u, select="all").run()
         return time.perf_counter() - t0
@@ -522,7 +383,7 @@ def bench_mdanalysis(X, masses, repeat, budget, rows, checks) -> None:
     checks["mda_rms_rmsd"] = state["R"].results.rmsd[:, 2]
 
     def align_run(m):
-        u = universe(X[:m].copy())
+        u = report.mda_universe(X[:m].copy(), masses)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -546,73 +407,51 @@ def bench_mdanalysis(X, masses, repeat, budget, rows, checks) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def print_table(rows: list[Row]) -> None:
-    by_key = {r.key: r for r in rows}
-    w = max(len(r.method) for r in rows)
-    head = (
-        f"{'method':<{w}}  {'structures/s':>12}  {'best s':>8}  {'worst s':>8}  "
-        f"{'timed':>6}  {'scalign/this':>12}  note"
-    )
-    print(head)
-    print("-" * len(head))
-    titles = {
-        "rmsd": "RMSD to the reference (scalign: superpose, i.e. RMSD + rotation)",
-        "superpose": "superposition with the aligned coordinates written",
-        "context": "context (not compared): memory floors and parts of the zarr op",
-    }
-    for kind, title in titles.items():
-        group = [r for r in rows if r.kind == kind]
-        if not group:
-            continue
-        print(f"[{title}]")
-        anchor = by_key.get(ANCHOR.get(kind, ""))
-        for r in group:
-            ratio = "anchor" if r is anchor else (f"{anchor.rate / r.rate:.2f}x" if anchor else "")
-            print(
-                f"{r.method:<{w}}  {fmt_rate(r.rate):>12}  {r.seconds:>8.4f}  "
-                f"{max(r.times):>8.4f}  {r.timed:>6}  {ratio:>12}  {r.note}"
-            )
-    print(
-        "scalign/this = rate of the scalign kernel row of the same kind (anchor) / rate of this "
-        "row (> 1: the kernel is faster).\nworst s = slowest timed repeat (run-to-run noise)."
-    )
+TITLES = {
+    "rmsd": "RMSD to the reference (scalign: superpose, i.e. RMSD + rotation)",
+    "superpose": "superposition with the aligned coordinates written",
+    "context": "context (not compared): memory floors and parts of the zarr op",
+}
+FOOTER = (
+    "scalign/this = rate of the scalign kernel row of the same kind (anchor) / rate of this "
+    "row (> 1: the kernel is faster).\nworst s = slowest timed repeat (run-to-run noise)."
+)
+RATIOS = [
+    (
+        "scalign op RMSD, 2 threads / mdtraj md.rmsd (like-for-like)",
+        "scalign.op_rmsd",
+        "mdtraj.rmsd",
+    ),
+    ("scalign kernel RMSD / mdtraj md.rmsd (like-for-like)", "scalign.rmsd", "mdtraj.rmsd"),
+    ("scalign kernel RMSD / mdtraj md.rmsd precentered", "scalign.rmsd", "mdtraj.rmsd_pre"),
+    ("scalign kernel RMSD / MDAnalysis qcprot loop", "scalign.rmsd", "mda.qcprot"),
+    ("scalign kernel RMSD / MDAnalysis rms.RMSD", "scalign.rmsd", "mda.rms"),
+    (
+        "scalign kernel superpose+apply / mdtraj superpose",
+        "scalign.superpose",
+        "mdtraj.superpose",
+    ),
+    ("scalign kernel superpose+apply / MDAnalysis AlignTraj", "scalign.superpose", "mda.align"),
+    ("scalign op zarr->zarr threaded / mdtraj superpose", "op.threaded", "mdtraj.superpose"),
+    (
+        "scalign op zarr->zarr LocalCluster / mdtraj superpose",
+        "op.LocalCluster",
+        "mdtraj.superpose",
+    ),
+    ("scalign op zarr->zarr threaded / MDAnalysis AlignTraj", "op.threaded", "mda.align"),
+    (
+        "scalign op zarr->zarr threaded / scalign kernel superpose+apply",
+        "op.threaded",
+        "scalign.superpose",
+    ),
+]
 
 
-def print_ratios(rows: list[Row]) -> None:
-    by_key = {r.key: r for r in rows}
-    pairs = [
-        (
-            "scalign op RMSD, 2 threads / mdtraj md.rmsd (like-for-like)",
-            "scalign.op_rmsd",
-            "mdtraj.rmsd",
-        ),
-        ("scalign kernel RMSD / mdtraj md.rmsd (like-for-like)", "scalign.rmsd", "mdtraj.rmsd"),
-        ("scalign kernel RMSD / mdtraj md.rmsd precentered", "scalign.rmsd", "mdtraj.rmsd_pre"),
-        ("scalign kernel RMSD / MDAnalysis qcprot loop", "scalign.rmsd", "mda.qcprot"),
-        ("scalign kernel RMSD / MDAnalysis rms.RMSD", "scalign.rmsd", "mda.rms"),
-        (
-            "scalign kernel superpose+apply / mdtraj superpose",
-            "scalign.superpose",
-            "mdtraj.superpose",
-        ),
-        ("scalign kernel superpose+apply / MDAnalysis AlignTraj", "scalign.superpose", "mda.align"),
-        ("scalign op zarr->zarr threaded / mdtraj superpose", "op.threaded", "mdtraj.superpose"),
-        (
-            "scalign op zarr->zarr LocalCluster / mdtraj superpose",
-            "op.LocalCluster",
-            "mdtraj.superpose",
-        ),
-        ("scalign op zarr->zarr threaded / MDAnalysis AlignTraj", "op.threaded", "mda.align"),
-        (
-            "scalign op zarr->zarr threaded / scalign kernel superpose+apply",
-            "op.threaded",
-            "scalign.superpose",
-        ),
-    ]
-    print("\nratios (structures/s over structures/s; > 1: the first is faster):")
-    for label, a, b in pairs:
-        if a in by_key and b in by_key:
-            print(f"  {label:<66} {by_key[a].rate / by_key[b].rate:8.2f}x")
+def print_report(rows: list[Row]) -> None:
+    """The table (structures/s) and the ratio lines."""
+    table = {"rate": ("structures/s", 12), "count": ("timed", 6, ""), "ratio": ("scalign/this", 12)}
+    report.print_table(rows, TITLES, ANCHOR, FOOTER, **table)
+    report.print_ratios(rows, RATIOS, "structures/s", 66)
 
 
 def print_checks(checks: dict) -> bool:
@@ -640,7 +479,7 @@ def print_checks(checks: dict) -> bool:
         print(
             f"  rmsd vs {label:<28} max |diff| {diff.max():.2e} = {diff.max() / top:.1e} of "
             f"max rmsd (max relative where rmsd > 10% of max: {rel_each:.1e})  "
-            f"{'OK' if good else 'FAIL'} (< {tol:g})"
+            f"{report.verdict(good, tol)}"
         )
 
     for key, label in (
@@ -665,7 +504,7 @@ def print_checks(checks: dict) -> bool:
         ok &= good
         print(
             f"  aligned coords vs {label:<22} max |diff| {d:.2e} = {d / extent:.1e} of max "
-            f"|coordinate|  {'OK' if good else 'FAIL'} (< {tol:g})"
+            f"|coordinate|  {report.verdict(good, tol)}"
         )
 
     if "mdtraj_aligned" in checks:
@@ -680,7 +519,7 @@ def print_checks(checks: dict) -> bool:
         ok &= good
         print(
             f"  zarr op ({key[3:]}) output vs kernel: rmsd max |diff| {dr:.1e}, aligned "
-            f"max |diff| {dx:.1e}  {'OK' if good else 'FAIL'}"
+            f"max |diff| {dx:.1e}  {report.verdict(good)}"
         )
     return ok
 
@@ -689,32 +528,19 @@ def print_checks(checks: dict) -> bool:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Timings: best of --repeat runs after an untimed warm-up (time.perf_counter).",
+    p = report.make_parser(
+        __doc__,
+        structures=10_000,
+        chunk={"default": 1_000, "help": "structures per zarr chunk (1000)"},
+        quick="smoke run: N=500, n=200, chunk=100",
     )
-    p.add_argument("--structures", "-N", type=int, default=10_000, help="default 10000")
-    p.add_argument("--points", "-n", type=int, default=1_000, help="default 1000")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per row, best kept (3)")
-    p.add_argument("--chunk", type=int, default=1_000, help="structures per zarr chunk (1000)")
-    p.add_argument("--quick", action="store_true", help="smoke run: N=500, n=200, chunk=100")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="adk_dims.npz")
-    p.add_argument("--noise", type=float, default=0.01, help="Angstrom added to the tiles")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--mda-budget",
         type=float,
         default=20.0,
         help="seconds per MDAnalysis run; beyond it a subset of frames is timed (20)",
     )
-    p.add_argument("--tmpdir", type=Path, default=None, help="where the zarr stores go")
-    p.add_argument("--skip-mdtraj", action="store_true")
-    p.add_argument("--skip-mdanalysis", action="store_true")
-    p.add_argument("--skip-op", action="store_true", help="skip the zarr->zarr op rows")
-    p.add_argument("--skip-local", action="store_true", help="skip the LocalCluster row")
-    p.add_argument(
-        "--skip-context", action="store_true", help="skip the memory-floor and op-part rows"
-    )
+    report.add_skips(p, "where the zarr stores go", SKIPS)
     args = p.parse_args(argv)
     if args.quick:
         args.structures, args.points, args.chunk = 500, 200, min(args.chunk, 100)
@@ -725,16 +551,10 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    t_start = time.perf_counter()
-    print_environment()
-    X, masses, n_frames = load_data(args.data, args.structures, args.points, args.noise, args.seed)
+    t_start = report.start()
+    X, masses, _ = report.load_and_describe(args, "reference = structure 0")
     Y = X[0]
     N, n = X.shape[:2]
-    print(
-        f"data: {args.data.name}: first {n:,} atoms of its {n_frames} frames tiled to "
-        f"N = {N:,} structures ({X.nbytes / 2**20:.0f} MiB float32) + {args.noise} A noise "
-        f"(seed {args.seed}); reference = structure 0; best of {args.repeat} after a warm-up\n"
-    )
     rows: list[Row] = []
     checks: dict = {}
 
@@ -745,22 +565,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_op:
         with tempfile.TemporaryDirectory(prefix="scalign-bench-", dir=args.tmpdir) as tmp:
+            op_args = (X, args.repeat, args.chunk, Path(tmp), rows, checks)
             print("scalign op zarr->zarr, threaded scheduler ...", flush=True)
-            bench_scalign_op(
-                X,
-                args.repeat,
-                args.chunk,
-                Path(tmp),
-                rows,
-                checks,
-                local=False,
-                parts=not args.skip_context,
-            )
+            bench_scalign_op(*op_args, local=False, parts=not args.skip_context)
             if not args.skip_local:
                 print("scalign op zarr->zarr, LocalCluster ...", flush=True)
-                bench_scalign_op(
-                    X, args.repeat, args.chunk, Path(tmp), rows, checks, local=True, parts=False
-                )
+                bench_scalign_op(*op_args, local=True, parts=False)
 
     if not args.skip_mdtraj:
         print("mdtraj ...", flush=True)
@@ -769,9 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         print("MDAnalysis ...", flush=True)
         bench_mdanalysis(X, masses, args.repeat, args.mda_budget, rows, checks)
 
-    print(f"\nN = {N:,} structures x n = {n:,} points, float32 in; best of {args.repeat}")
-    print_table(rows)
-    print_ratios(rows)
+    report.print_size(N, n, args.repeat)
+    print_report(rows)
     ok = print_checks(checks)
 
     by_key = {r.key: r for r in rows}
@@ -793,9 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     print(line)
     if (N, n) != (10_000, 1_000):
         print("  (the targets are stated for N = 10,000 x n = 1,000)")
-    total = time.perf_counter() - t_start
-    print(f"correctness: {'all OK' if ok else 'FAILED'}; total {total:.0f} s")
-    return 0 if ok else 1
+    return report.finish(ok, t_start)
 
 
 if __name__ == "__main__":
