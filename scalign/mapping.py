@@ -93,6 +93,7 @@ def map_pairs(
     core_dims: Sequence[str],
     dims: tuple[str, str],
     *,
+    prepare: Callable[..., Any] | None = None,
     dtype: Any = np.float64,
     kwargs: Mapping[str, Any] | None = None,
 ) -> xr.DataArray:
@@ -101,9 +102,13 @@ def map_pairs(
     Parameters
     ----------
     kernel : callable
-        ``kernel(A_chunk, B_chunk_or_None, **kwargs) -> (len(A_chunk), len(B_chunk))``;
+        ``kernel(A_chunk, B_chunk_or_None) -> (len(A_chunk), len(B_chunk))``;
         ``B_chunk`` is ``None`` for a diagonal block of the symmetric case (``A`` against
         itself), so the kernel can use the symmetry.
+    prepare : callable, optional
+        ``prepare(chunk, **kwargs)``, run once per chunk (one task each); the kernel gets
+        its result instead of the chunk. Work that depends on one structure only (e.g.
+        centring) is then done once, not once per block the chunk enters.
     a, b : DataArrays with the batch dim first and ``core_dims`` after it
         With ``b is None`` the result is ``a`` against itself and symmetric: only the
         blocks on and below the diagonal are computed; each block above it is the
@@ -112,7 +117,7 @@ def map_pairs(
     dims : names of the two output dims
     dtype : dtype of the result
     kwargs : dict, optional
-        Keyword arguments for the kernel.
+        Keyword arguments for ``prepare`` (or, without it, for the kernel).
 
     Returns
     -------
@@ -122,9 +127,19 @@ def map_pairs(
     A = _chunked(a, core_dims)
     B = A if b is None else _chunked(b, core_dims)
     meta = meta_from_array(A, ndim=2, dtype=dtype)
+    options = dict(kwargs or {})
     call = dask.delayed(kernel, pure=True)
-    blocks_a = A.to_delayed().reshape(-1)
-    blocks_b = blocks_a if b is None else B.to_delayed().reshape(-1)
+
+    def prepared(arr: da.Array) -> list:
+        chunks = list(arr.to_delayed().reshape(-1))
+        if prepare is None:
+            return chunks
+        step = dask.delayed(prepare, pure=True)
+        return [step(chunk, **options) for chunk in chunks]
+
+    blocks_a = prepared(A)
+    blocks_b = blocks_a if b is None else prepared(B)
+    kernel_options = options if prepare is None else {}
     rows, cols = A.chunks[0], B.chunks[0]
     computed: dict[tuple[int, int], da.Array] = {}
 
@@ -133,7 +148,7 @@ def map_pairs(
             return block(j, i).T
         if (i, j) not in computed:
             other = None if b is None and i == j else blocks_b[j]
-            value = call(blocks_a[i], other, **dict(kwargs or {}))
+            value = call(blocks_a[i], other, **kernel_options)
             computed[i, j] = da.from_delayed(value, (rows[i], cols[j]), dtype=dtype, meta=meta)
         return computed[i, j]
 

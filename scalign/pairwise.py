@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from scalign.ensemble import POINT, SPACE, STRUCTURE, ensemble_variable, validate_ensemble
-from scalign.kernels.pairwise import pairwise_rmsd as _pairwise_kernel
+from scalign.kernels.pairwise import centre, rmsd_block
 from scalign.mapping import map_pairs
 from scalign.validation import as_weights, check_chunks
 
@@ -49,9 +49,10 @@ def pairwise_rmsd(
     :math:`D_{ij} = \\min_{R, t} \\sqrt{\\sum_k p_k \\lVert R x_{ik} + t - y_{jk}\\rVert^2}`
     over proper rotations (no scaling), for ``x_i`` in ``ensemble`` and ``y_j`` in
     ``other``. The matrix is computed block by block (``chunks`` x ``chunks`` structures
-    per task; :mod:`scalign.kernels.pairwise`: one GEMM for a block's cross-covariances,
-    then a vectorised QCP solve). Without ``other`` it is symmetric with a zero diagonal,
-    and only the blocks on and below the diagonal are computed. For large ensembles write
+    per task; :mod:`scalign.kernels.pairwise`: each chunk centred once, one GEMM for a
+    block's cross-covariances, then a vectorised QCP solve). Without ``other`` it is
+    symmetric with a zero diagonal, and only the blocks on and below the diagonal are
+    computed. For large ensembles write
     it to zarr (``save_zarr(D.to_dataset(), path)`` or ``scalign rmsd``) rather than
     computing it into memory.
 
@@ -85,11 +86,12 @@ def pairwise_rmsd(
     a = ds["coords"].chunk({STRUCTURE: size})
     b = None if ds_other is None else ds_other["coords"].chunk({STRUCTURE: size})
     D = map_pairs(
-        _pairwise_kernel,
+        rmsd_block,
         a,
         b,
         (POINT, SPACE),
         (STRUCTURE, OTHER),
+        prepare=centre,
         kwargs={"weights": w},
     )
     D.name = "rmsd"

@@ -18,7 +18,7 @@ A structure with a NaN/inf coordinate gets NaN in its row (or column) only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from array_api_compat import is_numpy_namespace
@@ -44,16 +44,86 @@ def _block_pairs(xp, n_pairs: int) -> int:
 
 def _trace(xp, H: Array, bound: Array) -> Array:
     """:math:`\\mathrm{tr}(\\Sigma D) = \\lambda_{max}` for proper rotations, any ``d``."""
-    if H.shape[-1] == 3:
+    d = H.shape[-1]
+    if d == 3:
         return largest_eigenvalue(xp, H, bound)
-    return _svd_rotation(xp, H, reflection=False)[1]
+    trace = _svd_rotation(xp, xp.reshape(H, (-1, d, d)), reflection=False)[1]
+    return xp.reshape(trace, H.shape[:-2])
 
 
-def _centred(xp, X: Array, p: Array) -> tuple[Array, Array]:
-    """Float64 ``X - weighted centroid`` and :math:`g = \\sum_k p_k |x_k - \\bar x|^2`."""
-    X = xp.astype(X, xp.float64)
-    Xc = X - (p[None, None, :] @ X)
-    return Xc, xp.sum(p * xp.sum(Xc * Xc, axis=-1), axis=-1)
+class Centred(NamedTuple):
+    """A batch prepared for :func:`rmsd_block`: each structure centred once.
+
+    Attributes
+    ----------
+    coords : (d, a, n) float64, :math:`x_k - \\bar x`, coordinate-major with the points
+        last: a block's cross-covariances are one GEMM with the other batch's transpose,
+        and each entry :math:`H[p, q]` of all pairs is a contiguous (a, b) plane of it.
+    g : (a,) :math:`\\sum_k p_k \\lVert x_k - \\bar x\\rVert^2`.
+    p : (n,) the normalised weights.
+    """
+
+    coords: Array
+    g: Array
+    p: Array
+
+
+def centre(X: Array, weights: Array | None = None) -> Centred:
+    """Centre every structure of ``X (a, n, d)`` on its (weighted) centroid, in float64."""
+    xp = namespace(X, weights)
+    a, n, d = X.shape
+    if weights is None:
+        p = xp.full((n,), 1.0 / n, dtype=xp.float64)
+    else:
+        w = xp.astype(xp.asarray(weights), xp.float64)
+        p = w / xp.sum(w)
+    C = xp.astype(xp.permute_dims(xp.asarray(X), (2, 0, 1)), xp.float64)
+    C = C - xp.reshape(xp.reshape(C, (d * a, n)) @ p, (d, a, 1))
+    g = xp.sum(xp.reshape(xp.reshape(C * C, (d * a, n)) @ p, (d, a)), axis=0)
+    return Centred(C, g, p)
+
+
+def rmsd_block(A: Centred, B: Centred | None = None) -> Array:
+    """RMSD after optimal superposition for every pair of two centred batches.
+
+    ``B = None`` means ``A`` against itself (a symmetric block with a zero diagonal).
+    """
+    xp = namespace(A.coords)
+    same = B is None
+    B = A if same else B
+    (d, a, n), b = A.coords.shape, B.coords.shape[1]
+    left = xp.reshape(A.coords * A.p, (d * a, n))
+    G = xp.reshape(left @ xp.matrix_transpose(xp.reshape(B.coords, (d * b, n))), (d, a, d, b))
+    # A view, not a copy: H[i, j, p, q] = G[p, i, q, j], each (p, q) plane contiguous.
+    H = xp.permute_dims(G, (1, 3, 0, 2))
+    g = A.g[:, None] + B.g[None, :]
+    ok = xp.all(xp.isfinite(H), axis=(-2, -1)) & xp.isfinite(g)
+    if not bool(xp.all(ok)):
+        H = xp.where(ok[..., None, None], H, xp.eye(d, dtype=xp.float64))
+    e2 = xp.empty_like(g)
+    step = max(1, _block_pairs(xp, a * b) // b)
+    with np.errstate(invalid="ignore"):
+        for start in range(0, a, step):
+            rows = slice(start, start + step)
+            bound = xp.where(ok[rows], 0.5 * g[rows], 1.5)
+            e2[rows] = g[rows] - 2.0 * _trace(xp, H[rows], bound)
+    e2 = xp.reshape(e2, (-1,))
+    g, ok = xp.reshape(g, (-1,)), xp.reshape(ok, (-1,))
+    e2 = xp.clip(e2, 0.0, None)
+    close = ok & (e2 < _CLOSE * g)
+    if same:
+        # A structure against itself: the identity is the exact optimum.
+        diagonal = xp.reshape(xp.eye(a, dtype=xp.bool), (-1,))
+        e2 = xp.where(diagonal, 0.0, e2)
+        close = close & ~diagonal
+    if bool(xp.any(close)):
+        idx = xp.nonzero(close)[0]
+        i, j = idx // b, idx % b
+        moving = xp.permute_dims(A.coords[:, i, :], (1, 2, 0))
+        target = xp.permute_dims(B.coords[:, j, :], (1, 2, 0))
+        fit = superpose(moving, target, A.p[None, :])
+        e2[idx] = fit.rmsd * fit.rmsd
+    return xp.reshape(xp.where(ok, xp.sqrt(e2), xp.nan), (a, b))
 
 
 def pairwise_rmsd(A: Array, B: Array | None = None, weights: Array | None = None) -> Array:
@@ -71,41 +141,4 @@ def pairwise_rmsd(A: Array, B: Array | None = None, weights: Array | None = None
     -------
     (a, b) float64 array of :math:`e_{ij}` (proper rotations, no scaling).
     """
-    xp = namespace(A, B, weights)
-    A = xp.asarray(A)
-    B = A if B is None else xp.asarray(B)
-    (a, n, d), b = A.shape, B.shape[0]
-    if weights is None:
-        p = xp.full((n,), 1.0 / n, dtype=xp.float64)
-    else:
-        w = xp.astype(xp.asarray(weights), xp.float64)
-        p = w / xp.sum(w)
-    Ac, ga = _centred(xp, A, p)
-    Bc, gb = (Ac, ga) if B is A else _centred(xp, B, p)
-    left = xp.reshape(xp.permute_dims(Ac * p[:, None], (0, 2, 1)), (a * d, n))
-    right = xp.reshape(xp.permute_dims(Bc, (1, 0, 2)), (n, b * d))
-    H = xp.reshape(
-        xp.permute_dims(xp.reshape(left @ right, (a, d, b, d)), (0, 2, 1, 3)), (-1, d, d)
-    )
-    g = xp.reshape(ga[:, None] + gb[None, :], (-1,))
-    ok = xp.all(xp.isfinite(H), axis=(-2, -1)) & xp.isfinite(g)
-    H = xp.where(ok[:, None, None], H, xp.eye(d, dtype=xp.float64))
-    e2 = xp.empty_like(g)
-    step = _block_pairs(xp, g.shape[0])
-    with np.errstate(invalid="ignore"):
-        for start in range(0, g.shape[0], step):
-            rows = slice(start, start + step)
-            e2[rows] = g[rows] - 2.0 * _trace(xp, H[rows], xp.where(ok[rows], 0.5 * g[rows], 1.5))
-    e2 = xp.clip(e2, 0.0, None)
-    close = ok & (e2 < _CLOSE * g)
-    if B is A:
-        # A structure against itself: the identity is the exact optimum.
-        diagonal = xp.reshape(xp.eye(a, dtype=xp.bool), (-1,))
-        e2 = xp.where(diagonal, 0.0, e2)
-        close = close & ~diagonal
-    if bool(xp.any(close)):
-        idx = xp.nonzero(close)[0]
-        i, j = idx // b, idx % b
-        fit = superpose(A[i], B[j], None if weights is None else p[None, :])
-        e2[idx] = fit.rmsd * fit.rmsd
-    return xp.reshape(xp.where(ok, xp.sqrt(e2), xp.nan), (a, b))
+    return rmsd_block(centre(A, weights), None if B is None else centre(B, weights))
