@@ -1,12 +1,14 @@
 """What the benchmarks share: timing, data, environment, the command line and the report.
 
-``bench_align.py`` and ``bench_pairwise.py`` import this module (their own directory is on
-``sys.path`` when they run as scripts, from any working directory).
+``bench_align.py``, ``bench_pairwise.py`` and ``bench_warp.py`` import this module (their
+own directory is on ``sys.path`` when they run as scripts, from any working directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import platform
 import time
@@ -64,6 +66,15 @@ def best_time(
     return times
 
 
+@contextlib.contextmanager
+def section(label: str):
+    """Print ``label ...`` and, when the block ends, its wall time."""
+    print(f"{label} ...", flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f"  ({label}: {time.perf_counter() - t0:.1f} s in all)", flush=True)
+
+
 def within_budget(run_on: Callable[[int], float], N: int, budget: float, probe: int) -> int:
     """How many of ``N`` items (frames, matrix rows) to time so that one run takes at most
     about ``budget`` seconds, for a method whose cost is proportional to the items.
@@ -114,6 +125,17 @@ def verdict(good: bool, tol: float | None = None) -> str:
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def write_input_store(ds, path: Path, detail: str) -> None:
+    """``scalign.save_zarr(ds, path)``, untimed, and the line that says so (``detail``
+    follows the size in MiB)."""
+    t0 = time.perf_counter()
+    scalign.save_zarr(ds, path, overwrite=True)
+    print(
+        f"  wrote the input store ({dir_size(path) / 2**20:.0f} MiB{detail}) "
+        f"in {time.perf_counter() - t0:.1f} s (untimed)"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -215,32 +237,69 @@ def mda_universe(coords: np.ndarray, masses: np.ndarray):
 # --------------------------------------------------------------------------------------
 
 
-def make_parser(doc: str, *, structures: int, chunk: dict, quick: str) -> argparse.ArgumentParser:
-    """The options both benchmarks take, up to ``--seed``; ``chunk``: ``--chunk``'s
-    ``add_argument`` keywords, ``quick``: ``--quick``'s help."""
+def base_parser(
+    doc: str,
+    sizes: Iterable[tuple[tuple[str, ...], int, str]],
+    *,
+    chunk: dict,
+    quick: str,
+    noise: str,
+    data: bool = False,
+) -> argparse.ArgumentParser:
+    """The options every benchmark takes, up to ``--seed``: the integer ``(flags, default,
+    help)`` of ``sizes``, ``--repeat``, ``--chunk`` (``chunk``: its ``add_argument``
+    keywords), ``--quick`` (``quick``: its help), ``--data`` when ``data``, ``--noise``
+    (``noise``: its help) and ``--seed``."""
     p = argparse.ArgumentParser(
         description=doc.split("\n\n")[0],
         epilog="Timings: best of --repeat runs after an untimed warm-up (time.perf_counter).",
     )
-    p.add_argument("--structures", "-N", type=int, default=structures, help=f"default {structures}")
-    p.add_argument("--points", "-n", type=int, default=1_000, help="default 1000")
+    for flags, default, text in sizes:
+        p.add_argument(*flags, type=int, default=default, help=text)
     p.add_argument("--repeat", type=int, default=3, help="timed runs per row, best kept (3)")
     p.add_argument("--chunk", type=int, **chunk)
     p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="adk_dims.npz")
-    p.add_argument("--noise", type=float, default=0.01, help="Angstrom added to the tiles")
+    if data:
+        p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="adk_dims.npz")
+    p.add_argument("--noise", type=float, default=0.01, help=noise)
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def add_skips(p: argparse.ArgumentParser, tmpdir: str, skips: Iterable[tuple[str, str]]):
-    """``--tmpdir``, ``--skip-mdtraj``, ``--skip-mdanalysis`` and the ``(flag, help)``
-    skips of the benchmark's own rows."""
+def make_parser(doc: str, *, structures: int, chunk: dict, quick: str) -> argparse.ArgumentParser:
+    """``base_parser`` for the benchmarks on ``adk_dims.npz`` (align, pairwise): sizes
+    ``--structures`` and ``--points``, with ``--data``."""
+    sizes = [
+        (("--structures", "-N"), structures, f"default {structures}"),
+        (("--points", "-n"), 1_000, "default 1000"),
+    ]
+    return base_parser(
+        doc, sizes, chunk=chunk, quick=quick, noise="Angstrom added to the tiles", data=True
+    )
+
+
+def add_skips(
+    p: argparse.ArgumentParser,
+    tmpdir: str,
+    skips: Iterable[tuple[str, str]],
+    peers: Iterable[str] = ("--skip-mdtraj", "--skip-mdanalysis"),
+):
+    """``--tmpdir``, the ``peers`` flags (no help) and the ``(flag, help)`` skips of the
+    benchmark's own rows."""
     p.add_argument("--tmpdir", type=Path, default=None, help=tmpdir)
-    p.add_argument("--skip-mdtraj", action="store_true")
-    p.add_argument("--skip-mdanalysis", action="store_true")
+    for flag in peers:
+        p.add_argument(flag, action="store_true")
     for flag, text in skips:
         p.add_argument(flag, action="store_true", help=text)
+
+
+def require(p: argparse.ArgumentParser, args: argparse.Namespace, *groups: dict[str, int]):
+    """``p.error("need --name >= minimum, ...")`` for the first group (``{name: minimum}``)
+    in which an option is below its minimum; an option left at ``None`` passes."""
+    for group in groups:
+        values = {name: getattr(args, name) for name in group}
+        if any(v is not None and v < group[name] for name, v in values.items()):
+            p.error("need " + ", ".join(f"--{name} >= {m}" for name, m in group.items()))
 
 
 # --------------------------------------------------------------------------------------
@@ -294,10 +353,33 @@ def print_ratios(rows: list[Row], pairs: list[tuple[str, str, str]], unit: str, 
             print(f"  {label:<{width}} {by_key[a].rate / by_key[b].rate:8.2f}x")
 
 
-def start() -> float:
-    """Print the environment; the start time for ``finish``."""
+def print_versions(labels: dict[str, str], hint: str = "") -> None:
+    """``label version`` of each module (``{module name: label}``), or the ImportError
+    (``hint`` after it) when one of them is missing."""
+    try:
+        modules = {name: importlib.import_module(name) for name in labels}
+    except ImportError as exc:
+        print(f"({exc}{hint})")
+        return
+    print(", ".join(f"{label} {modules[name].__version__}" for name, label in labels.items()))
+
+
+def print_load() -> None:
+    load = os.getloadavg()
+    print(
+        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the start "
+        f"(other processes on the {os.cpu_count()} CPUs slow every row)"
+    )
+
+
+def start(versions: dict[str, str] | None = None, hint: str = "") -> float:
+    """Print the environment and, with ``versions`` (the peers: ``print_versions``), their
+    versions and the load average; the start time for ``finish``."""
     t_start = time.perf_counter()
     print_environment()
+    if versions is not None:
+        print_versions(versions, hint)
+        print_load()
     return t_start
 
 

@@ -174,12 +174,8 @@ def bench_scalign_op(X, repeat, chunk, tmp: Path, rows, checks, *, local: bool, 
     label = "LocalCluster" if local else "threaded"
     src = tmp / "input.zarr"
     if not src.exists():
-        t0 = time.perf_counter()
-        scalign.save_zarr(scalign.make_ensemble(X, chunks=chunk), src, overwrite=True)
-        print(
-            f"  wrote the input store ({report.dir_size(src) / 2**20:.0f} MiB on disk, chunks of "
-            f"{chunk} structures) in {time.perf_counter() - t0:.1f} s (untimed)"
-        )
+        ens = scalign.make_ensemble(X, chunks=chunk)
+        report.write_input_store(ens, src, f" on disk, chunks of {chunk} structures")
     runs = iter(range(10**6))
     state = {}
 
@@ -544,8 +540,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.quick:
         args.structures, args.points, args.chunk = 500, 200, min(args.chunk, 100)
-    if args.structures < 1 or args.points < 3 or args.repeat < 1 or args.chunk < 1:
-        p.error("need --structures >= 1, --points >= 3, --repeat >= 1, --chunk >= 1")
+    report.require(p, args, {"structures": 1, "points": 3, "repeat": 1, "chunk": 1})
     return args
 
 

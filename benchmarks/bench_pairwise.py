@@ -27,10 +27,8 @@ Run:  python benchmarks/bench_pairwise.py            # N = 1,500 x n = 1,000 (~2
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -43,7 +41,7 @@ import _report as report
 import dask
 import numpy as np
 import xarray as xr
-from _report import Row, best_time, fmt_rate, status
+from _report import Row, best_time, fmt_rate, section, status
 from threadpoolctl import threadpool_limits
 
 import scalign
@@ -53,6 +51,7 @@ TARGET = 10e6  # pairs/s on 2 cores
 TARGET_TEXT = (
     ">= 10M pairs/s on 2 cores (mdtraj measured 2.5M pairs/s on the issue author's machine)"
 )
+VERSIONS = {"mdtraj": "mdtraj", "MDAnalysis": "MDAnalysis"}  # module: label, versions printed
 ANCHOR = "op.memory"  # the table's ratio column: this row's rate / each row's rate
 
 # The --skip-* flags of this benchmark's own rows (with --skip-mdtraj, --skip-mdanalysis).
@@ -66,15 +65,6 @@ SKIPS = [
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def section(label: str):
-    """Print ``label ...`` and, when the block ends, its wall time."""
-    print(f"{label} ...", flush=True)
-    t0 = time.perf_counter()
-    yield
-    print(f"  ({label}: {time.perf_counter() - t0:.1f} s in all)", flush=True)
 
 
 def frames_within(run_on: Callable[[int], float], N: int, budget: float, probe: int) -> int:
@@ -489,28 +479,13 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.quick:
         args.structures, args.points, args.budget = 200, 200, min(args.budget, 0.5)
-    if args.structures < 2 or args.points < 3 or args.repeat < 1:
-        p.error("need --structures >= 2, --points >= 3, --repeat >= 1")
-    if args.chunk is not None and args.chunk < 1:
-        p.error("need --chunk >= 1")
+    report.require(p, args, {"structures": 2, "points": 3, "repeat": 1}, {"chunk": 1})
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    t_start = report.start()
-    try:
-        import MDAnalysis
-        import mdtraj
-
-        print(f"mdtraj {mdtraj.__version__}, MDAnalysis {MDAnalysis.__version__}")
-    except ImportError as exc:
-        print(f"({exc}: pip install -e '.[bench]')")
-    load = os.getloadavg()
-    print(
-        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the start "
-        f"(other processes on the {os.cpu_count()} CPUs slow every row)"
-    )
+    t_start = report.start(VERSIONS, hint=": pip install -e '.[bench]'")
     X, masses, n_frames = report.load_and_describe(args, f"{args.structures**2:,} matrix entries")
     N, n = X.shape[:2]
     rows: list[Row] = []
