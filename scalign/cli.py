@@ -16,9 +16,13 @@ from scalign.align import align
 from scalign.ensemble import STRUCTURE
 from scalign.execution import SCHEDULER_ENV, run, scheduler, to_device
 from scalign.icp import icp
+from scalign.images import validate_stack, warp_stack
 from scalign.io import load_ensemble, load_points, open_ensemble, save_zarr
 from scalign.pairwise import pairwise_rmsd
 from scalign.procrustes import ROBUST_LOSSES, rotation_angle
+from scalign.stack_registration import LOSSES as REGISTRATION_LOSSES
+from scalign.stack_registration import TRANSFORMS as REGISTRATION_TRANSFORMS
+from scalign.stack_registration import register_stack
 from scalign.synthetic import helix_ensemble
 
 # Matrices up to this many entries are read back for the summary's statistics.
@@ -66,6 +70,14 @@ def _cluster_args(parser: argparse.ArgumentParser, local_default: bool) -> None:
         "--gpu", action="store_true", help="run on a dask-cuda LocalCUDACluster with CuPy chunks"
     )
     group.add_argument("--workers", type=int, default=None, help="workers of a local cluster")
+
+
+def _zarr_output_args(parser: argparse.ArgumentParser, func) -> None:
+    """The options every zarr-to-zarr command shares, and its handler."""
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cluster_args(parser, local_default=False)
+    parser.set_defaults(func=func)
 
 
 def _scheduler(args, local_default: bool):
@@ -255,6 +267,79 @@ def cmd_icp(args) -> int:
     return 0
 
 
+def _open_stack(path: str) -> xr.Dataset:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no zarr store at {path}")
+    return validate_stack(xr.open_zarr(path, consolidated=False), name=str(path))
+
+
+def _check_output(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    return out
+
+
+def cmd_warp(args) -> int:
+    out = _check_output(args.output, args.overwrite)
+    ds = _open_stack(args.input)
+    matrix = args.matrix
+    if Path(matrix).suffix == ".npy":
+        matrix = np.load(matrix, allow_pickle=False)
+    t0 = time.perf_counter()
+    with _scheduler(args, local_default=False) as client:
+        warped = warp_stack(ds, matrix, order=args.order, mode=args.mode, cval=args.cval)
+        result = ds.drop_vars("images").assign(images=warped)
+        save_zarr(
+            result, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=not args.quiet)
+        )
+        seconds = time.perf_counter() - t0
+        n = ds["images"].shape[0]
+        rows = [
+            ("images", f"{n:,} × {' × '.join(map(str, ds['images'].shape[1:]))}"),
+            ("order, mode", f"{args.order}, {args.mode}"),
+            ("scheduler", _describe(client)),
+            ("time", f"{seconds:.2f} s ({n / seconds:,.0f} images/s, read + warp + write)"),
+            ("input", args.input),
+            ("output", str(out)),
+        ]
+    print(_table("scalign warp: summary", rows))
+    return 0
+
+
+def cmd_register(args) -> int:
+    out = _check_output(args.output, args.overwrite)
+    ds = _open_stack(args.input)
+    if args.chunks is not None:
+        ds = ds.chunk({ds["images"].dims[0]: args.chunks})
+    t0 = time.perf_counter()
+    with _scheduler(args, local_default=False) as client:
+        result = register_stack(
+            ds, _parse_reference(args.reference), transform=args.transform, loss=args.loss
+        )
+        save_zarr(
+            result, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=not args.quiet)
+        )
+        seconds = time.perf_counter() - t0
+        written = xr.open_zarr(out, consolidated=False)
+        M = written["matrix"].values
+        n = M.shape[0]
+        centre = (np.array(written["registered"].shape[1:][::-1], dtype=float) - 1) / 2
+        shift = np.linalg.norm(M[:, :-1, :-1] @ centre + M[:, :-1, -1] - centre, axis=1)
+        rows = [
+            ("images", f"{n:,} × {' × '.join(map(str, written['registered'].shape[1:]))}"),
+            ("reference", f"{args.reference} ({args.transform}, {args.loss})"),
+            ("scheduler", _describe(client)),
+            ("time", f"{seconds:.2f} s ({n / seconds:,.1f} images/s)"),
+            ("drift of the centre", _stats(shift, " px")),
+            ("loss", _stats(written["loss"].values)),
+            ("input", args.input),
+            ("output", str(out)),
+        ]
+    print(_table("scalign register: summary", rows))
+    return 0
+
+
 def cmd_import(args) -> int:
     ds = load_ensemble(args.file, key=args.key, weights=args.weights, chunks=args.chunks)
     save_zarr(
@@ -344,8 +429,6 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument(
         "--chunks", type=int, metavar="K", help="structures per chunk (default: the store's)"
     )
-    al.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
-    al.add_argument("--quiet", action="store_true", help="no progress bar")
     al.add_argument(
         "--fit-only",
         action="store_true",
@@ -359,8 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ROBUST_LOSSES,
         help="robust IRLS fit with this loss; adds robust_weights (outliers near 0)",
     )
-    _cluster_args(al, local_default=False)
-    al.set_defaults(func=cmd_align)
+    _zarr_output_args(al, cmd_align)
 
     rm = sub.add_parser(
         "rmsd", help="pairwise RMSD matrix of IN.zarr (or IN.zarr vs --other), written blockwise"
@@ -370,10 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--other", metavar="OTHER.zarr", help="compare against this ensemble")
     rm.add_argument("--weights", metavar="VAR", help="name of a (point,) weights variable")
     rm.add_argument("--chunks", type=int, metavar="K", help="structures per block")
-    rm.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
-    rm.add_argument("--quiet", action="store_true", help="no progress bar")
-    _cluster_args(rm, local_default=False)
-    rm.set_defaults(func=cmd_rmsd)
+    _zarr_output_args(rm, cmd_rmsd)
 
     ic = sub.add_parser(
         "icp", help="register an unpaired point cloud SRC onto TGT (global search + ICP)"
@@ -388,6 +467,33 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--out", metavar="FILE.npz", help="write the aligned cloud and transform")
     ic.add_argument("--overwrite", action="store_true", help="replace FILE.npz if it exists")
     ic.set_defaults(func=cmd_icp)
+
+    wp = sub.add_parser("warp", help="warp every image of IN.zarr by a motion, write OUT.zarr")
+    wp.add_argument("input", metavar="IN.zarr", help="a stack: variable images (image, y, x)")
+    wp.add_argument("output", metavar="OUT.zarr")
+    wp.add_argument(
+        "--matrix",
+        required=True,
+        metavar="FILE|VAR",
+        help="a .npy forward motion (3×3 / 4×4, or one per image) or a variable of IN.zarr",
+    )
+    wp.add_argument("--order", type=int, default=1, help="spline order (default 1: linear)")
+    wp.add_argument("--mode", default="constant", help="scipy.ndimage boundary mode")
+    wp.add_argument("--cval", type=float, default=0.0, help="fill value of constant modes")
+    _zarr_output_args(wp, cmd_warp)
+
+    rg = sub.add_parser(
+        "register", help="register every image of IN.zarr to a reference, write OUT.zarr"
+    )
+    rg.add_argument("input", metavar="IN.zarr", help="a stack: variable images (image, y, x)")
+    rg.add_argument("output", metavar="OUT.zarr")
+    rg.add_argument(
+        "--reference", default="first", help="first | previous | mean | N (default: first)"
+    )
+    rg.add_argument("--transform", default="rigid", choices=REGISTRATION_TRANSFORMS)
+    rg.add_argument("--loss", default="mse", choices=REGISTRATION_LOSSES)
+    rg.add_argument("--chunks", type=int, metavar="K", help="images per chunk")
+    _zarr_output_args(rg, cmd_register)
 
     imp = sub.add_parser("import", help="convert a .npy/.npz ensemble into a zarr store")
     imp.add_argument("file", metavar="FILE")

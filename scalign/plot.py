@@ -92,3 +92,70 @@ def pairwise_heatmap(D: xr.DataArray | ArrayLike, *, ax=None, cmap: str = "virid
     ax.set_xlabel(dims[1])
     ax.set_ylabel(dims[0])
     return ax
+
+
+def registration_panels(fixed: ArrayLike, moving: ArrayLike, registered: ArrayLike, *, axes=None):
+    """Four panels of one slice: fixed, moving, registered and ``|registered - fixed|``.
+
+    ``axes``: four Axes to draw on (default: a new 1×4 figure). Returns them.
+    """
+    images = [
+        _values(name, a, 2)
+        for name, a in (("fixed", fixed), ("moving", moving), ("registered", registered))
+    ]
+    if len({im.shape for im in images}) != 1:
+        raise ValueError(
+            f"fixed, moving and registered differ in shape: {[im.shape for im in images]}"
+        )
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _axes(None)
+        _, axes = plt.subplots(1, 4, figsize=(16, 4))
+    if len(axes) != 4:
+        raise ValueError(f"axes must be 4 Axes, got {len(axes)}")
+    lo, hi = np.percentile(images[0], [1, 99])
+    titles = ("fixed", "moving", "registered", "|registered − fixed|")
+    panels = [*images, np.abs(images[2] - images[0])]
+    for ax, image, title in zip(axes, panels, titles, strict=True):
+        limits = {} if title.startswith("|") else {"vmin": lo, "vmax": hi}
+        ax.imshow(image, cmap="gray", **limits)
+        ax.set_title(title)
+        ax.set_axis_off()
+    return axes
+
+
+def stack_drift(result: xr.Dataset | ArrayLike, *, axes=None):
+    """Per-slice translation (of the image centre, px) and rotation (°) of a registered
+    stack (``matrix (image, 3, 3)`` of :func:`scalign.register_stack`).
+
+    The rotation is the angle of the polar factor of each linear part; the translation is
+    where the motion takes the image centre, minus the centre (``M c - c``), so a pure
+    rotation about the centre shows no translation. ``result`` carries the image shape in
+    ``registered``; plain matrices are taken about the origin.
+    """
+    from scalign.kernels.affine import rotation_angle_2d
+
+    if isinstance(result, xr.Dataset):
+        M = _values("matrix", result["matrix"], 3)
+        shape = result["registered"].shape[1:] if "registered" in result else (1, 1)
+    else:
+        M, shape = _values("matrix", result, 3), (1, 1)
+    if M.shape[1:] != (3, 3):
+        raise ValueError(f"matrix must be (image, 3, 3) 2-D motions, got {M.shape}")
+    c = np.array([(shape[1] - 1) / 2, (shape[0] - 1) / 2, 1.0])
+    moved = M @ c
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _axes(None)
+        _, axes = plt.subplots(2, 1, sharex=True, figsize=(8, 5))
+    index = np.arange(len(M))
+    axes[0].plot(index, moved[:, 0] - c[0], label="x")
+    axes[0].plot(index, moved[:, 1] - c[1], label="y")
+    axes[0].set_ylabel("translation (px)")
+    axes[0].legend()
+    axes[1].plot(index, [rotation_angle_2d(m) for m in M])
+    axes[1].set_ylabel("rotation (°)")
+    axes[1].set_xlabel("image")
+    return axes

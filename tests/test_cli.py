@@ -228,3 +228,45 @@ def test_icp_registers_point_files(tmp_path, capsys):
     assert main(args) == 2  # exists, no --overwrite
     assert main(["icp", str(tmp_path / "src.npy"), str(tmp_path / "tgt.csv"), "--trim", "2"]) == 2
     assert "trim must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_warp_and_register_stacks(tmp_path, capsys):
+    from scipy import ndimage
+
+    from scalign.images import make_stack
+    from scalign.kernels.affine import build_affine_matrix, pull_matrix
+
+    rng = np.random.default_rng(0)
+    base = ndimage.gaussian_filter(rng.random((128, 144)), 3) * 100
+    # shifted, then cropped: no empty border that would not move with the content
+    stack = np.stack([ndimage.shift(base, (0, 0.7 * k), order=3)[16:-16, 16:-16] for k in range(6)])
+    source = tmp_path / "stack.zarr"
+    save_zarr(make_stack(stack.astype(np.float32), chunks=2), source)
+    M = build_affine_matrix(5, 1.5, -2, center=(55.5, 47.5))
+    np.save(tmp_path / "m.npy", M)
+    warped = tmp_path / "warped.zarr"
+    assert main(["warp", str(source), str(warped), "--matrix", str(tmp_path / "m.npy")]) == 0
+    assert "scalign warp: summary" in capsys.readouterr().out
+    got = xr.open_zarr(warped, consolidated=False)["images"].values
+    np.testing.assert_allclose(
+        got[2],
+        ndimage.affine_transform(stack[2].astype(np.float32), *pull_matrix(M), order=1),
+        atol=1e-3,
+    )
+    out = tmp_path / "reg.zarr"
+    args = [
+        "register",
+        str(source),
+        str(out),
+        "--reference",
+        "previous",
+        "--transform",
+        "translation",
+    ]
+    assert main(args) == 0
+    assert "drift of the centre" in capsys.readouterr().out
+    matrix = xr.open_zarr(out, consolidated=False)["matrix"].values
+    np.testing.assert_allclose(matrix[:, 0, 2], 0.7 * np.arange(6), atol=0.02)
+    assert main(args) == 2  # exists
+    assert main(["warp", str(source), str(tmp_path / "w2.zarr"), "--matrix", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err

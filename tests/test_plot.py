@@ -65,3 +65,29 @@ def test_bad_input_gets_clear_errors():
         plot.point_residuals(np.zeros((3, 3)), np.zeros((3, 3)), np.ones(2))
     with pytest.raises(ValueError, match="D is empty"):
         plot.pairwise_heatmap(np.zeros((0, 0)))
+
+
+def test_registration_panels_and_stack_drift():
+    from scalign.kernels.affine import build_affine_matrix
+
+    rng = np.random.default_rng(0)
+    fixed = rng.random((20, 30))
+    moving = np.roll(fixed, 2, axis=1)
+    axes = plot.registration_panels(fixed, moving, fixed + 0.1)
+    np.testing.assert_allclose(axes[3].get_images()[0].get_array(), 0.1)
+    assert [a.get_title() for a in axes][:3] == ["fixed", "moving", "registered"]
+    matrices = np.array([build_affine_matrix(t, t / 2, -t, center=(14.5, 9.5)) for t in range(5)])
+    import xarray as xr
+
+    result = xr.Dataset(
+        {
+            "matrix": (("image", "row", "col"), matrices),
+            "registered": (("image", "y", "x"), np.zeros((5, 20, 30))),
+        }
+    )
+    top, bottom = plot.stack_drift(result)
+    np.testing.assert_allclose(bottom.get_lines()[0].get_ydata(), np.arange(5), atol=1e-12)
+    np.testing.assert_allclose(top.get_lines()[0].get_ydata(), np.arange(5) / 2, atol=1e-12)
+    np.testing.assert_allclose(top.get_lines()[1].get_ydata(), -np.arange(5), atol=1e-12)
+    with pytest.raises(ValueError, match="differ in shape"):
+        plot.registration_panels(fixed, moving[:5], fixed)

@@ -1,0 +1,217 @@
+"""Stack registration: every image of a stack onto a reference, lazily.
+
+Each image ``I_k`` gets the forward motion ``M_k`` with ``I_k(M_k p) ≈ R(p)`` relative to
+the reference ``R`` (:mod:`scalign.kernels.affine`'s convention), found by
+:func:`scalign.kernels.register.estimate_motion`; the registered stack is every image
+pulled back, ``I_k(M_k p)``, i.e. warped by ``M_k^{-1}``.
+
+References:
+
+* ``"first"`` or an index: one fixed image; independent tasks, one per chunk.
+* ``"previous"``: image ``k`` onto image ``k - 1`` (independent pair tasks), then the
+  motions are chained along the stack, :math:`M_k = R_k M_{k-1}` with ``R_k`` the motion
+  of image ``k`` relative to image ``k - 1`` and ``M_0 = I``: a scan (dask's
+  ``cumreduction``), so drift accumulates as it physically does.
+* ``"mean"``: registered to the first image, then ``mean_iterations`` times to the mean
+  of the registered stack (each round one pass over the chunks), which removes the bias
+  of any single reference.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.array.reductions import cumreduction
+
+from scalign.images import COL, ROW, validate_stack, warp_stack
+from scalign.kernels.register import estimate_motion
+from scalign.mapping import map_batch
+from scalign.validation import check_iterations, check_option
+
+REFERENCES = ("first", "previous", "mean")
+TRANSFORMS = ("translation", "rigid", "similarity", "affine")
+LOSSES = ("mse", "ncc")
+
+
+def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
+    """Motions, losses and iterations of each image of a chunk onto ``reference``.
+
+    ``reference`` is one image (broadcast) or one per image (the ``previous`` pairs).
+    """
+    n, spatial = images.shape[0], images.shape[1:]
+    d = len(spatial)
+    refs = np.broadcast_to(reference, images.shape)
+    matrix = np.empty((n, d + 1, d + 1))
+    losses = np.empty(n)
+    iterations = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        fit = estimate_motion(
+            np.asarray(refs[k], dtype=np.float64),
+            np.asarray(images[k], dtype=np.float64),
+            transform,
+            loss,
+            max_iterations=max_iterations,
+            tol=tol,
+        )
+        matrix[k], losses[k], iterations[k] = fit.matrix, fit.loss, sum(fit.iterations)
+    return matrix, losses, iterations
+
+
+def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> dict:
+    spatial = list(images.dims[1:])
+    d = len(spatial)
+    return map_batch(
+        _register_chunk,
+        [images, reference],
+        [spatial, spatial],
+        {
+            "matrix": ((ROW, COL), np.float64),
+            "loss": ((), np.float64),
+            "iterations": ((), np.int64),
+        },
+        sizes={ROW: d + 1, COL: d + 1},
+        kwargs=options,
+    )
+
+
+def _chain_block(block: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Within a block of relative motions ``R_k``: ``C_k = R_k C_{k-1}``, ``C_{-1} = I``."""
+    out = np.empty_like(block)
+    total = np.eye(block.shape[-1])
+    for k in range(block.shape[0]):
+        total = block[k] @ total
+        out[k] = total
+    return out
+
+
+def _chain_join(carry: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """Apply the motion accumulated before a block; a NaN carry is the scan's start."""
+    if np.all(np.isnan(carry)):
+        return block
+    return block @ carry
+
+
+def chain_motions(relative: da.Array) -> da.Array:
+    """Cumulative motions ``M_k = R_k R_{k-1} ... R_0`` along axis 0, lazily (a scan)."""
+    # cumreduction seeds the scan with a constant fill: NaN marks "no motion yet"
+    return cumreduction(_chain_block, _chain_join, np.nan, relative, axis=0, dtype=np.float64)
+
+
+def _previous(images: xr.DataArray, options: dict) -> dict:
+    dim = images.dims[0]
+    current = images.isel({dim: slice(1, None)})
+    before = images.isel({dim: slice(None, -1)}).data
+    before = xr.DataArray(before, dims=images.dims).chunk({dim: current.chunks[0]})
+    pairs = _register(current.drop_vars(dim, errors="ignore"), before, options)
+    d = images.ndim - 1
+    first = da.eye(d + 1, dtype=np.float64)[None]
+    relative = da.concatenate([first, pairs["matrix"].data], axis=0).rechunk({0: images.chunks[0]})
+    zero = da.zeros((1,), dtype=np.float64)
+    start = da.zeros((1,), dtype=np.int64)
+    return {
+        "matrix": xr.DataArray(chain_motions(relative), dims=(dim, ROW, COL)),
+        "loss": xr.DataArray(
+            da.concatenate([zero, pairs["loss"].data]).rechunk(images.chunks[0]), dims=(dim,)
+        ),
+        "iterations": xr.DataArray(
+            da.concatenate([start, pairs["iterations"].data]).rechunk(images.chunks[0]),
+            dims=(dim,),
+        ),
+    }
+
+
+def _pull_back(
+    images: xr.DataArray, matrix: xr.DataArray, order: int, mode: str = "constant"
+) -> xr.DataArray:
+    """``I_k(M_k p)``: each image warped by the inverse of its motion."""
+    inverse = map_batch(
+        np.linalg.inv, [matrix], [[ROW, COL]], {"inverse": ((ROW, COL), np.float64)}
+    )["inverse"]
+    return warp_stack(images, inverse, order=order, mode=mode)
+
+
+def register_stack(
+    stack: xr.Dataset | xr.DataArray,
+    reference: str | int = "first",
+    *,
+    transform: str = "rigid",
+    loss: str = "mse",
+    max_iterations: int = 50,
+    tol: float = 1e-3,
+    mean_iterations: int = 2,
+    order: int = 1,
+) -> xr.Dataset:
+    """Register every image of a stack to a reference; lazy except for ``"mean"``.
+
+    Parameters
+    ----------
+    stack : Dataset with ``images (image, y, x)`` (or ``(volume, z, y, x)``), or that
+        DataArray; chunked along the first dim.
+    reference : "first", "previous", "mean" or an image index
+        See the module docstring.
+    transform : {"translation", "rigid", "similarity", "affine"}
+        ``"similarity"`` is 2-D only.
+    loss : {"mse", "ncc"}
+    max_iterations, tol :
+        Per pyramid level, for :func:`scalign.kernels.register.estimate_motion` (``tol``
+        in full-resolution pixels).
+    mean_iterations : int
+        Rounds of registering to the mean for ``reference="mean"``.
+    order : int
+        Interpolation order of the registered stack.
+
+    Returns
+    -------
+    Dataset
+        ``matrix (image, row, col)``: each image's forward motion relative to the
+        reference, ``I_k(M_k p) ≈ R(p)``; ``loss (image)`` (MSE, or 1 − NCC, of the final
+        fit; 0 for the first image with ``"previous"``); ``iterations (image)``;
+        ``registered (image, y, x)``: every image pulled back onto the reference.
+    """
+    ds = validate_stack(stack)
+    images = ds["images"]
+    check_option("transform", transform, TRANSFORMS)
+    check_option("loss", loss, LOSSES)
+    check_iterations(max_iterations, tol)
+    if transform == "similarity" and images.ndim != 3:
+        raise ValueError("transform 'similarity' is 2-D only; use 'rigid' or 'affine' for volumes")
+    options = {"transform": transform, "loss": loss, "max_iterations": max_iterations, "tol": tol}
+    dim, n = images.dims[0], images.shape[0]
+    if isinstance(reference, bool) or not isinstance(reference, numbers.Integral | str):
+        raise TypeError(
+            f"reference must be 'first', 'previous', 'mean' or an index, got {reference!r}"
+        )
+    if isinstance(reference, str):
+        check_option("reference", reference, REFERENCES)
+    elif not -n <= reference < n:
+        raise ValueError(f"reference index {reference} is out of range for {n} images")
+    if reference == "previous" and n > 1:
+        fit = _previous(images, options)
+    else:
+        index = 0 if isinstance(reference, str) else int(reference)
+        fit = _register(images, images.isel({dim: index}), options)
+        if reference == "mean":
+            check_iterations(mean_iterations, 1.0)
+            for _ in range(mean_iterations):
+                # Edge-extended warps: zero-filled corners would drag the mean and bias
+                # every fit near the border.
+                pulled = _pull_back(images, fit["matrix"], order, mode="nearest")
+                mean = pulled.mean(dim).compute()
+                fit = _register(images, mean, options)
+    return xr.Dataset(
+        {
+            "matrix": fit["matrix"],
+            "loss": fit["loss"],
+            "iterations": fit["iterations"],
+            "registered": _pull_back(images, fit["matrix"], order),
+        },
+        attrs=dict(ds.attrs)
+        | {
+            "scalign_reference": str(reference),
+            "scalign_transform": transform,
+            "scalign_loss": loss,
+        },
+    )
