@@ -32,7 +32,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     """Every ```python block of the README, in order, in one namespace."""
     readme = (EXAMPLES.parent / "README.md").read_text()
     blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for code in blocks:
