@@ -36,6 +36,7 @@ from scalign.procrustes import (
     umeyama,
     weighted_procrustes,
 )
+from scalign.registration import RegistrationInfo, register_affine_2d, register_affine_3d
 from scalign.stack_registration import register_stack
 from scalign.synthetic import helix, helix_ensemble
 
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ICPInfo",
+    "RegistrationInfo",
     "Superposition",
     "Transform",
     "align",
@@ -72,6 +74,8 @@ __all__ = [
     "procrustes_distance",
     "procrustes_r2",
     "procrustes_rmse",
+    "register_affine_2d",
+    "register_affine_3d",
     "register_stack",
     "rmsd",
     "rotation_angle",

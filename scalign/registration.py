@@ -1,0 +1,198 @@
+"""Registration of one image (or volume) onto a reference, on plain arrays.
+
+Conventions (:mod:`scalign.kernels.affine`): the returned ``matrix`` is the forward motion
+``M`` of the moving image relative to the reference in pixel ``(x, y[, z])``,
+``mov(M p) ≈ ref(p)``: warping ``ref`` by ``M`` reproduces ``mov``, and ``warped`` is
+``mov`` pulled back onto ``ref``, ``warped(p) = mov(M p)``. The pipeline is
+:func:`scalign.kernels.register.estimate_motion`: translation by phase correlation,
+a log-polar rotation (and scale) search in 2-D so that any angle is in the capture range,
+then inverse-compositional Gauss–Newton on a pyramid until the update moves no image
+corner by more than ``tol`` pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import ndimage
+
+from scalign.kernels.affine import (
+    check_matrix,
+    decompose_affine,
+    decompose_affine_3d,
+    image_center,
+    invert,
+    pull_matrix,
+)
+from scalign.kernels.register import LOSSES, TRANSFORMS_2D, TRANSFORMS_3D, estimate_motion
+from scalign.validation import check_iterations, check_option
+
+# Fewer pixels than this along an axis leave no room for a pyramid or a rotation search.
+_MIN_SIZE = 8
+
+
+class RegistrationInfo(NamedTuple):
+    """What :func:`register_affine_2d` / :func:`register_affine_3d` report.
+
+    Attributes
+    ----------
+    loss : final loss on the finest level (MSE, or ``1 - NCC``).
+    iterations : Gauss–Newton iterations per pyramid level, coarsest first.
+    converged : whether the finest level met ``tol``.
+    levels : pyramid levels used.
+    parameters : ``M`` decomposed about the image centre ``c`` as ``T(c + t) R Sh S
+        T(-c)`` (:func:`scalign.kernels.affine.decompose_affine`: ``theta`` in degrees,
+        ``tx, ty, sx, sy, shx`` with ``shy = 0``; in 3-D
+        :func:`~scalign.kernels.affine.decompose_affine_3d`: ``rx, ry, rz`` with
+        ``R = Rz Ry Rx``, translation, scales and shears).
+    """
+
+    loss: float
+    iterations: tuple[int, ...]
+    converged: bool
+    levels: int
+    parameters: dict[str, Any]
+
+
+def _as_image(name: str, image: Any, d: int) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    if arr.ndim != d:
+        kind = "an image (y, x)" if d == 2 else "a volume (z, y, x)"
+        raise ValueError(f"{name} must be {kind}, got shape {arr.shape}")
+    if min(arr.shape) < _MIN_SIZE:
+        raise ValueError(f"{name} is too small to register: shape {arr.shape} (>= {_MIN_SIZE})")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} has non-finite (NaN or inf) pixels")
+    return arr.astype(np.float64, copy=False)
+
+
+def _register(
+    ref,
+    mov,
+    d,
+    transform,
+    loss,
+    transforms,
+    *,
+    max_iterations,
+    tol,
+    levels,
+    initial,
+    rotation_search,
+    order,
+):
+    ref, mov = _as_image("ref", ref, d), _as_image("mov", mov, d)
+    if ref.shape != mov.shape:
+        raise ValueError(f"ref has shape {ref.shape} but mov has {mov.shape}")
+    check_option("transform", transform, transforms)
+    check_option("loss", loss, LOSSES)
+    check_iterations(max_iterations, tol)
+    fit = estimate_motion(
+        ref,
+        mov,
+        transform,
+        loss,
+        max_iterations=max_iterations,
+        tol=tol,
+        levels=levels,
+        initial=None if initial is None else check_matrix("initial", initial, d),
+        rotation_search=rotation_search,
+    )
+    M = fit.matrix
+    warped = ndimage.affine_transform(mov, *pull_matrix(invert(M)), order=order)
+    decompose = decompose_affine if d == 2 else decompose_affine_3d
+    parameters = dict(decompose(M, center=image_center(ref.shape)))
+    info = RegistrationInfo(
+        float(fit.loss), fit.iterations, bool(fit.converged), fit.levels, parameters
+    )
+    return warped, M, info
+
+
+def register_affine_2d(
+    ref: ArrayLike,
+    mov: ArrayLike,
+    transform: str = "rigid",
+    loss: str = "mse",
+    *,
+    max_iterations: int = 50,
+    tol: float = 1e-3,
+    levels: int | None = None,
+    initial: ArrayLike | None = None,
+    rotation_search: bool = True,
+    order: int = 1,
+) -> tuple[np.ndarray, np.ndarray, RegistrationInfo]:
+    """Register a 2-D image ``mov`` onto ``ref``; return ``(warped, matrix, info)``.
+
+    Parameters
+    ----------
+    ref, mov : (H, W) real arrays of the same shape, finite.
+    transform : {"translation", "rigid", "similarity", "affine"}
+    loss : {"mse", "ncc"}
+        Mean squared error, or zero-normalised cross-correlation (insensitive to a gain
+        and an offset of the intensities).
+    max_iterations : Gauss–Newton iterations per pyramid level at most.
+    tol : convergence on the finest level: no image corner moves by more than ``tol`` px.
+    levels : pyramid levels (default: halve until the coarsest side is about 64 px).
+    initial : (3, 3) starting motion, optional (then no global search).
+    rotation_search : search every rotation angle (log-polar) before refining.
+    order : interpolation order of ``warped``.
+
+    Returns
+    -------
+    warped : ``mov`` pulled back onto ``ref``, ``warped(p) = mov(M p)``.
+    matrix : (3, 3) forward motion ``M`` with ``mov(M p) ≈ ref(p)``.
+    info : :class:`RegistrationInfo`.
+    """
+    return _register(
+        ref,
+        mov,
+        2,
+        transform,
+        loss,
+        TRANSFORMS_2D,
+        max_iterations=max_iterations,
+        tol=tol,
+        levels=levels,
+        initial=initial,
+        rotation_search=rotation_search,
+        order=order,
+    )
+
+
+def register_affine_3d(
+    ref: ArrayLike,
+    mov: ArrayLike,
+    transform: str = "rigid",
+    loss: str = "mse",
+    *,
+    max_iterations: int = 50,
+    tol: float = 1e-3,
+    levels: int | None = None,
+    initial: ArrayLike | None = None,
+    order: int = 1,
+) -> tuple[np.ndarray, np.ndarray, RegistrationInfo]:
+    """Register a volume ``mov (D, H, W)`` onto ``ref``; return ``(warped, matrix, info)``.
+
+    As :func:`register_affine_2d` with 4×4 motions in ``(x, y, z)`` and transforms
+    ``"translation"``, ``"rigid"`` or ``"affine"``; the start is the phase-correlation
+    translation (no rotation search in 3-D: rotations up to ~20° are in the capture range
+    of the pyramid).
+    """
+    return _register(
+        ref,
+        mov,
+        3,
+        transform,
+        loss,
+        TRANSFORMS_3D,
+        max_iterations=max_iterations,
+        tol=tol,
+        levels=levels,
+        initial=initial,
+        rotation_search=False,
+        order=order,
+    )
