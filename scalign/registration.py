@@ -7,7 +7,8 @@ Conventions (:mod:`scalign.kernels.affine`): the returned ``matrix`` is the forw
 :func:`scalign.kernels.register.estimate_motion`: translation by phase correlation,
 a log-polar rotation (and scale) search in 2-D so that any angle is in the capture range,
 then inverse-compositional Gauss–Newton on a pyramid until the update moves no image
-corner by more than ``tol`` pixels.
+corner by more than ``tol`` pixels, polished on the finest level with cubic B-spline
+sampling.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from scalign.kernels.affine import (
     invert,
     pull_matrix,
 )
-from scalign.kernels.register import LOSSES, TRANSFORMS_2D, TRANSFORMS_3D, estimate_motion
+from scalign.kernels.register import (
+    LOSSES,
+    TRANSFORMS_2D,
+    TRANSFORMS_3D,
+    estimate_motion,
+    prepare_template,
+)
 from scalign.validation import check_iterations, check_option
 
 # Fewer pixels than this along an axis leave no room for a pyramid or a rotation search.
@@ -91,16 +98,12 @@ def _register(
     check_option("transform", transform, transforms)
     check_option("loss", loss, LOSSES)
     check_iterations(max_iterations, tol)
+    initial = None if initial is None else check_matrix("initial", initial, d)
+    template = prepare_template(
+        ref, transform, levels=levels, rotation_search=rotation_search and initial is None
+    )
     fit = estimate_motion(
-        ref,
-        mov,
-        transform,
-        loss,
-        max_iterations=max_iterations,
-        tol=tol,
-        levels=levels,
-        initial=None if initial is None else check_matrix("initial", initial, d),
-        rotation_search=rotation_search,
+        template, mov, loss, max_iterations=max_iterations, tol=tol, initial=initial
     )
     M = fit.matrix
     warped = ndimage.affine_transform(mov, *pull_matrix(invert(M)), order=order)

@@ -27,7 +27,7 @@ import xarray as xr
 from dask.array.reductions import cumreduction
 
 from scalign.images import COL, ROW, validate_stack, warp_stack
-from scalign.kernels.register import estimate_motion
+from scalign.kernels.register import estimate_motion, prepare_template
 from scalign.mapping import map_batch
 from scalign.validation import check_iterations, check_option
 
@@ -39,19 +39,20 @@ LOSSES = ("mse", "ncc")
 def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     """Motions, losses and iterations of each image of a chunk onto ``reference``.
 
-    ``reference`` is one image (broadcast) or one per image (the ``previous`` pairs).
+    ``reference`` is one image (broadcast: prepared once for the whole chunk) or one per
+    image (the ``previous`` pairs).
     """
     n, spatial = images.shape[0], images.shape[1:]
     d = len(spatial)
-    refs = np.broadcast_to(reference, images.shape)
+    shared = reference.ndim == d or reference.shape[0] == 1
+    template = prepare_template(np.reshape(reference, spatial), transform) if shared else None
     matrix = np.empty((n, d + 1, d + 1))
     losses = np.empty(n)
     iterations = np.empty(n, dtype=np.int64)
     for k in range(n):
         fit = estimate_motion(
-            np.asarray(refs[k], dtype=np.float64),
-            np.asarray(images[k], dtype=np.float64),
-            transform,
+            template if shared else prepare_template(np.asarray(reference[k]), transform),
+            np.asarray(images[k]),
             loss,
             max_iterations=max_iterations,
             tol=tol,

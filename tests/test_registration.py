@@ -11,10 +11,11 @@ from scalign.kernels.affine import (
     build_affine_matrix_3d,
     image_center,
     invert,
+    pixel_to_normalized,
     pull_matrix,
     rotation_angle,
 )
-from scalign.kernels.register import phase_correlation
+from scalign.kernels.register import phase_correlation, sample_cubic, spline_coefficients
 from scalign.registration import register_affine_2d, register_affine_3d
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -43,7 +44,8 @@ def test_rigid_motion_of_camera_is_recovered(camera, theta):
     M = build_affine_matrix(theta, 12.5, -7.25, center=image_center(camera.shape))
     warped, M_est, info = register_affine_2d(camera, moved(camera, M))
     angle, shift = errors(M_est, M, camera.shape)
-    assert angle < 0.05 and shift < 0.05, (angle, shift)
+    # the issue asks < 0.05° and < 0.05 px; measured ~0.0003° and ~0.0007 px
+    assert angle < 0.005 and shift < 0.005, (angle, shift)
     assert info.converged and abs(info.parameters["theta"] - theta) < 0.05
     assert info.parameters["tx"] == pytest.approx(12.5, abs=0.05)
     inner = (slice(150, -150), slice(150, -150))
@@ -54,10 +56,33 @@ def test_rigid_motion_of_camera_is_recovered(camera, theta):
 def test_affine_with_shear_and_scale(camera):
     M = build_affine_matrix(10, 6, -4, 1.1, 1.1, 0.2, center=image_center(camera.shape))
     _, M_est, _ = register_affine_2d(camera, moved(camera, M), "affine")
-    E = M_est @ invert(M) - np.eye(3)
-    # The issue asks max|E| < 1e-3: the linear part meets it (~2e-5), the translation
-    # column is ~4e-3 px, a bias of the bilinear model against the cubic warp.
-    assert np.abs(E[:2, :2]).max() < 1e-4 and np.abs(E[:2, 2]).max() < 0.01
+    # max|M_est M^-1 - I| < 1e-3 as a dimensionless matrix: in normalised coordinates
+    # (in pixels the translation column is the linear error times a 256 px lever arm)
+    E = pixel_to_normalized(M_est, camera.shape) @ invert(pixel_to_normalized(M, camera.shape))
+    assert np.abs(E - np.eye(3)).max() < 1e-4
+    angle, shift = errors(M_est, M, camera.shape)
+    assert angle < 0.005 and shift < 2e-3, (angle, shift)
+
+
+@pytest.mark.parametrize("shift", [(12.5, -7.25), (3.3, -5.6), (0.25, 0.75)])
+def test_sub_pixel_shifts_have_no_pixel_locking_bias(camera, shift):
+    # bilinear sampling alone pulls a quarter-pixel shift ~0.015 px towards the pixel
+    M = build_affine_matrix(0, *shift)
+    _, M_est, info = register_affine_2d(camera, moved(camera, M), "translation")
+    np.testing.assert_allclose(M_est[:2, 2], shift, atol=2e-3)
+    assert info.converged
+
+
+def test_cubic_sampling_equals_scipy_map_coordinates():
+    rng = np.random.default_rng(3)
+    for shape in [(37, 50), (9, 11, 13)]:
+        img = rng.random(shape).astype(np.float32)
+        coords = np.stack([rng.uniform(-0.5, n - 0.5, 4000) for n in shape])
+        values, valid = sample_cubic(spline_coefficients(img), coords)
+        ref = ndimage.map_coordinates(img.astype(np.float64), coords, order=3, mode="mirror")
+        inside = np.all((coords >= 0) & (coords < np.array(shape)[:, None] - 1), axis=0)
+        np.testing.assert_array_equal(valid, inside)
+        np.testing.assert_allclose(values[valid], ref[valid], atol=1e-5)
 
 
 def test_translation_subpixel_and_ncc_with_an_intensity_change(camera):
