@@ -15,6 +15,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from scalign._array import batch_chunked
 from scalign.validation import as_points, as_weights, check_chunks, check_enough_points
 
 STRUCTURE, POINT, SPACE = "structure", "point", "space"
@@ -65,7 +66,7 @@ def make_ensemble(
     check_enough_points("coords", n, d)
     if chunks is None:
         chunks = default_chunk(n, d, arr.dtype.itemsize)
-    data = da.asarray(arr).rechunk({0: chunks, 1: -1, 2: -1})
+    data = batch_chunked(arr, chunks)
     ds = xr.Dataset({"coords": (COORD_DIMS, data)}, attrs=dict(attrs or {}))
     if weights is not None:
         w = as_weights("weights", weights, n)

@@ -20,6 +20,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from scalign._array import batch_chunked
 from scalign.kernels.affine import check_matrix, normalized_to_pixel
 from scalign.kernels.warp import (
     check_cval,
@@ -93,7 +94,7 @@ def make_stack(images: Any, chunks: int | None = None, attrs: dict | None = None
     dims = STACK_DIMS if arr.ndim == 3 else VOLUME_DIMS
     if chunks is None:
         chunks = default_chunk(arr.shape[1:], arr.dtype.itemsize)
-    data = da.asarray(arr).rechunk({0: chunks, **{k: -1 for k in range(1, arr.ndim)}})
+    data = batch_chunked(arr, chunks)
     return xr.Dataset({"images": (dims, data)}, attrs=dict(attrs or {}))
 
 
