@@ -44,6 +44,10 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     """
     n, spatial = images.shape[0], images.shape[1:]
     d = len(spatial)
+    for name, arr in (("images", images), ("the reference", reference)):
+        bad = np.count_nonzero(~np.isfinite(arr))
+        if bad:
+            raise ValueError(f"{name} has {bad} non-finite (NaN or inf) pixel(s): cannot register")
     shared = reference.ndim == d or reference.shape[0] == 1
     template = prepare_template(np.reshape(reference, spatial), transform) if shared else None
     matrix = np.empty((n, d + 1, d + 1))

@@ -48,3 +48,11 @@ def test_robust_pairwise_icp_example(tmp_path):
     assert robust < 0.2 < plain
     assert "pairwise RMSD (400, 400)" in out and (tmp_path / "fig.png").stat().st_size > 0
     assert float(out.split("ICP: rotation error ")[1].split("°")[0]) < 0.5
+
+
+def test_register_drift_example(tmp_path):
+    out = run_example("register_drift.py", "12", "--plot", str(tmp_path / "drift.png"))
+    rotation = float(out.split("rotation error max ")[1].split("°")[0])
+    centre = float(out.split("centre error max ")[1].split(" px")[0])
+    assert rotation < 0.05 and centre < 0.05
+    assert "single pair at 120°: theta 120.0" in out and (tmp_path / "drift.png").is_file()

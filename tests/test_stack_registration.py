@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -135,3 +136,13 @@ def test_bad_input_gets_clear_errors(drift, kwargs, exc, message):
     ds, _ = drift
     with pytest.raises(exc, match=message):
         register_stack(ds, **kwargs)
+
+
+@pytest.mark.parametrize("reference", ["first", "previous"])
+def test_a_nan_pixel_in_a_lazy_stack_is_a_clear_error_when_computed(drift, reference):
+    ds, _ = drift
+    images = ds["images"].values.copy()
+    images[3, 10, 10] = np.nan
+    lazy = make_stack(da.from_array(images[:6], chunks=3))  # not checked until computed
+    with pytest.raises(ValueError, match="non-finite"):
+        register_stack(lazy, reference)["matrix"].compute()

@@ -122,7 +122,8 @@ def check_matrix(name: str, M: Any, d: int | None = None) -> np.ndarray:
     last = np.zeros(arr.shape[-1])
     last[-1] = 1.0
     if not np.allclose(arr[..., -1, :], last, atol=1e-12):
-        raise ValueError(f"{name} is not homogeneous: its last row must be {tuple(last)}")
+        row = ", ".join(f"{v:g}" for v in last)
+        raise ValueError(f"{name} is not homogeneous: its last row must be ({row})")
     return arr
 
 
