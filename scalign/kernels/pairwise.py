@@ -86,44 +86,60 @@ def centre(X: Array, weights: Array | None = None) -> Centred:
 def rmsd_block(A: Centred, B: Centred | None = None) -> Array:
     """RMSD after optimal superposition for every pair of two centred batches.
 
-    ``B = None`` means ``A`` against itself (a symmetric block with a zero diagonal).
+    ``B = None`` means ``A`` against itself: a symmetric block with a zero diagonal, whose
+    cross-covariances come from a symmetric rank-k product (``L Lᵀ`` with ``L = A √p``,
+    half the GEMM) and whose :math:`\\lambda_{max}` are solved on and below the diagonal
+    only, then mirrored.
     """
     xp = namespace(A.coords)
     same = B is None
     B = A if same else B
     (d, a, n), b = A.coords.shape, B.coords.shape[1]
-    left = xp.reshape(A.coords * A.p, (d * a, n))
-    G = xp.reshape(left @ xp.matrix_transpose(xp.reshape(B.coords, (d * b, n))), (d, a, d, b))
+    if same:
+        left = xp.reshape(A.coords * xp.sqrt(A.p), (d * a, n))
+        right = left
+    else:
+        left = xp.reshape(A.coords * A.p, (d * a, n))
+        right = xp.reshape(B.coords, (d * b, n))
+    G = xp.reshape(left @ xp.matrix_transpose(right), (d, a, d, b))
     # A view, not a copy: H[i, j, p, q] = G[p, i, q, j], each (p, q) plane contiguous.
     H = xp.permute_dims(G, (1, 3, 0, 2))
     g = A.g[:, None] + B.g[None, :]
-    ok = xp.all(xp.isfinite(H), axis=(-2, -1)) & xp.isfinite(g)
+    # a non-finite coordinate makes its structure's g non-finite (and only its H entries)
+    ok = xp.isfinite(g)
     if not bool(xp.all(ok)):
         H = xp.where(ok[..., None, None], H, xp.eye(d, dtype=xp.float64))
-    e2 = xp.empty_like(g)
+    e2 = xp.zeros_like(g)
     step = max(1, _block_pairs(xp, a * b) // b)
     with np.errstate(invalid="ignore"):
         for start in range(0, a, step):
-            rows = slice(start, start + step)
-            bound = xp.where(ok[rows], 0.5 * g[rows], 1.5)
-            e2[rows] = g[rows] - 2.0 * _trace(xp, H[rows], bound)
-    e2 = xp.reshape(e2, (-1,))
-    g, ok = xp.reshape(g, (-1,)), xp.reshape(ok, (-1,))
+            stop = min(a, start + step)
+            cols = slice(0, stop if same else b)
+            pair = (slice(start, stop), cols)
+            bound = xp.where(ok[pair], 0.5 * g[pair], 1.5)
+            e2[pair] = g[pair] - 2.0 * _trace(xp, H[pair], bound)
     e2 = xp.clip(e2, 0.0, None)
     close = ok & (e2 < _CLOSE * g)
     if same:
-        # A structure against itself: the identity is the exact optimum.
-        diagonal = xp.reshape(xp.eye(a, dtype=xp.bool), (-1,))
-        e2 = xp.where(diagonal, 0.0, e2)
-        close = close & ~diagonal
+        # solved below the diagonal only; a structure against itself is exactly 0
+        i = xp.arange(a)
+        close = close & (i[:, None] > i[None, :])
+    close = xp.reshape(close, (-1,))
     if bool(xp.any(close)):
         idx = xp.nonzero(close)[0]
         i, j = idx // b, idx % b
         moving = xp.permute_dims(A.coords[:, i, :], (1, 2, 0))
         target = xp.permute_dims(B.coords[:, j, :], (1, 2, 0))
         fit = superpose(moving, target, A.p[None, :])
+        e2 = xp.reshape(e2, (-1,))
         e2[idx] = fit.rmsd * fit.rmsd
-    return xp.reshape(xp.where(ok, xp.sqrt(e2), xp.nan), (a, b))
+        e2 = xp.reshape(e2, (a, b))
+    if same:
+        i = xp.arange(a)
+        lower = i[:, None] > i[None, :]
+        e2 = xp.where(lower, e2, xp.matrix_transpose(e2))
+        e2 = xp.where(i[:, None] == i[None, :], 0.0, e2)
+    return xp.where(ok, xp.sqrt(e2), xp.nan)
 
 
 def pairwise_rmsd(A: Array, B: Array | None = None, weights: Array | None = None) -> Array:
