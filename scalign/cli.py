@@ -15,6 +15,7 @@ import xarray as xr
 from scalign.align import align
 from scalign.ensemble import STRUCTURE
 from scalign.execution import SCHEDULER_ENV, run, scheduler, to_device
+from scalign.formats import import_star
 from scalign.icp import icp
 from scalign.images import validate_stack, warp_stack
 from scalign.io import load_ensemble, load_points, open_ensemble, save_zarr
@@ -365,6 +366,46 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _found(ds: xr.Dataset, names: tuple[str, ...]) -> str:
+    present = [n for n in names if n in ds]
+    return ", ".join(present) if present else "none"
+
+
+def cmd_import_star(args) -> int:
+    out = _check_output(args.output, args.overwrite)
+    ds = import_star(args.star, chunks=args.chunks)
+    save_zarr(ds, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=True))
+    n, ny, nx = ds["images"].shape
+    attrs = ds.attrs
+    optics = [
+        form.format(attrs[key])
+        for key, form in (
+            ("voltage", "{:g} kV"),
+            ("cs", "Cs {:g} mm"),
+            ("amplitude_contrast", "amplitude contrast {:g}"),
+        )
+        if key in attrs
+    ]
+    chunks = ds["images"].chunks[0]
+    rows = [
+        ("images", f"{n:,} from {attrs['n_stacks']} stack file(s)"),
+        ("box", f"{ny} × {nx} px"),
+        (
+            "pixel size",
+            f"{attrs['pixel_size']:g} Å" if "pixel_size" in attrs else "unknown (not in the file)",
+        ),
+        ("angles", _found(ds, ("rot", "tilt", "psi"))),
+        ("shifts (px)", _found(ds, ("shift_x", "shift_y"))),
+        ("ctf", _found(ds, ("defocus_u", "defocus_v", "defocus_angle"))),
+        ("optics", ", ".join(optics) if optics else "none"),
+        ("chunks", f"{len(chunks)} of ≤ {max(chunks):,} images"),
+        ("input", args.star),
+        ("output", str(out)),
+    ]
+    print(_table("scalign import-star: summary", rows))
+    return 0
+
+
 def cmd_info(args) -> int:
     path = Path(args.path)
     if path.suffix in (".npy", ".npz") and path.is_file():
@@ -506,6 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true")
     imp.add_argument("--compress", action="store_true", help="zstd-compress the coordinates")
     imp.set_defaults(func=cmd_import)
+
+    ist = sub.add_parser(
+        "import-star", help="convert a RELION particle STAR file and its stacks into zarr"
+    )
+    ist.add_argument("star", metavar="particles.star")
+    ist.add_argument("output", metavar="OUT.zarr")
+    ist.add_argument("--chunks", type=int, metavar="K", help="images per chunk")
+    ist.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
+    ist.set_defaults(func=cmd_import_star)
 
     info = sub.add_parser("info", help="describe a zarr store or a .npy/.npz file")
     info.add_argument("path", metavar="PATH")

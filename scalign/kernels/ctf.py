@@ -1,0 +1,112 @@
+"""Contrast transfer function (RELION's model) and Fourier-crop downsampling.
+
+CTF (RELION ``ctf.h``): for a spatial frequency ``u`` (1/Å) at azimuth ``α`` (angle of
+``(k_x, k_y)`` from ``x``), with the defoci ``ΔU, ΔV`` (Å, positive = underfocus) and the
+astigmatism angle ``α_ast`` (degrees),
+
+.. math::
+    \\Delta f(\\alpha) = \\tfrac12 (\\Delta U + \\Delta V)
+                       + \\tfrac12 (\\Delta U - \\Delta V) \\cos 2(\\alpha - \\alpha_{ast}),
+
+    \\chi(u) = \\pi \\lambda \\Delta f u^2 - \\tfrac{\\pi}{2} C_s \\lambda^3 u^4
+               + \\varphi + \\arctan\\frac{w}{\\sqrt{1 - w^2}}, \\qquad
+    \\mathrm{CTF}(u) = \\sin \\chi(u)
+
+with the relativistic electron wavelength ``λ = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))``
+Å (``V`` in volts), ``C_s`` in Å (mm × 1e7), the amplitude contrast ``w`` and a phase
+shift ``φ``. (RELION writes ``-sin(-χ)`` with a negated ``Δf``: the same function; at
+``u = 0`` it is ``+w``, so density keeps its sign.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from scalign.kernels.projection import box_center, half_plane_frequencies
+
+
+def electron_wavelength(voltage_kv: float) -> float:
+    """Relativistic electron wavelength in Å at an acceleration voltage in kV."""
+    v = voltage_kv * 1e3
+    return 12.2643247 / math.sqrt(v * (1.0 + 0.978466e-6 * v))
+
+
+def ctf_half_plane(
+    n: int,
+    pixel_size: float,
+    defocus_u: ArrayLike,
+    defocus_v: ArrayLike,
+    defocus_angle: ArrayLike,
+    *,
+    voltage: float = 300.0,
+    cs: float = 2.7,
+    amplitude_contrast: float = 0.1,
+    phase_shift: float = 0.0,
+) -> np.ndarray:
+    """The CTF (module docstring) on the half plane of ``numpy.fft.rfft2`` of ``n × n``
+    images, one per defocus triple: ``(B, n, n // 2 + 1)``.
+
+    Parameters
+    ----------
+    n : box size (pixels); pixel_size : Å per pixel.
+    defocus_u, defocus_v : (B,) Å; defocus_angle : (B,) degrees.
+    voltage : kV; cs : mm; amplitude_contrast : fraction; phase_shift : degrees.
+    """
+    du = np.atleast_1d(np.asarray(defocus_u, dtype=np.float64))
+    dv = np.atleast_1d(np.asarray(defocus_v, dtype=np.float64))
+    da = np.radians(np.atleast_1d(np.asarray(defocus_angle, dtype=np.float64)))
+    lam = electron_wavelength(voltage)
+    ky, kx = half_plane_frequencies(n)
+    fx, fy = kx / (n * pixel_size), ky / (n * pixel_size)
+    u2 = fx * fx + fy * fy
+    azimuth = np.arctan2(fy, fx)
+    defocus = 0.5 * (du + dv)[:, None, None] + 0.5 * (du - dv)[:, None, None] * np.cos(
+        2.0 * (azimuth[None] - da[:, None, None])
+    )
+    w = amplitude_contrast
+    chi = (
+        math.pi * lam * defocus * u2
+        - 0.5 * math.pi * cs * 1e7 * lam**3 * u2 * u2
+        + math.radians(phase_shift)
+        + math.atan(w / math.sqrt(1.0 - w * w))
+    )
+    return np.sin(chi)
+
+
+def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """Downsample ``(..., n, n)`` images to ``size × size`` (``size <= n``) by Fourier
+    cropping: the frequencies ``|k| < size / 2`` on each axis are kept (the small grid's
+    Nyquist term is zeroed), about the box centre (``n // 2`` maps to ``size // 2``), and
+    the mean value is kept. The pixel size grows by ``n / size``."""
+    return _crop(images, size, 2)
+
+
+def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
+    """:func:`fourier_crop` of ``(..., n, n, n)`` volumes."""
+    return _crop(volume, size, 3)
+
+
+def _crop(x: np.ndarray, size: int, d: int) -> np.ndarray:
+    n = x.shape[-1]
+    if size == n:
+        return x
+    axes = tuple(range(-d, 0))
+    spec = np.fft.fftn(x, axes=axes)
+    kk = np.fft.fftfreq(size) * size
+    # about the centres: multiply by exp(+2πi k c/n), take the small grid's frequencies,
+    # multiply by exp(-2πi k c'/size)
+    factor = np.where(
+        np.abs(kk) < size / 2,
+        np.exp(2j * np.pi * kk * (box_center(n) / n - box_center(size) / size)),
+        0.0,
+    )
+    index = np.round(kk).astype(int) % n
+    for a in axes:
+        shape = [1] * x.ndim
+        shape[a] = size
+        spec = np.take(spec, index, axis=a) * factor.reshape(shape)
+    out = np.fft.ifftn(spec, axes=axes).real * (size / n) ** d
+    return out.astype(x.dtype if x.dtype.kind == "f" else np.float64, copy=False)

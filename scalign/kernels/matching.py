@@ -1,0 +1,271 @@
+"""Projection matching: the orientation and shift of each image against one volume.
+
+1. **Global search** over a gallery of projections at the orientations of a grid (every
+   ``step`` degrees over the asymmetric unit, with in-plane angles): for each image and
+   gallery projection the cross-correlation over all shifts up to ``max_shift`` pixels is
+   one FFT product, :math:`c(s) = \\mathrm{IDFT}[\\hat I\\, \\mathrm{CTF}\\, \\overline{\\hat
+   P}](s) / (\\lVert I \\rVert \\lVert P \\rVert)` (the CTF, when given, filters the image
+   side: :math:`\\sum \\hat I \\overline{\\mathrm{CTF}\\, \\hat P} = \\sum \\mathrm{CTF}\\,
+   \\hat I\\, \\overline{\\hat P}` as the CTF is real); the best gallery entry and its
+   integer shift start the refinement (the ``candidates`` best entries, each refined).
+2. **Local refinement** of the three angles and two shifts: pattern search over small
+   rotations ``R_a(±δ) A`` about the projection frame's ``x``, ``y``, ``z`` axes (no Euler
+   singularity at ``tilt = 0``), each candidate's shift from its cross-correlation peak
+   (parabolic sub-pixel refinement within one pixel of the peak); ``δ`` starts at half
+   the grid step and halves whenever no candidate improves, down to ``final_step``.
+
+All projections of one call share one non-uniform FFT of the volume per batch
+(:func:`scalign.kernels.projection.slice_spectra`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from scalign.kernels.projection import centering_phase, half_plane_frequencies, slice_spectra
+
+# Gallery projections per cross-correlation block (memory: images × block × n² floats).
+_GALLERY_BLOCK = 256
+
+
+def _axis_rotations(axis: int, angles: np.ndarray) -> np.ndarray:
+    """Active rotations ``(B, 3, 3)`` by ``angles`` (degrees) about coordinate axis ``axis``
+    (0 x, 1 y, 2 z)."""
+    c, s = np.cos(np.radians(angles)), np.sin(np.radians(angles))
+    i, j = [a for a in range(3) if a != axis]
+    R = np.broadcast_to(np.eye(3), angles.shape + (3, 3)).copy()
+    R[..., i, i], R[..., i, j], R[..., j, i], R[..., j, j] = c, -s, s, c
+    return R
+
+
+class Match(NamedTuple):
+    """Result of :func:`match_images`: per image, the orientation and shift found."""
+
+    A: np.ndarray  # (B, 3, 3) orientation matrices
+    shifts: np.ndarray  # (B, 2) (x, y) pixels: the image is the projection moved by these
+    score: np.ndarray  # (B,) normalised cross-correlation at the optimum
+    iterations: np.ndarray  # (B,) refinement rounds
+
+
+def _image_spectra(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Half-plane spectra of the mean-subtracted images and their norms."""
+    x = images - images.mean(axis=(-2, -1), keepdims=True)
+    return np.fft.rfft2(x), np.sqrt((x * x).sum(axis=(-2, -1)))
+
+
+def _peak(cc: np.ndarray, max_shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Best shift (x, y) within ``max_shift`` of cross-correlations ``(..., n, n)`` (DFT
+    order: index ``j`` is the shift ``j`` or ``j - n``), refined by a parabola through the
+    peak and its neighbours along each axis, and the peak value."""
+    n = cc.shape[-1]
+    k = np.fft.fftfreq(n) * n
+    allowed = (k[:, None] ** 2 + k[None, :] ** 2) <= max_shift**2
+    flat = cc.reshape(cc.shape[:-2] + (n * n,))
+    j = np.argmax(np.where(allowed.reshape(-1), flat, -np.inf), axis=-1)
+    iy, ix = np.divmod(j, n)
+
+    def value(dy: int, dx: int) -> np.ndarray:
+        index = ((iy + dy) % n) * n + (ix + dx) % n
+        return np.take_along_axis(flat, index[..., None], axis=-1)[..., 0]
+
+    best = value(0, 0)
+    shift = np.stack([k[ix], k[iy]], axis=-1)
+    for axis, (dy, dx) in enumerate(((0, 1), (1, 0))):
+        vm, vp = value(-dy, -dx), value(dy, dx)
+        den = vm - 2.0 * best + vp
+        frac = np.where(den < 0, 0.5 * (vm - vp) / np.where(den < 0, den, -1.0), 0.0)
+        shift[..., axis] += np.clip(frac, -0.5, 0.5)
+    return shift, best
+
+
+def _newton_shift(G: np.ndarray, shift: np.ndarray, n: int, steps: int = 2) -> tuple:
+    """Maximise the trigonometric interpolant of a cross-correlation,
+    :math:`c(s) = \\frac{1}{n^2} \\sum_k w_k \\mathrm{Re}(G_k e^{2\\pi i k \\cdot s / n})`
+    (``G`` its half-plane spectrum, ``w_k`` = 2 for the columns that stand for a conjugate
+    pair too), by Newton steps from ``shift``; returns the shift and ``c`` there."""
+    ky, kx = half_plane_frequencies(n)
+    w = np.full(kx.shape[1], 2.0)
+    w[0] = 1.0
+    if n % 2 == 0:
+        w[-1] = 1.0
+    k = np.stack([kx, ky]) * (2 * np.pi / n)  # (2, n, m) radians per pixel
+    fx, fy = k[0, 0], k[1, :, 0]  # the separable axes: (m,) and (n,)
+    Gw = G * w / (n * n)
+    s = shift.copy()
+    for _ in range(steps + 1):
+        # exp(i (k_x s_x + k_y s_y)) as the product of two 1-D phase ramps
+        ex = np.exp(1j * fx * s[..., 0, None])[..., None, :]
+        ey = np.exp(1j * fy * s[..., 1, None])[..., :, None]
+        e = Gw * ey * ex
+        value = e.real.sum(axis=(-2, -1))
+        if _ == steps:
+            break
+        ie = 1j * e
+        grad = np.stack([(ie * k[a]).real.sum(axis=(-2, -1)) for a in range(2)], axis=-1)
+        hess = np.empty(s.shape + (2,))
+        for a in range(2):
+            for b in range(2):
+                hess[..., a, b] = -(e * k[a] * k[b]).real.sum(axis=(-2, -1))
+        det = hess[..., 0, 0] * hess[..., 1, 1] - hess[..., 0, 1] ** 2
+        ok = (hess[..., 0, 0] < 0) & (det > 0)
+        safe = np.where(ok, det, 1.0)
+        dx = (hess[..., 1, 1] * grad[..., 0] - hess[..., 0, 1] * grad[..., 1]) / safe
+        dy = (hess[..., 0, 0] * grad[..., 1] - hess[..., 0, 1] * grad[..., 0]) / safe
+        step = np.where(ok[..., None], -np.stack([dx, dy], axis=-1), 0.0)
+        s = s + np.clip(step, -0.5, 0.5)
+    return s, value
+
+
+def _correlate(
+    spectra_img: np.ndarray,
+    norms_img: np.ndarray,
+    P_spectra: np.ndarray,
+    n: int,
+    max_shift: float,
+    subpixel: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised cross-correlation peaks of images ``(B, ...)`` with projections given by
+    their centred half-plane spectra ``(B, K, ...)`` (mean removed): shifts ``(B, K, 2)``
+    and scores ``(B, K)``. With ``subpixel`` both are at the continuous optimum of the
+    shift (Newton steps on the correlation's trigonometric interpolant from the integer
+    peak), so that candidates compare at their best sub-pixel alignment; without, the
+    score is the integer peak's (the global search, which only ranks candidates)."""
+    P = np.fft.irfft2(P_spectra, s=(n, n))
+    norms_p = np.sqrt((P * P).sum(axis=(-2, -1)))
+    # the image is P moved by s: c(s) = sum_p I(p) P(p - s) = IDFT[Î conj(P̂)](s)
+    G = spectra_img[:, None] * np.conj(P_spectra)
+    shift, peak = _peak(np.fft.irfft2(G, s=(n, n)), max_shift)
+    if subpixel:
+        shift, peak = _newton_shift(G, shift, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = peak / (norms_img[:, None] * norms_p)
+    return shift, np.nan_to_num(score, nan=-np.inf)
+
+
+def _centred_projection_spectra(volume: np.ndarray, A: np.ndarray, eps: float) -> np.ndarray:
+    """Half-plane spectra of the projections at ``A``, origin at pixel 0 (no shift), with
+    the mean (DC term) removed and frequencies beyond Nyquist cut."""
+    n = volume.shape[0]
+    S = slice_spectra(volume, A, eps) * centering_phase(n)
+    ky, kx = half_plane_frequencies(n)
+    S *= (kx * kx + ky * ky) <= (n / 2) ** 2
+    S[..., 0, 0] = 0.0
+    return S
+
+
+def match_images(
+    volume: np.ndarray,
+    images: np.ndarray,
+    gallery: np.ndarray,
+    *,
+    ctf: np.ndarray | None = None,
+    step: float,
+    max_shift: float,
+    refine: bool = True,
+    candidates: int = 4,
+    final_step: float = 0.1,
+    max_rounds: int = 60,
+    eps: float = 1e-4,
+) -> Match:
+    """Orientations and shifts of ``images (B, n, n)`` against ``volume (n, n, n)``.
+
+    Parameters
+    ----------
+    gallery : (G, 3, 3) orientations of the global search (a grid every ``step`` degrees).
+    ctf : (B, n, n // 2 + 1), optional; the images' CTFs on the half plane.
+    max_shift : largest shift searched, pixels.
+    refine : refine angles and shifts locally (module docstring) after the search.
+    candidates : the best gallery entries of each image that are refined (the highest
+        refined score wins): the nearest grid orientation is not always the best-scoring
+        one when the step is coarse, the CTF strong or the noise high.
+    final_step : the refinement stops when its angular step falls below this (degrees).
+    eps : accuracy of the projections' non-uniform FFT.
+    """
+    B, n = images.shape[0], images.shape[-1]
+    F, norms = _image_spectra(np.asarray(images, dtype=np.float64))
+    K = max(1, min(candidates, len(gallery)))
+    best_score = np.full((B, K), -np.inf)
+    best_g = np.zeros((B, K), dtype=int)
+    best_shift = np.zeros((B, K, 2))
+    rows = np.arange(B)[:, None]
+    for start in range(0, len(gallery), _GALLERY_BLOCK):
+        block = gallery[start : start + _GALLERY_BLOCK]
+        P = _centred_projection_spectra(volume, block, eps)
+        P = P[None] if ctf is None else P[None] * ctf[:, None]
+        shift, score = _correlate(F, norms, P, n, max_shift, subpixel=False)
+        # keep the K best gallery entries of each image so far
+        pool = np.concatenate([best_score, score], axis=1)
+        top = np.argsort(-pool, axis=1)[:, :K]
+        g = np.concatenate([best_g, start + np.broadcast_to(np.arange(len(block)), score.shape)], 1)
+        sh = np.concatenate([best_shift, shift], axis=1)
+        best_score, best_g, best_shift = pool[rows, top], g[rows, top], sh[rows, top]
+    # every candidate is refined; each image keeps its best refined candidate
+    owner = np.repeat(np.arange(B), K)
+    A = gallery[best_g.reshape(-1)]
+    shifts = best_shift.reshape(-1, 2)
+    scores = best_score.reshape(-1)
+    rounds = np.zeros(B * K, dtype=int)
+    if refine:
+        Fc, normc = F[owner], norms[owner]
+        ctfc = None if ctf is None else ctf[owner]
+        delta = np.full(B * K, step / 2.0)
+        active = np.isfinite(scores)
+        for _ in range(max_rounds):
+            idx = np.flatnonzero(active)
+            if idx.size == 0:
+                break
+            rounds[idx] += 1
+            # the current orientation and six small rotations about the frame axes
+            cand = [A[idx]]
+            for axis in range(3):
+                for sign in (-1.0, 1.0):
+                    cand.append(_axis_rotations(axis, sign * delta[idx]) @ A[idx])
+            cand = np.stack(cand, axis=1)
+            P = _centred_projection_spectra(volume, cand.reshape(-1, 3, 3), eps)
+            P = P.reshape(idx.size, 7, n, n // 2 + 1)
+            if ctfc is not None:
+                P = P * ctfc[idx, None]
+            shift, score = _correlate(Fc[idx], normc[idx], P, n, max_shift)
+            r = np.arange(idx.size)
+            k = np.argmax(score, axis=1)
+            improved = (k > 0) & (score[r, k] > score[:, 0])
+            pick = np.where(improved, k, 0)
+            A[idx] = cand[r, pick]
+            shifts[idx] = shift[r, pick]
+            scores[idx] = score[r, pick]
+            # no better neighbour: halve the step; below final_step the candidate is done
+            delta[idx[~improved]] /= 2.0
+            active[idx[~improved & (delta[idx] < final_step)]] = False
+    best = np.argmax(scores.reshape(B, K), axis=1) + np.arange(B) * K
+    return Match(A[best], shifts[best], scores[best], rounds[best])
+    delta = np.full(B, step / 2.0)
+    active = np.ones(B, dtype=bool)
+    for _ in range(max_rounds):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        rounds[idx] += 1
+        # candidates: the current orientation and six small rotations about the frame axes
+        cand = [A[idx]]
+        for axis in range(3):
+            for sign in (-1.0, 1.0):
+                cand.append(_axis_rotations(axis, sign * delta[idx]) @ A[idx])
+        cand = np.stack(cand, axis=1)
+        P = _centred_projection_spectra(volume, cand.reshape(-1, 3, 3), eps)
+        P = P.reshape(idx.size, 7, n, n // 2 + 1)
+        if ctf is not None:
+            P = P * ctf[idx, None]
+        shift, score = _correlate(F[idx], norms[idx], P, n, max_shift)
+        rows = np.arange(idx.size)
+        k = np.argmax(score, axis=1)
+        improved = (k > 0) & (score[rows, k] > score[:, 0])
+        pick = np.where(improved, k, 0)
+        A[idx] = cand[rows, pick]
+        best_shift[idx] = shift[rows, pick]
+        best_score[idx] = score[rows, pick]
+        # no better neighbour: halve the step; below final_step the image is done
+        delta[idx[~improved]] /= 2.0
+        active[idx[~improved & (delta[idx] < final_step)]] = False
+    return Match(A, best_shift, best_score, rounds)

@@ -1,0 +1,143 @@
+"""How well a reprojection explains an image: correlation, gray-level L1 cost, residual
+statistics, and the Jensen–Bregman LogDet divergence of residual covariances.
+
+Per image ``I`` and projection ``P`` (``n × n``, origin at ``n // 2``), inside the
+circular mask ``M`` of radius ``n / 2`` about the centre:
+
+* ``correlation`` — Pearson's :math:`r = \\frac{\\sum_M (P - \\bar P)(I - \\bar I)}
+  {\\sqrt{\\sum_M (P - \\bar P)^2 \\sum_M (I - \\bar I)^2}}` (higher is better);
+* ``gray`` — the least-squares gray-level fit :math:`a, b = \\arg\\min \\sum_M (aP + b - I)^2`
+  and the cost :math:`\\mathrm{mean}_M |aP + b - I|` (lower is better);
+* the residual ``E = P - I`` (or ``aP + b - I`` with the gray-level fit), zero outside the
+  mask, with its mean ``m`` and standard deviation ``s`` over the mask.
+
+Scores over a whole set (global, they need every image): ``zScoreResMean_i = |m_i -
+mean(m)| / std(m)``, ``zScoreResVar_i = |s_i - mean(s)| / std(s)``, and the covariance
+score: the JBLD divergence (Cherian et al., TPAMI 2013)
+
+.. math::  J(X, Y) = \\log\\det\\frac{X + Y}{2} - \\tfrac12 \\log\\det X - \\tfrac12 \\log\\det Y
+
+of each residual's covariance :math:`C_i = E_i E_i^T / n + \\delta I` from the JBLD
+centroid of all of them, the fixed point :math:`\\bar R \\leftarrow [\\mathrm{mean}_i
+((C_i + \\bar R)/2)^{-1}]^{-1}` started from the arithmetic mean. ``E_i E_i^T / n`` (the
+second moments of the residual's rows over its columns) is singular where the mask leaves
+rows empty, so a ridge :math:`\\delta = 10^{-3}\\, \\mathrm{tr}(\\bar C) / n` of the set's mean
+covariance :math:`\\bar C` is added (the same for every image, so divergences stay
+comparable); Xmipp instead truncates to the top half of the eigenvalues of a
+non-symmetric product.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from scalign.kernels.projection import box_center
+
+#: Ridge of the residual covariances, as a fraction of the mean covariance's trace / n.
+RIDGE = 1e-3
+
+
+def circular_mask(n: int, radius: float | None = None) -> np.ndarray:
+    """``(n, n)`` bool: pixels within ``radius`` (default ``n / 2``) of ``(n // 2, n // 2)``."""
+    r = n / 2 if radius is None else radius
+    y, x = np.indices((n, n)) - box_center(n)
+    return x * x + y * y <= r * r
+
+
+class Comparison(NamedTuple):
+    """Per-item comparison of projections with images (:func:`compare`)."""
+
+    correlation: np.ndarray  # (B,) Pearson r in the mask
+    cost: np.ndarray  # (B,) 1 - r, or the gray-level L1 cost
+    gain: np.ndarray  # (B,) a (1 without the gray-level fit)
+    offset: np.ndarray  # (B,) b (0 without it)
+    residual_mean: np.ndarray  # (B,) m
+    residual_std: np.ndarray  # (B,) s
+    residual: np.ndarray  # (B, n, n) E, zero outside the mask
+
+
+def compare(P: np.ndarray, images: np.ndarray, mask: np.ndarray, gray: bool = False) -> Comparison:
+    """Correlation, cost and residual of projections ``P`` against ``images`` ``(B, n, n)``
+    in ``mask`` (module docstring). Without ``gray`` the cost is ``1 - r`` (lower is
+    better, like the L1 cost, so both rank the same way)."""
+    p = P[:, mask].astype(np.float64)
+    i = images[:, mask].astype(np.float64)
+    pc = p - p.mean(axis=1, keepdims=True)
+    ic = i - i.mean(axis=1, keepdims=True)
+    spp = np.einsum("bk,bk->b", pc, pc)
+    sii = np.einsum("bk,bk->b", ic, ic)
+    spi = np.einsum("bk,bk->b", pc, ic)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = spi / np.sqrt(spp * sii)
+        if gray:
+            a = np.where(spp > 0, spi / np.where(spp > 0, spp, 1.0), 0.0)
+            b = i.mean(axis=1) - a * p.mean(axis=1)
+            e = a[:, None] * p + b[:, None] - i
+            cost = np.abs(e).mean(axis=1)
+        else:
+            a, b = np.ones(len(p)), np.zeros(len(p))
+            e = p - i
+            cost = 1.0 - r
+    E = np.zeros(P.shape, dtype=np.float64)
+    E[:, mask] = e
+    return Comparison(r, cost, a, b, e.mean(axis=1), e.std(axis=1), E)
+
+
+def zscores(values: np.ndarray) -> np.ndarray:
+    """``|v - mean(v)| / std(v)`` over the last axis (0 where all values are equal)."""
+    v = np.asarray(values, dtype=np.float64)
+    sd = v.std(axis=-1, keepdims=True)
+    return np.abs(v - v.mean(axis=-1, keepdims=True)) / np.where(sd > 0, sd, np.inf)
+
+
+def residual_covariance(E: np.ndarray) -> np.ndarray:
+    """``E Eᵀ / n`` of residuals ``(B, n, n)``: ``(B, n, n)`` symmetric, positive
+    semi-definite (the ridge is added by :func:`jbld_scores`)."""
+    E = np.asarray(E, dtype=np.float64)
+    return E @ np.swapaxes(E, -1, -2) / E.shape[-1]
+
+
+def _logdet(X: np.ndarray) -> np.ndarray:
+    """log det of symmetric positive definite matrices, by Cholesky (stable)."""
+    L = np.linalg.cholesky(X)
+    return 2.0 * np.log(np.diagonal(L, axis1=-2, axis2=-1)).sum(axis=-1)
+
+
+def jbld(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Jensen–Bregman LogDet divergence of SPD matrices (broadcast over leading axes)."""
+    return _logdet(0.5 * (X + Y)) - 0.5 * _logdet(X) - 0.5 * _logdet(Y)
+
+
+def jbld_centroid(C: np.ndarray, max_iterations: int = 50, tol: float = 1e-10) -> tuple:
+    """The JBLD centroid of SPD matrices ``C (B, n, n)`` by the fixed point
+    :math:`\\bar R \\leftarrow [\\mathrm{mean}_i ((C_i + \\bar R)/2)^{-1}]^{-1}` (Cherian et
+    al. 2013), from the arithmetic mean, until the relative change (Frobenius) is below
+    ``tol``. Returns ``(R, iterations)``."""
+    R = C.mean(axis=0)
+    iterations = 0
+    while iterations < max_iterations:
+        iterations += 1
+        new = np.linalg.inv(np.linalg.inv(0.5 * (C + R)).mean(axis=0))
+        new = 0.5 * (new + new.T)
+        change = np.linalg.norm(new - R) / np.linalg.norm(R)
+        R = new
+        if change < tol:
+            break
+    return R, iterations
+
+
+def ridge(C: np.ndarray) -> float:
+    """The ridge :math:`\\delta = 10^{-3} \\mathrm{tr}(\\bar C) / n` of a set of covariances."""
+    return RIDGE * float(np.trace(C.mean(axis=0))) / C.shape[-1]
+
+
+def jbld_scores(C: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each covariance's JBLD divergence from the set's centroid, after the ridge.
+
+    Returns ``(scores (B,), centroid (n, n), iterations)``.
+    """
+    C = C + ridge(C) * np.eye(C.shape[-1])
+    R, it = jbld_centroid(C)
+    return jbld(C, R[None]), R, it

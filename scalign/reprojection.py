@@ -1,0 +1,500 @@
+"""Does a volume explain these images? Reprojection comparison and ranking of candidate
+volumes, lazily over chunks of images (the third domain; Xmipp's "compare
+reprojections", done consistently).
+
+For every volume and image: the reprojection at the image's angles (given, or found by
+projection matching, :mod:`scalign.kernels.matching`), its CTF and shift applied, compared
+inside the circular mask of radius ``n / 2`` (:mod:`scalign.kernels.scores`): Pearson
+correlation (higher is better), the cost (``1 - r``, or the gray-level L1 cost with
+``gray=True``; lower is better), and the residual's mean and standard deviation. Over all
+images of a volume (global reductions): ``z_score_res_mean``, ``z_score_res_std`` and, with
+``covariance=True``, ``z_score_res_cov``, the JBLD divergence of each residual covariance
+from the set's JBLD centroid. Unlike the protocol, every volume is scored on the same
+images (no image is dropped for a non-positive correlation) and each score carries its
+direction (``attrs["better"]``: ``"higher"`` or ``"lower"``) for :func:`rank_volumes`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from scalign.images import IMAGE, X, Y, validate_stack
+from scalign.kernels.ctf import ctf_half_plane, fourier_crop, fourier_crop_volume
+from scalign.kernels.euler import euler_to_matrix, matrix_to_euler
+from scalign.kernels.matching import match_images
+from scalign.kernels.orientations import orientation_grid
+from scalign.kernels.projection import project
+from scalign.kernels.scores import (
+    circular_mask,
+    compare,
+    jbld,
+    residual_covariance,
+    ridge,
+)
+from scalign.mapping import map_batch
+from scalign.validation import check_option
+
+VOLUME = "volume"
+ANGLES = ("rot", "tilt", "psi", "shift_x", "shift_y")
+CTF_VARIABLES = ("defocus_u", "defocus_v", "defocus_angle")
+CTF_ATTRS = ("voltage", "cs", "amplitude_contrast")
+#: Each score's direction: which way is better.
+DIRECTIONS = {
+    "correlation": "higher",
+    "cost": "lower",
+    "z_score_res_mean": "lower",
+    "z_score_res_std": "lower",
+    "z_score_res_cov": "lower",
+}
+_PER_IMAGE = (
+    "rot",
+    "tilt",
+    "psi",
+    "shift_x",
+    "shift_y",
+    "correlation",
+    "cost",
+    "gain",
+    "offset",
+    "residual_mean",
+    "residual_std",
+)
+
+
+# --------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------
+
+
+def _volumes(volumes: Any) -> tuple[np.ndarray, list[str], float | None]:
+    """``(V, names, pixel_size)`` with ``V (n_volumes, n, n, n)`` float32."""
+    pixel = None
+    if isinstance(volumes, xr.Dataset):
+        names = [v for v in ("volumes", "volume") if v in volumes.data_vars]
+        if not names:
+            raise ValueError(
+                f"volumes has no 'volumes' or 'volume' variable: {list(volumes.data_vars)}"
+            )
+        volumes = volumes[names[0]]
+    if isinstance(volumes, xr.DataArray):
+        pixel = volumes.attrs.get("pixel_size")
+        labels = (
+            [str(v) for v in volumes[VOLUME].values]
+            if VOLUME in volumes.coords and volumes.ndim == 4
+            else None
+        )
+        volumes = volumes.values
+    else:
+        labels = None
+    if isinstance(volumes, list | tuple):
+        arrays = [np.asarray(v) for v in volumes]
+        if not arrays:
+            raise ValueError("volumes is empty: no volume to compare")
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"volumes must all have the same shape, got {sorted(shapes)}")
+        V = np.stack(arrays)
+    else:
+        V = np.asarray(volumes)
+        if V.ndim == 3:
+            V = V[None]
+    if V.dtype.kind not in "iuf":
+        raise TypeError(f"volumes must be real numbers, got dtype {V.dtype}")
+    if V.ndim != 4 or len(set(V.shape[1:])) != 1:
+        raise ValueError(
+            f"volumes must be cubic, (z, y, x) or (volume, z, y, x), got shape {V.shape}"
+        )
+    if V.shape[0] == 0:
+        raise ValueError("volumes is empty: no volume to compare")
+    if not np.all(np.isfinite(V)):
+        raise ValueError("volumes has non-finite (NaN or inf) voxels")
+    names = labels or [str(i) for i in range(V.shape[0])]
+    return V.astype(np.float32), names, pixel
+
+
+def _angles(ds: xr.Dataset, angles: Any) -> xr.Dataset | None:
+    """The given angles as a Dataset over ``image`` (or None: search)."""
+    if angles is None:
+        return None
+    source = ds if isinstance(angles, str) and angles == "stack" else angles
+    if isinstance(angles, str) and angles != "stack":
+        raise ValueError(f"unknown angles option {angles!r}: expected None, 'stack' or a Dataset")
+    if not isinstance(source, xr.Dataset):
+        raise TypeError(f"angles must be None, 'stack' or a Dataset, got {type(angles).__name__}")
+    missing = [v for v in ANGLES[:3] if v not in source.variables]
+    if missing:
+        raise ValueError(f"angles are missing {missing} (need rot, tilt, psi; shifts optional)")
+    out = {}
+    for name in ANGLES:
+        if name not in source.variables:
+            out[name] = xr.zeros_like(source["rot"])
+            continue
+        var = source[name]
+        if var.dims != (IMAGE,) or var.size != ds.sizes[IMAGE]:
+            raise ValueError(
+                f"angles.{name} must be over ('image',) with {ds.sizes[IMAGE]} values, "
+                f"got dims {var.dims} and size {var.size}"
+            )
+        values = np.asarray(var.values, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            bad = np.flatnonzero(~np.isfinite(values))
+            raise ValueError(
+                f"angles.{name} is missing (NaN) for {bad.size} image(s), e.g. image {bad[0]}"
+            )
+        out[name] = xr.DataArray(values, dims=(IMAGE,))
+    return xr.Dataset(out)
+
+
+def _ctf_inputs(ds: xr.Dataset, ctf: bool) -> dict | None:
+    if not ctf:
+        return None
+    missing = [v for v in CTF_VARIABLES if v not in ds.variables]
+    missing += [a for a in (*CTF_ATTRS, "pixel_size") if a not in ds.attrs]
+    if missing:
+        raise ValueError(f"ctf=True needs the stack's {missing} (variables over image / attrs)")
+    return {a: float(ds.attrs[a]) for a in CTF_ATTRS}
+
+
+def _target_size(n: int, pixel_size: float | None, downsample_to: float | None) -> int:
+    """Box size after Fourier cropping to ``downsample_to`` Å/px (even, never larger)."""
+    if downsample_to is None or pixel_size is None or pixel_size >= downsample_to:
+        return n
+    m = int(round(n * pixel_size / downsample_to / 2)) * 2
+    return max(8, min(n, m))
+
+
+# --------------------------------------------------------------------------------------
+# the per-chunk kernel
+# --------------------------------------------------------------------------------------
+
+
+def _compare_chunk(
+    images,
+    rot,
+    tilt,
+    psi,
+    shift_x,
+    shift_y,
+    defocus_u,
+    defocus_v,
+    defocus_angle,
+    *,
+    volume,
+    size,
+    search,
+    gallery,
+    step,
+    max_shift,
+    refine,
+    gray,
+    ctf,
+    pixel_size,
+    eps,
+):
+    """Per image of a chunk: the angles (given or matched) and the comparison scores."""
+    images = np.asarray(images, dtype=np.float64)
+    if not np.all(np.isfinite(images)):
+        bad = int(np.count_nonzero(~np.all(np.isfinite(images), axis=(-2, -1))))
+        raise ValueError(f"images has {bad} image(s) with non-finite (NaN or inf) pixels")
+    n = images.shape[-1]
+    scale = size / n
+    if size != n:
+        images = fourier_crop(images, size)
+    H = None
+    if ctf is not None:
+        H = ctf_half_plane(size, pixel_size, defocus_u, defocus_v, defocus_angle, **ctf)
+    if search:
+        match = match_images(
+            volume,
+            images,
+            gallery,
+            ctf=H,
+            step=step,
+            max_shift=max_shift * scale,
+            refine=refine,
+        )
+        A, shifts = match.A, match.shifts
+        rot, tilt, psi = matrix_to_euler(A)
+    else:
+        A = euler_to_matrix(rot, tilt, psi)
+        shifts = np.stack([shift_x, shift_y], axis=-1) * scale
+    P = project(volume, A, shifts=shifts, ctf=H, eps=eps)
+    c = compare(P, images, circular_mask(size), gray=gray)
+    return (
+        np.asarray(rot, dtype=np.float64),
+        np.asarray(tilt, dtype=np.float64),
+        np.asarray(psi, dtype=np.float64),
+        shifts[:, 0] / scale,
+        shifts[:, 1] / scale,
+        c.correlation,
+        c.cost,
+        c.gain,
+        c.offset,
+        c.residual_mean,
+        c.residual_std,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the op
+# --------------------------------------------------------------------------------------
+
+
+def compare_reprojections(
+    images: xr.Dataset | xr.DataArray,
+    volumes: Any,
+    angles: Any = None,
+    *,
+    symmetry: str = "C1",
+    angular_sampling: float = 5.0,
+    refine: bool = True,
+    ctf: bool = False,
+    downsample_to: float | None = 3.0,
+    gray: bool = False,
+    max_shift: float | None = None,
+    covariance: bool = True,
+    eps: float = 1e-4,
+) -> xr.Dataset:
+    """Compare every image with the reprojection of every volume; lazy over image chunks
+    (see the module docstring).
+
+    Parameters
+    ----------
+    images : stack Dataset ``images (image, y, x)`` (square images), chunked along
+        ``image``; its attrs ``pixel_size`` and, for ``ctf=True``, ``voltage``, ``cs``,
+        ``amplitude_contrast`` and variables ``defocus_u, defocus_v, defocus_angle``.
+    volumes : ``(z, y, x)`` / ``(volume, z, y, x)`` array or DataArray, a list of
+        volumes, or a Dataset with ``volumes``/``volume``; cubic, the images' box size.
+    angles : None (find them by projection matching), ``"stack"`` (the stack's ``rot,
+        tilt, psi[, shift_x, shift_y]``), or a Dataset with those variables over image.
+    symmetry : point group of the volumes for the search grid (``C1``, ``Cn``, ``Dn``,
+        ``T``, ``O``, ``I``; :mod:`scalign.kernels.orientations`).
+    angular_sampling : grid step of the search, degrees.
+    refine : refine the matched angles and shifts locally (to < 0.1° steps).
+    ctf : apply each image's CTF to its reprojections.
+    downsample_to : Fourier-crop images and volumes to this pixel size (Å/px) first
+        when they are finer (None: never); shifts are reported in the input's pixels.
+    gray : fit a gray-level gain and offset; the cost is then the mean L1 residual.
+    max_shift : largest shift searched (input pixels; default a quarter of the box).
+    covariance : compute ``z_score_res_cov`` (the JBLD score). It needs every image's
+        angles and a few passes over the images, so it computes the matching first
+        (like ``align(reference="mean")``); without it the result stays fully lazy.
+    eps : accuracy of the projector's non-uniform FFT.
+
+    Returns
+    -------
+    Dataset over ``(volume, image)``: ``rot, tilt, psi, shift_x, shift_y`` (the angles
+    used), ``correlation``, ``cost``, ``gain``, ``offset``, ``residual_mean``,
+    ``residual_std``, ``z_score_res_mean``, ``z_score_res_std`` (and
+    ``z_score_res_cov``); each score's ``attrs["better"]`` says which way is better.
+    """
+    ds = validate_stack(images)
+    stack = ds["images"]
+    if stack.dims != (IMAGE, Y, X):
+        raise ValueError(f"images must be 2-D images (image, y, x), got dims {stack.dims}")
+    n = stack.shape[-1]
+    if stack.shape[-2] != n:
+        raise ValueError(f"images must be square, got {stack.shape[-2]} x {n}")
+    V, names, volume_pixel = _volumes(volumes)
+    if V.shape[-1] != n:
+        raise ValueError(f"volumes have box size {V.shape[-1]} but the images {n}: they must match")
+    pixel = ds.attrs.get("pixel_size", volume_pixel)
+    if isinstance(angular_sampling, bool) or not isinstance(angular_sampling, numbers.Real):
+        raise TypeError(f"angular_sampling must be a number of degrees, got {angular_sampling!r}")
+    if not 0 < angular_sampling <= 90:
+        raise ValueError(f"angular_sampling must be in (0, 90] degrees, got {angular_sampling}")
+    given = _angles(ds, angles)
+    ctf_params = _ctf_inputs(ds, ctf)
+    size = _target_size(n, pixel, downsample_to)
+    small = V if size == n else fourier_crop_volume(V, size).astype(np.float32)
+    gallery = None
+    if given is None:
+        rot, tilt, psi = orientation_grid(angular_sampling, symmetry)
+        gallery = euler_to_matrix(rot, tilt, psi)
+    else:
+        orientation_grid(90.0, symmetry)  # validates the symmetry string
+    shift_limit = n / 4 if max_shift is None else float(max_shift)
+    zeros = xr.zeros_like(stack.isel({Y: 0, X: 0}), dtype=np.float64)
+    per_image = given if given is not None else xr.Dataset({a: zeros for a in ANGLES})
+    defocus = [ds[v] if ctf else zeros for v in CTF_VARIABLES]
+    inputs = [stack, *(per_image[a] for a in ANGLES), *defocus]
+    core = [[Y, X]] + [[]] * (len(inputs) - 1)
+    outputs = {name: ((), np.float64) for name in _PER_IMAGE}
+    options = {
+        "size": size,
+        "search": given is None,
+        "gallery": gallery,
+        "step": float(angular_sampling),
+        "max_shift": shift_limit,
+        "refine": refine,
+        "gray": gray,
+        "ctf": ctf_params,
+        "pixel_size": None if pixel is None else float(pixel) * n / size,
+        "eps": eps,
+    }
+    results = []
+    for volume in small:
+        out = map_batch(_compare_chunk, inputs, core, outputs, kwargs=options | {"volume": volume})
+        results.append(xr.Dataset(out))
+    result = xr.concat(results, dim=VOLUME).assign_coords({VOLUME: names})
+    if IMAGE in stack.coords:
+        result = result.assign_coords({IMAGE: stack[IMAGE].values})
+    # global scores: reductions over all the images of each volume
+    for name in ("mean", "std"):
+        v = result[f"residual_{name}"]
+        sd = v.std(IMAGE)
+        result[f"z_score_res_{name}"] = abs(v - v.mean(IMAGE)) / sd.where(sd > 0)
+    if covariance:
+        result = result.assign(z_score_res_cov=_covariance_scores(ds, result, small, options))
+    for name, better in DIRECTIONS.items():
+        if name in result:
+            result[name].attrs["better"] = better
+    result.attrs = {
+        "symmetry": symmetry,
+        "angular_sampling": float(angular_sampling),
+        "angles": "matched" if given is None else "given",
+        "box_size": size,
+        "pixel_size": options["pixel_size"] if pixel is not None else "unknown",
+        "gray": int(gray),
+        "ctf": int(ctf),
+    }
+    return result
+
+
+def _covariance_scores(ds, result, volumes, options) -> xr.DataArray:
+    """``z_score_res_cov`` per (volume, image): the JBLD divergence of each residual
+    covariance from the JBLD centroid of the volume's images (a few passes over them)."""
+    angles = result[list(ANGLES)].compute()
+    stack = ds["images"]
+    zeros = xr.zeros_like(stack.isel({Y: 0, X: 0}), dtype=np.float64)
+    defocus = [ds[v] if options["ctf"] else zeros for v in CTF_VARIABLES]
+    keep = ("size", "gray", "ctf", "pixel_size", "eps")
+    base = {k: options[k] for k in keep}
+    size = options["size"]
+    scores = []
+    for j, volume in enumerate(volumes):
+        per = angles.isel({VOLUME: j})
+        inputs = [stack, *(per[a].chunk({IMAGE: stack.chunks[0]}) for a in ANGLES), *defocus]
+        core = [[Y, X]] + [[]] * (len(inputs) - 1)
+
+        def mapped(R, delta, volume=volume, inputs=inputs, core=core):
+            return map_batch(
+                _covariance_chunk,
+                inputs,
+                core,
+                {"value": (("row", "col"), np.float64)},
+                sizes={"row": size, "col": size},
+                kwargs=base | {"volume": volume, "R": R, "delta": delta, "mode": "inverse"},
+            )["value"]
+
+        C_mean = mapped(None, 0.0).mean(IMAGE).values
+        delta = ridge(C_mean[None])
+        R = C_mean + delta * np.eye(size)
+        for _ in range(20):
+            new = np.linalg.inv(mapped(R, delta).mean(IMAGE).values)
+            new = 0.5 * (new + new.T)
+            change = np.linalg.norm(new - R) / np.linalg.norm(R)
+            R = new
+            if change < 1e-8:
+                break
+        div = map_batch(
+            _covariance_chunk,
+            inputs,
+            core,
+            {"value": ((), np.float64)},
+            kwargs=base | {"volume": volume, "R": R, "delta": delta, "mode": "jbld"},
+        )["value"]
+        scores.append(div)
+    return xr.concat(scores, dim=VOLUME)
+
+
+def _covariance_chunk(
+    images,
+    rot,
+    tilt,
+    psi,
+    shift_x,
+    shift_y,
+    du,
+    dv,
+    da,
+    *,
+    volume,
+    size,
+    gray,
+    ctf,
+    pixel_size,
+    eps,
+    R,
+    delta,
+    mode,
+):
+    """Residual covariances of a chunk (``R is None``), ``((C + R)/2)^-1`` (``inverse``)
+    or the JBLD divergence ``J(C, R)`` (``jbld``), with the ridge ``delta``."""
+    images = np.asarray(images, dtype=np.float64)
+    n = images.shape[-1]
+    scale = size / n
+    if size != n:
+        images = fourier_crop(images, size)
+    H = None if ctf is None else ctf_half_plane(size, pixel_size, du, dv, da, **ctf)
+    A = euler_to_matrix(rot, tilt, psi)
+    shifts = np.stack([shift_x, shift_y], axis=-1) * scale
+    P = project(volume, A, shifts=shifts, ctf=H, eps=eps)
+    C = residual_covariance(compare(P, images, circular_mask(size), gray=gray).residual)
+    if R is None:
+        return C
+    C = C + delta * np.eye(size)
+    if mode == "inverse":
+        return np.linalg.inv(0.5 * (C + R))
+    return jbld(C, R[None])
+
+
+# --------------------------------------------------------------------------------------
+# ranking
+# --------------------------------------------------------------------------------------
+
+
+def rank_volumes(result: xr.Dataset, score: str = "correlation") -> pd.DataFrame:
+    """Rank the volumes of :func:`compare_reprojections` by one score, best first.
+
+    Every volume is scored on the same images (all of them). The table has, per volume,
+    the score's mean, standard deviation and standard error over the images, its rank,
+    and how many images it explains best (``assigned``: the images whose best score over
+    the volumes is this volume's, as for 3-D classes; see :func:`assign_images`).
+    ``table.attrs["best"]`` names the best volume.
+    """
+    if not isinstance(result, xr.Dataset) or VOLUME not in result.dims:
+        raise TypeError("result must be the Dataset returned by compare_reprojections")
+    check_option("score", score, tuple(k for k in DIRECTIONS if k in result))
+    values = result[score].compute()
+    higher = DIRECTIONS[score] == "higher"
+    mean = values.mean(IMAGE).values
+    std = values.std(IMAGE).values
+    assigned = np.bincount(assign_images(result, score).values, minlength=result.sizes[VOLUME])
+    table = pd.DataFrame(
+        {
+            "volume": result[VOLUME].values,
+            "mean": mean,
+            "std": std,
+            "sem": std / math.sqrt(max(1, result.sizes[IMAGE])),
+            "assigned": assigned,
+        }
+    )
+    table = table.sort_values("mean", ascending=not higher, kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table.attrs = {"score": score, "better": DIRECTIONS[score], "best": table["volume"][0]}
+    return table
+
+
+def assign_images(result: xr.Dataset, score: str = "correlation") -> xr.DataArray:
+    """Per image, the index of the volume with the best ``score`` (3-D classification)."""
+    check_option("score", score, tuple(k for k in DIRECTIONS if k in result))
+    values = np.asarray(result[score].transpose(VOLUME, IMAGE).values)
+    pick = np.argmax(values, axis=0) if DIRECTIONS[score] == "higher" else np.argmin(values, 0)
+    return xr.DataArray(pick, dims=(IMAGE,), name="volume_index")

@@ -1,0 +1,231 @@
+"""Reprojection comparison on simulated data with a known truth: projection matching,
+scores, outliers and the ranking of candidate volumes."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from scalign.images import make_stack
+from scalign.kernels.ctf import ctf_half_plane
+from scalign.kernels.euler import euler_to_matrix
+from scalign.kernels.matching import match_images
+from scalign.kernels.orientations import orientation_grid, symmetry_distance, symmetry_matrices
+from scalign.reprojection import assign_images, compare_reprojections, rank_volumes
+from scalign.synthetic_em import (
+    Blobs,
+    blob_projections,
+    blob_volume,
+    random_blobs,
+    simulate_particles,
+)
+
+N = 32
+BLOBS = random_blobs(10, radius=8.0, sigma=1.8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    """The true volume, a perturbed one (blobs moved by ~1 voxel) and a different one."""
+    rng = np.random.default_rng(3)
+    moved = BLOBS._replace(centers=BLOBS.centers + rng.normal(0, 1.0, BLOBS.centers.shape))
+    other = random_blobs(10, radius=8.0, sigma=1.8, seed=5)
+    return [blob_volume(b, N) for b in (BLOBS, moved, other)]
+
+
+def angles_of(result, volume=0):
+    r = result.isel(volume=volume)
+    return euler_to_matrix(r["rot"].values, r["tilt"].values, r["psi"].values)
+
+
+@pytest.mark.parametrize("kind", ["shifts", "ctf"])
+def test_matching_recovers_orientations_and_shifts(kind):
+    parts = simulate_particles(
+        BLOBS, N, 8, max_shift=2.0 if kind == "shifts" else 0.0, ctf=kind == "ctf", seed=2
+    )
+    st = parts.stack
+    H = None
+    if kind == "ctf":
+        H = ctf_half_plane(N, 3.0, st.defocus_u, st.defocus_v, st.defocus_angle)
+    gallery = euler_to_matrix(*orientation_grid(15.0))
+    coarse = match_images(
+        blob_volume(BLOBS, N),
+        st.images.values,
+        gallery,
+        ctf=H,
+        step=15.0,
+        max_shift=4,
+        refine=False,
+    )
+    assert symmetry_distance(coarse.A, parts.A, "C1").max() < 15.0
+    fit = match_images(
+        blob_volume(BLOBS, N), st.images.values, gallery, ctf=H, step=15.0, max_shift=4
+    )
+    assert symmetry_distance(fit.A, parts.A, "C1").max() < 0.2
+    truth = np.stack([st.shift_x.values, st.shift_y.values], axis=1)
+    assert np.abs(fit.shifts - truth).max() < 0.02
+    assert np.all(fit.score > 0.99)
+
+
+def test_given_angles_rank_the_true_volume_first_in_both_directions(volumes):
+    parts = simulate_particles(BLOBS, N, 24, noise=0.3, max_shift=2.0, ctf=True, seed=4, chunks=8)
+    for gray in (False, True):
+        result = compare_reprojections(
+            parts.stack, volumes, angles="stack", ctf=True, gray=gray, covariance=False
+        ).compute()
+        by_correlation = rank_volumes(result, "correlation")  # higher is better
+        by_cost = rank_volumes(result, "cost")  # lower is better
+        assert list(by_correlation["volume"]) == ["0", "1", "2"]
+        assert list(by_cost["volume"]) == ["0", "1", "2"]
+        assert by_cost.attrs == {"score": "cost", "better": "lower", "best": "0"}
+        assert by_correlation["assigned"][0] == 24
+        # the cost is maximal... at the wrong volumes: every image prefers the true one
+        cost = result["cost"].values
+        assert np.all(cost[0] < cost[1]) and np.all(cost[0] < cost[2])
+        assert result["cost"].attrs["better"] == "lower"
+        assert np.all(assign_images(result, "cost").values == 0)
+
+
+def test_unknown_angles_are_found_within_the_step_then_refined_below_a_degree():
+    parts = simulate_particles(BLOBS, N, 12, noise=0.1, max_shift=1.5, ctf=True, seed=6, chunks=6)
+    V = blob_volume(BLOBS, N)
+    coarse = compare_reprojections(
+        parts.stack, V, ctf=True, angular_sampling=15.0, refine=False, covariance=False
+    ).compute()
+    assert symmetry_distance(angles_of(coarse), parts.A, "C1").max() < 15.0
+    fine = compare_reprojections(
+        parts.stack, V, ctf=True, angular_sampling=15.0, covariance=False
+    ).compute()
+    error = symmetry_distance(angles_of(fine), parts.A, "C1")
+    assert error.max() < 1.0, error
+    assert np.abs(fine["shift_x"].values[0] - parts.stack["shift_x"].values).max() < 0.1
+    assert fine.attrs["angles"] == "matched"
+
+
+def symmetric_blobs(symmetry: str) -> Blobs:
+    """Blobs on the orbits of three points under the group: an exactly symmetric volume."""
+    S = symmetry_matrices(symmetry)
+    seeds = np.array([[5.0, 1.5, 2.0], [-2.0, 4.0, -3.5], [1.0, -6.0, 4.5]])
+    centers = np.concatenate([seeds @ s.T for s in S])  # V(S x) = V(x) for every S
+    return Blobs(centers, 1.8, np.tile([1.0, 0.7, 1.3], len(S)))
+
+
+def test_symmetric_volume_orientations_are_recovered_modulo_symmetry():
+    blobs = symmetric_blobs("C4")
+    parts = simulate_particles(blobs, N, 8, noise=0.05, seed=7, chunks=4)
+    result = compare_reprojections(
+        parts.stack,
+        blob_volume(blobs, N),
+        symmetry="C4",
+        angular_sampling=15.0,
+        covariance=False,
+    ).compute()
+    assert symmetry_distance(angles_of(result), parts.A, "C4").max() < 1.0
+    # a C4 search grid is about a quarter of C1's
+    assert len(orientation_grid(15.0, "C4")[0]) < 0.35 * len(orientation_grid(15.0)[0])
+
+
+def test_planted_outliers_get_the_top_residual_scores():
+    parts = simulate_particles(BLOBS, N, 30, noise=0.3, max_shift=2.0, seed=2, chunks=10)
+    st = parts.stack
+    images = st["images"].values.copy()
+    rng = np.random.default_rng(9)
+    wrong = random_blobs(10, radius=8.0, sigma=1.8, seed=5)
+    images[3] = blob_projections(wrong, N, parts.A[3:4])[0]  # another particle
+    images[7] = simulate_particles(BLOBS, N, 1, seed=77).stack["images"].values[0]  # wrong view
+    y, x = np.indices((N, N))
+    images[11] = ((x // 4 + y // 4) % 2) * 2 * images[11].std()  # a checkerboard
+    images[[3, 7, 11]] += 0.3 * images.std() * rng.normal(size=(3, N, N))
+    noisy = make_stack(images.astype(np.float32), chunks=10, attrs=dict(st.attrs))
+    noisy = noisy.assign({k: st[k] for k in ("rot", "tilt", "psi", "shift_x", "shift_y")})
+    result = compare_reprojections(noisy, blob_volume(BLOBS, N), angles="stack").compute()
+    planted = {3, 7, 11}
+    for score in ("z_score_res_std", "z_score_res_cov"):
+        top = np.argsort(-result[score].values[0])[:3]
+        assert set(top) == planted, (score, top)
+        assert result[score].attrs["better"] == "lower"
+    assert set(np.argsort(result["correlation"].values[0])[:3]) == planted
+
+
+def test_downsampling_to_a_target_pixel_size_keeps_angles_and_input_pixel_shifts():
+    big = random_blobs(10, radius=16.0, sigma=3.6, seed=1)
+    parts = simulate_particles(big, 64, 6, max_shift=3.0, pixel_size=1.5, seed=8, chunks=3)
+    result = compare_reprojections(
+        parts.stack,
+        blob_volume(big, 64),
+        angular_sampling=15.0,
+        downsample_to=3.0,
+        covariance=False,
+    ).compute()
+    assert result.attrs["box_size"] == 32 and result.attrs["pixel_size"] == 3.0
+    assert symmetry_distance(angles_of(result), parts.A, "C1").max() < 1.0
+    shift = parts.stack["shift_x"].values
+    assert np.abs(result["shift_x"].values[0] - shift).max() < 0.1  # input (1.5 Å) pixels
+
+
+def test_lazy_and_identical_on_a_cluster(volumes, client):
+    parts = simulate_particles(BLOBS, N, 12, noise=0.3, seed=10, chunks=4)
+
+    def forbid(*args, **kwargs):
+        raise RuntimeError("computed")
+
+    with dask.config.set(scheduler=forbid):
+        lazy = compare_reprojections(parts.stack, volumes, angles="stack", covariance=False)
+    assert lazy["correlation"].chunks == ((1, 1, 1), (4, 4, 4))
+    threaded = lazy.compute(scheduler="threads")
+    distributed = client.compute(lazy).result()
+    xr.testing.assert_allclose(threaded, distributed)
+
+
+@pytest.mark.parametrize(
+    ("change", "exc", "message"),
+    [
+        ("nan_angle", ValueError, "missing \\(NaN\\) for 1 image"),
+        ("no_psi", ValueError, "missing \\['psi'\\]"),
+        ("box", ValueError, "box size 24 but the images 32"),
+        ("symmetry", ValueError, "symmetry"),
+        ("sampling", ValueError, "angular_sampling"),
+        ("ctf", ValueError, "ctf=True needs"),
+        ("angles", ValueError, "unknown angles option"),
+        ("nan_volume", ValueError, "non-finite"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(volumes, change, exc, message):
+    st = simulate_particles(BLOBS, N, 4, seed=11).stack
+    V, kwargs = volumes[0], {"angles": "stack"}
+    if change == "nan_angle":
+        st["tilt"][2] = np.nan
+    elif change == "no_psi":
+        st = st.drop_vars("psi")
+    elif change == "box":
+        V = np.zeros((24, 24, 24))
+    elif change == "symmetry":
+        kwargs["symmetry"] = "C0"
+    elif change == "sampling":
+        kwargs["angular_sampling"] = 0
+    elif change == "ctf":
+        kwargs["ctf"] = True
+    elif change == "angles":
+        kwargs["angles"] = "header"
+    elif change == "nan_volume":
+        V = V.copy()
+        V[1, 2, 3] = np.nan
+    with pytest.raises(exc, match=message):
+        compare_reprojections(st, V, covariance=False, **kwargs)
+
+
+def test_nan_pixels_and_empty_stacks():
+    st = simulate_particles(BLOBS, N, 4, seed=12).stack
+    images = st["images"].values.copy()
+    images[1, 3, 3] = np.nan
+    lazy = make_stack(da.from_array(images, chunks=2)).assign(
+        {k: st[k] for k in ("rot", "tilt", "psi")}
+    )
+    result = compare_reprojections(lazy, blob_volume(BLOBS, N), angles="stack", covariance=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        result.compute()
+    with pytest.raises(ValueError, match="empty"):
+        make_stack(np.zeros((0, N, N), dtype=np.float32))
