@@ -15,12 +15,13 @@ import xarray as xr
 from scalign.align import align
 from scalign.ensemble import STRUCTURE
 from scalign.execution import SCHEDULER_ENV, run, scheduler, to_device
-from scalign.formats import import_star
+from scalign.formats import import_star, read_volume
 from scalign.icp import icp
 from scalign.images import validate_stack, warp_stack
 from scalign.io import load_ensemble, load_points, open_ensemble, save_zarr
 from scalign.pairwise import pairwise_rmsd
 from scalign.procrustes import ROBUST_LOSSES, rotation_angle
+from scalign.reprojection import DIRECTIONS, compare_reprojections, rank_volumes
 from scalign.stack_registration import LOSSES as REGISTRATION_LOSSES
 from scalign.stack_registration import TRANSFORMS as REGISTRATION_TRANSFORMS
 from scalign.stack_registration import register_stack
@@ -406,6 +407,84 @@ def cmd_import_star(args) -> int:
     return 0
 
 
+def _read_volumes(paths: list[str]) -> xr.DataArray:
+    """MRC volumes (or zarr stores holding ``volume``/``volumes``), stacked along volume."""
+    arrays, names = [], []
+    for path in paths:
+        if Path(path).suffix == ".zarr":
+            if not Path(path).exists():
+                raise FileNotFoundError(f"no zarr store at {path}")
+            ds = xr.open_zarr(path, consolidated=False)
+            name = next((v for v in ("volume", "volumes") if v in ds.data_vars), None)
+            if name is None:
+                raise ValueError(f"{path} has no 'volume' or 'volumes' variable")
+            data = ds[name].values
+            for k, vol in enumerate(data if data.ndim == 4 else data[None]):
+                arrays.append(vol)
+                names.append(Path(path).stem if data.ndim == 3 else f"{Path(path).stem}[{k}]")
+        else:
+            arrays.append(read_volume(path).values)
+            names.append(Path(path).stem)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"the volumes differ in shape: {sorted(shapes)}")
+    return xr.DataArray(np.stack(arrays), dims=("volume", "z", "y", "x"), coords={"volume": names})
+
+
+def cmd_compare(args) -> int:
+    out = _check_output(args.output, args.overwrite)
+    ds = _open_stack(args.images)
+    volumes = _read_volumes(args.volumes)
+    t0 = time.perf_counter()
+    with _scheduler(args, local_default=False) as client:
+        result = compare_reprojections(
+            ds,
+            volumes,
+            angles="stack" if args.angles else None,
+            symmetry=args.symmetry,
+            angular_sampling=args.sampling,
+            refine=not args.no_refine,
+            ctf=args.ctf,
+            downsample_to=args.downsample,
+            gray=args.gray,
+            covariance=not args.no_covariance,
+        )
+        save_zarr(
+            result, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=not args.quiet)
+        )
+        seconds = time.perf_counter() - t0
+        written = xr.open_zarr(out, consolidated=False)
+        table = rank_volumes(written, "cost")
+        n = written.sizes["image"]
+        rows = [
+            ("images × volumes", f"{n:,} × {written.sizes['volume']}"),
+            ("angles", f"{written.attrs['angles']} (symmetry {args.symmetry})"),
+            ("box, pixel size", f"{written.attrs['box_size']} px, {written.attrs['pixel_size']} Å"),
+            ("scheduler", _describe(client)),
+            ("time", f"{seconds:.2f} s ({n * written.sizes['volume'] / seconds:,.1f} images/s)"),
+            ("best volume (cost)", f"{table.attrs['best']}"),
+            ("input", args.images),
+            ("output", str(out)),
+        ]
+    print(_table("scalign compare: summary", rows))
+    print(table.to_string(index=False))
+    return 0
+
+
+def cmd_rank(args) -> int:
+    path = Path(args.result)
+    if not path.exists():
+        raise FileNotFoundError(f"no zarr store at {path}")
+    result = xr.open_zarr(path, consolidated=False)
+    table = rank_volumes(result, args.score)
+    print(
+        f"ranking by {table.attrs['score']} ({table.attrs['better']} is better) over "
+        f"{result.sizes['image']:,} images; best volume: {table.attrs['best']}"
+    )
+    print(table.to_string(index=False))
+    return 0
+
+
 def cmd_info(args) -> int:
     path = Path(args.path)
     if path.suffix in (".npy", ".npz") and path.is_file():
@@ -556,6 +635,30 @@ def build_parser() -> argparse.ArgumentParser:
     ist.add_argument("--chunks", type=int, metavar="K", help="images per chunk")
     ist.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
     ist.set_defaults(func=cmd_import_star)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="compare IMAGES.zarr with reprojections of candidate volumes, write OUT.zarr",
+    )
+    cmp.add_argument("images", metavar="IMAGES.zarr", help="a particle stack (import-star)")
+    cmp.add_argument("volumes", metavar="VOLUME", nargs="+", help=".mrc volumes (or .zarr)")
+    cmp.add_argument("output", metavar="OUT.zarr")
+    cmp.add_argument("--symmetry", default="C1", help="Cn, Dn, T, O or I (default C1)")
+    cmp.add_argument("--sampling", type=float, default=5.0, help="search step, degrees")
+    cmp.add_argument("--angles", action="store_true", help="use the stack's angles (no search)")
+    cmp.add_argument("--no-refine", action="store_true", help="no local refinement")
+    cmp.add_argument("--ctf", action="store_true", help="apply each image's CTF")
+    cmp.add_argument(
+        "--downsample", type=float, default=3.0, metavar="Å", help="target pixel size (3 Å)"
+    )
+    cmp.add_argument("--gray", action="store_true", help="gray-level fit, L1 cost")
+    cmp.add_argument("--no-covariance", action="store_true", help="skip the JBLD score")
+    _zarr_output_args(cmp, cmd_compare)
+
+    rk = sub.add_parser("rank", help="rank the volumes of a compare result")
+    rk.add_argument("result", metavar="OUT.zarr")
+    rk.add_argument("--score", default="cost", choices=tuple(DIRECTIONS))
+    rk.set_defaults(func=cmd_rank)
 
     info = sub.add_parser("info", help="describe a zarr store or a .npy/.npz file")
     info.add_argument("path", metavar="PATH")

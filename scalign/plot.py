@@ -159,3 +159,75 @@ def stack_drift(result: xr.Dataset | ArrayLike, *, axes=None):
     axes[1].set_ylabel("rotation (°)")
     axes[1].set_xlabel("image")
     return axes
+
+
+def reprojection_panels(image: ArrayLike, reprojection: ArrayLike, *, axes=None):
+    """Three panels of one particle: the image, its reprojection (CTF and shift applied,
+    e.g. :func:`scalign.project`) and the residual ``reprojection − image``.
+
+    ``axes``: three Axes to draw on (default: a new 1×3 figure). Returns them.
+    """
+    image = _values("image", image, 2)
+    reprojection = _values("reprojection", reprojection, 2)
+    if image.shape != reprojection.shape:
+        raise ValueError(f"image {image.shape} and reprojection {reprojection.shape} differ")
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _axes(None)
+        _, axes = plt.subplots(1, 3, figsize=(12, 4))
+    if len(axes) != 3:
+        raise ValueError(f"axes must be 3 Axes, got {len(axes)}")
+    residual = reprojection - image
+    bound = np.abs(residual).max() or 1.0
+    for ax, data, title, style in zip(
+        axes,
+        (image, reprojection, residual),
+        ("image", "reprojection", "residual"),
+        ({"cmap": "gray"}, {"cmap": "gray"}, {"cmap": "RdBu_r", "vmin": -bound, "vmax": bound}),
+        strict=True,
+    ):
+        ax.imshow(data, **style)
+        ax.set_title(title)
+        ax.set_axis_off()
+    return axes
+
+
+def score_histogram(
+    result: xr.Dataset, score: str = "z_score_res_cov", *, volume: int = 0, top: int = 5, ax=None
+):
+    """Histogram of one score of :func:`scalign.compare_reprojections` over the images of
+    one volume, with the ``top`` worst images (by the score's direction) marked and named.
+    """
+    from scalign.reprojection import DIRECTIONS
+
+    if score not in result or score not in DIRECTIONS:
+        raise ValueError(
+            f"unknown score {score!r}: the result has {sorted(set(result) & set(DIRECTIONS))}"
+        )
+    values = _values(score, result[score].isel(volume=volume), 1)
+    worst = np.argsort(values if DIRECTIONS[score] == "higher" else -values)[:top]
+    ax = _axes(ax)
+    ax.hist(values[np.isfinite(values)], bins=40, color="0.6")
+    for i in worst:
+        ax.axvline(values[i], color="C3", lw=1)
+        ax.annotate(str(i), (values[i], ax.get_ylim()[1] * 0.95), color="C3", fontsize=8)
+    ax.set_xlabel(f"{score} ({DIRECTIONS[score]} is better)")
+    ax.set_ylabel("images")
+    ax.set_title(f"{values.size} images; worst marked: {', '.join(map(str, worst))}")
+    return ax
+
+
+def ranking_bars(table, *, ax=None):
+    """The ranking of :func:`scalign.rank_volumes` as bars of the mean score ± its
+    standard error, best first."""
+    if not {"volume", "mean", "sem"} <= set(getattr(table, "columns", ())):
+        raise TypeError("table must be the DataFrame returned by scalign.rank_volumes")
+    ax = _axes(ax)
+    names = [str(v) for v in table["volume"]]
+    ax.bar(names, table["mean"], yerr=table["sem"], color=["C2"] + ["0.6"] * (len(names) - 1))
+    ax.set_ylabel(
+        f"mean {table.attrs.get('score', 'score')} ({table.attrs.get('better', '')} is better)"
+    )
+    ax.set_title(f"best volume: {table.attrs.get('best', names[0])}")
+    return ax

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from scalign.images import IMAGE, X, Y, validate_stack
+from scalign.images import IMAGE, X, Y, default_chunk, validate_stack
 from scalign.kernels.ctf import ctf_half_plane, fourier_crop, fourier_crop_volume
 from scalign.kernels.euler import euler_to_matrix, matrix_to_euler
 from scalign.kernels.matching import match_images
@@ -34,11 +34,12 @@ from scalign.kernels.scores import (
     circular_mask,
     compare,
     jbld,
+    jbld_fixed_point,
     residual_covariance,
     ridge,
 )
 from scalign.mapping import map_batch
-from scalign.validation import check_option
+from scalign.validation import check_chunks, check_option
 
 VOLUME = "volume"
 ANGLES = ("rot", "tilt", "psi", "shift_x", "shift_y")
@@ -174,6 +175,18 @@ def _target_size(n: int, pixel_size: float | None, downsample_to: float | None) 
 # --------------------------------------------------------------------------------------
 
 
+def _prepared(images, size, ctf, pixel_size, defocus) -> tuple[np.ndarray, np.ndarray | None]:
+    """A chunk's images, checked and Fourier-cropped to ``size``, and their CTFs."""
+    images = np.asarray(images, dtype=np.float64)
+    if not np.all(np.isfinite(images)):
+        bad = int(np.count_nonzero(~np.all(np.isfinite(images), axis=(-2, -1))))
+        raise ValueError(f"images has {bad} image(s) with non-finite (NaN or inf) pixels")
+    if size != images.shape[-1]:
+        images = fourier_crop(images, size)
+    H = None if ctf is None else ctf_half_plane(size, pixel_size, *defocus, **ctf)
+    return images, H
+
+
 def _compare_chunk(
     images,
     rot,
@@ -198,17 +211,8 @@ def _compare_chunk(
     eps,
 ):
     """Per image of a chunk: the angles (given or matched) and the comparison scores."""
-    images = np.asarray(images, dtype=np.float64)
-    if not np.all(np.isfinite(images)):
-        bad = int(np.count_nonzero(~np.all(np.isfinite(images), axis=(-2, -1))))
-        raise ValueError(f"images has {bad} image(s) with non-finite (NaN or inf) pixels")
-    n = images.shape[-1]
-    scale = size / n
-    if size != n:
-        images = fourier_crop(images, size)
-    H = None
-    if ctf is not None:
-        H = ctf_half_plane(size, pixel_size, defocus_u, defocus_v, defocus_angle, **ctf)
+    scale = size / images.shape[-1]
+    images, H = _prepared(images, size, ctf, pixel_size, (defocus_u, defocus_v, defocus_angle))
     if search:
         match = match_images(
             volume,
@@ -342,7 +346,8 @@ def compare_reprojections(
     for volume in small:
         out = map_batch(_compare_chunk, inputs, core, outputs, kwargs=options | {"volume": volume})
         results.append(xr.Dataset(out))
-    result = xr.concat(results, dim=VOLUME).assign_coords({VOLUME: names})
+    # names as an attr: zarr v3 has no stable fixed-width string type for a coordinate
+    result = xr.concat(results, dim=VOLUME).assign_coords({VOLUME: np.arange(len(names))})
     if IMAGE in stack.coords:
         result = result.assign_coords({IMAGE: stack[IMAGE].values})
     # global scores: reductions over all the images of each volume
@@ -363,6 +368,7 @@ def compare_reprojections(
         "pixel_size": options["pixel_size"] if pixel is not None else "unknown",
         "gray": int(gray),
         "ctf": int(ctf),
+        "volume_names": names,
     }
     return result
 
@@ -395,14 +401,12 @@ def _covariance_scores(ds, result, volumes, options) -> xr.DataArray:
 
         C_mean = mapped(None, 0.0).mean(IMAGE).values
         delta = ridge(C_mean[None])
-        R = C_mean + delta * np.eye(size)
-        for _ in range(20):
-            new = np.linalg.inv(mapped(R, delta).mean(IMAGE).values)
-            new = 0.5 * (new + new.T)
-            change = np.linalg.norm(new - R) / np.linalg.norm(R)
-            R = new
-            if change < 1e-8:
-                break
+        R, _ = jbld_fixed_point(
+            lambda R, mapped=mapped, delta=delta: mapped(R, delta).mean(IMAGE).values,
+            C_mean + delta * np.eye(size),
+            max_iterations=20,
+            tol=1e-8,
+        )
         div = map_batch(
             _covariance_chunk,
             inputs,
@@ -437,12 +441,8 @@ def _covariance_chunk(
 ):
     """Residual covariances of a chunk (``R is None``), ``((C + R)/2)^-1`` (``inverse``)
     or the JBLD divergence ``J(C, R)`` (``jbld``), with the ridge ``delta``."""
-    images = np.asarray(images, dtype=np.float64)
-    n = images.shape[-1]
-    scale = size / n
-    if size != n:
-        images = fourier_crop(images, size)
-    H = None if ctf is None else ctf_half_plane(size, pixel_size, du, dv, da, **ctf)
+    scale = size / images.shape[-1]
+    images, H = _prepared(images, size, ctf, pixel_size, (du, dv, da))
     A = euler_to_matrix(rot, tilt, psi)
     shifts = np.stack([shift_x, shift_y], axis=-1) * scale
     P = project(volume, A, shifts=shifts, ctf=H, eps=eps)
@@ -455,6 +455,44 @@ def _covariance_chunk(
     return jbld(C, R[None])
 
 
+def _project_chunk(rot, tilt, psi, shift_x, shift_y, *, volume, eps):
+    shifts = np.stack([shift_x, shift_y], axis=-1)
+    return project(volume, euler_to_matrix(rot, tilt, psi), shifts=shifts, eps=eps)
+
+
+def reproject(
+    volume: Any, angles: xr.Dataset, *, eps: float = 1e-4, chunks: int | None = None
+) -> xr.DataArray:
+    """Projections of one volume at the angles of ``angles`` (``rot, tilt, psi`` and
+    optionally ``shift_x, shift_y`` over ``image``), lazily, one task per chunk of angles
+    (:func:`scalign.kernels.projection.project`: Fourier slices by a non-uniform FFT of
+    accuracy ``eps``, one transform of the volume per chunk).
+
+    ``chunks``: orientations per task (default: the angles' chunks, or about 32 MiB of
+    images). Returns a DataArray ``images (image, y, x)`` in the volume's float dtype.
+    """
+    check_chunks(chunks)
+    V, _, _ = _volumes(volume)
+    if V.shape[0] != 1:
+        raise ValueError(f"reproject takes one volume, got {V.shape[0]}")
+    if not isinstance(angles, xr.Dataset) or "rot" not in angles or angles["rot"].ndim != 1:
+        raise TypeError("angles must be a Dataset with rot, tilt, psi over one dim (image)")
+    given = _angles(angles.rename({angles["rot"].dims[0]: IMAGE}), "stack")
+    n = V.shape[-1]
+    if chunks is None:
+        chunks = angles["rot"].chunks[0] if angles["rot"].chunks else default_chunk((n, n))
+    given = given.chunk({IMAGE: chunks})
+    out = map_batch(
+        _project_chunk,
+        [given[a] for a in ANGLES],
+        [[]] * len(ANGLES),
+        {"images": ((Y, X), V.dtype)},
+        sizes={Y: n, X: n},
+        kwargs={"volume": V[0], "eps": eps},
+    )["images"]
+    return out.rename("images")
+
+
 # --------------------------------------------------------------------------------------
 # ranking
 # --------------------------------------------------------------------------------------
@@ -464,7 +502,8 @@ def rank_volumes(result: xr.Dataset, score: str = "correlation") -> pd.DataFrame
     """Rank the volumes of :func:`compare_reprojections` by one score, best first.
 
     Every volume is scored on the same images (all of them). The table has, per volume,
-    the score's mean, standard deviation and standard error over the images, its rank,
+    its name (``attrs["volume_names"]``), the score's mean, standard deviation and standard
+    error over the images, its rank,
     and how many images it explains best (``assigned``: the images whose best score over
     the volumes is this volume's, as for 3-D classes; see :func:`assign_images`).
     ``table.attrs["best"]`` names the best volume.
@@ -479,7 +518,7 @@ def rank_volumes(result: xr.Dataset, score: str = "correlation") -> pd.DataFrame
     assigned = np.bincount(assign_images(result, score).values, minlength=result.sizes[VOLUME])
     table = pd.DataFrame(
         {
-            "volume": result[VOLUME].values,
+            "volume": result.attrs.get("volume_names", list(result[VOLUME].values)),
             "mean": mean,
             "std": std,
             "sem": std / math.sqrt(max(1, result.sizes[IMAGE])),

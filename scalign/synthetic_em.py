@@ -62,10 +62,13 @@ def blob_projections(
         q = q + np.asarray(shifts, dtype=np.float64)[:, None, :]
     y, x = np.indices((size, size), dtype=np.float64) - box_center(size)
     s2 = 2 * blobs.sigma**2
-    dx = x[None, None] - q[..., 0, None, None]
-    dy = y[None, None] - q[..., 1, None, None]
-    g = np.exp(-(dx * dx + dy * dy) / s2) * (np.sqrt(2 * np.pi) * blobs.sigma)
-    return np.einsum("bjyx,j->byx", g, blobs.amplitudes)
+    out = np.zeros((A.shape[0], size, size))
+    # one blob at a time: (B, size, size) temporaries, not (B, J, size, size)
+    for j, a in enumerate(blobs.amplitudes * np.sqrt(2 * np.pi) * blobs.sigma):
+        dx = x[None] - q[:, j, 0, None, None]
+        dy = y[None] - q[:, j, 1, None, None]
+        out += a * np.exp(-(dx * dx + dy * dy) / s2)
+    return out
 
 
 class Particles(NamedTuple):

@@ -270,3 +270,29 @@ def test_warp_and_register_stacks(tmp_path, capsys):
     assert main(args) == 2  # exists
     assert main(["warp", str(source), str(tmp_path / "w2.zarr"), "--matrix", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_compare_and_rank_candidate_volumes(tmp_path, capsys):
+    from scalign.formats import export_star, write_volume
+    from scalign.synthetic_em import blob_volume, random_blobs, simulate_particles
+
+    blobs = random_blobs(10, radius=8.0, sigma=1.8, seed=1)
+    parts = simulate_particles(blobs, 32, 12, noise=0.3, max_shift=2.0, ctf=True, seed=2)
+    export_star(parts.stack, tmp_path / "particles.star")
+    write_volume(tmp_path / "true.mrc", blob_volume(blobs, 32), pixel_size=3.0)
+    other = blob_volume(random_blobs(10, radius=8.0, sigma=1.8, seed=5), 32)
+    write_volume(tmp_path / "other.mrc", other, pixel_size=3.0)
+    stack, out = tmp_path / "p.zarr", tmp_path / "out.zarr"
+    assert main(["import-star", str(tmp_path / "particles.star"), str(stack)]) == 0
+    args = ["compare", str(stack), str(tmp_path / "other.mrc"), str(tmp_path / "true.mrc")]
+    assert main([*args, str(out), "--angles", "--ctf", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "best volume (cost)  true" in printed and "12 × 2" in printed
+    assert main(["rank", str(out), "--score", "correlation"]) == 0
+    printed = capsys.readouterr().out
+    assert "higher is better" in printed and "best volume: true" in printed
+    # bad input: one line, exit 2, nothing written
+    bad = tmp_path / "bad.zarr"
+    assert main([*args, str(bad), "--symmetry", "X3"]) == 2
+    assert "symmetry" in capsys.readouterr().err and not bad.exists()
+    assert main(["rank", str(tmp_path / "missing.zarr")]) == 2

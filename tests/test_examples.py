@@ -32,7 +32,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     """Every ```python block of the README, in order, in one namespace."""
     readme = (EXAMPLES.parent / "README.md").read_text()
     blocks = [part.split("```", 1)[0] for part in readme.split("```python\n")[1:]]
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for code in blocks:
@@ -56,3 +56,12 @@ def test_register_drift_example(tmp_path):
     centre = float(out.split("centre error max ")[1].split(" px")[0])
     assert rotation < 0.05 and centre < 0.05
     assert "single pair at 120°: theta 120.0" in out and (tmp_path / "drift.png").is_file()
+
+
+def test_rank_volumes_example(tmp_path):
+    out = run_example("rank_volumes.py", "40", "--plot", str(tmp_path / "rank.png"))
+    ranking = out.split("ranked by cost (lower is better):")[1]
+    assert ranking.split("\n")[2].split()[:2] == ["1", "true"]
+    assert "residual-covariance scores (true map): images [3, 7, 11]" in out
+    assert float(out.split("median error ")[1].split("°")[0]) < 1.0
+    assert (tmp_path / "rank.png").is_file()

@@ -91,3 +91,27 @@ def test_registration_panels_and_stack_drift():
     np.testing.assert_allclose(top.get_lines()[1].get_ydata(), -np.arange(5), atol=1e-12)
     with pytest.raises(ValueError, match="differ in shape"):
         plot.registration_panels(fixed, moving[:5], fixed)
+
+
+def test_reprojection_plots(tmp_path):
+    import scalign
+    from scalign.plot import ranking_bars, reprojection_panels, score_histogram
+
+    blobs = scalign.random_blobs(8, radius=7.0, seed=1)
+    parts = scalign.simulate_particles(blobs, 32, 10, noise=0.3, seed=2)
+    other = scalign.blob_volume(scalign.random_blobs(8, radius=7.0, seed=3), 32)
+    result = scalign.compare_reprojections(
+        parts.stack, [scalign.blob_volume(blobs, 32), other], angles="stack"
+    ).compute()
+    P = scalign.project(scalign.blob_volume(blobs, 32), parts.A[:1])[0]
+    axes = reprojection_panels(parts.stack["images"].values[0], P)
+    assert [a.get_title() for a in axes] == ["image", "reprojection", "residual"]
+    ax = score_histogram(result, "correlation", top=3)
+    assert "worst marked" in ax.get_title() and len(ax.lines) == 3
+    ax = ranking_bars(scalign.rank_volumes(result, "cost"))
+    assert ax.get_title() == "best volume: 0" and len(ax.patches) == 2
+    ax.figure.savefig(tmp_path / "ranking.png")
+    with pytest.raises(ValueError, match="unknown score"):
+        score_histogram(result, "loss")
+    with pytest.raises(TypeError, match="rank_volumes"):
+        ranking_bars(result)

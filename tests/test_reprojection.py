@@ -229,3 +229,15 @@ def test_nan_pixels_and_empty_stacks():
         result.compute()
     with pytest.raises(ValueError, match="empty"):
         make_stack(np.zeros((0, N, N), dtype=np.float32))
+
+
+def test_reproject_is_lazy_and_equals_the_simulated_images():
+    from scalign.reprojection import reproject
+
+    parts = simulate_particles(BLOBS, N, 10, max_shift=2.0, seed=13)
+    P = reproject(blob_volume(BLOBS, N), parts.stack, chunks=4)
+    assert P.dims == ("image", "y", "x") and P.chunks[0] == (4, 4, 2)
+    images = parts.stack["images"].values
+    assert np.abs(P.values - images).max() < 1e-4 * np.abs(images).max()
+    with pytest.raises(ValueError, match="one volume"):
+        reproject(np.zeros((2, N, N, N)), parts.stack)

@@ -149,8 +149,6 @@ def _centred_projection_spectra(volume: np.ndarray, A: np.ndarray, eps: float) -
     the mean (DC term) removed and frequencies beyond Nyquist cut."""
     n = volume.shape[0]
     S = slice_spectra(volume, A, eps) * centering_phase(n)
-    ky, kx = half_plane_frequencies(n)
-    S *= (kx * kx + ky * ky) <= (n / 2) ** 2
     S[..., 0, 0] = 0.0
     return S
 
@@ -240,32 +238,3 @@ def match_images(
             active[idx[~improved & (delta[idx] < final_step)]] = False
     best = np.argmax(scores.reshape(B, K), axis=1) + np.arange(B) * K
     return Match(A[best], shifts[best], scores[best], rounds[best])
-    delta = np.full(B, step / 2.0)
-    active = np.ones(B, dtype=bool)
-    for _ in range(max_rounds):
-        idx = np.flatnonzero(active)
-        if idx.size == 0:
-            break
-        rounds[idx] += 1
-        # candidates: the current orientation and six small rotations about the frame axes
-        cand = [A[idx]]
-        for axis in range(3):
-            for sign in (-1.0, 1.0):
-                cand.append(_axis_rotations(axis, sign * delta[idx]) @ A[idx])
-        cand = np.stack(cand, axis=1)
-        P = _centred_projection_spectra(volume, cand.reshape(-1, 3, 3), eps)
-        P = P.reshape(idx.size, 7, n, n // 2 + 1)
-        if ctf is not None:
-            P = P * ctf[idx, None]
-        shift, score = _correlate(F[idx], norms[idx], P, n, max_shift)
-        rows = np.arange(idx.size)
-        k = np.argmax(score, axis=1)
-        improved = (k > 0) & (score[rows, k] > score[:, 0])
-        pick = np.where(improved, k, 0)
-        A[idx] = cand[rows, pick]
-        best_shift[idx] = shift[rows, pick]
-        best_score[idx] = score[rows, pick]
-        # no better neighbour: halve the step; below final_step the image is done
-        delta[idx[~improved]] /= 2.0
-        active[idx[~improved & (delta[idx] < final_step)]] = False
-    return Match(A, best_shift, best_score, rounds)

@@ -29,6 +29,7 @@ non-symmetric product.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -110,22 +111,35 @@ def jbld(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     return _logdet(0.5 * (X + Y)) - 0.5 * _logdet(X) - 0.5 * _logdet(Y)
 
 
-def jbld_centroid(C: np.ndarray, max_iterations: int = 50, tol: float = 1e-10) -> tuple:
-    """The JBLD centroid of SPD matrices ``C (B, n, n)`` by the fixed point
-    :math:`\\bar R \\leftarrow [\\mathrm{mean}_i ((C_i + \\bar R)/2)^{-1}]^{-1}` (Cherian et
-    al. 2013), from the arithmetic mean, until the relative change (Frobenius) is below
-    ``tol``. Returns ``(R, iterations)``."""
-    R = C.mean(axis=0)
+def jbld_fixed_point(
+    mean_inverse: Callable[[np.ndarray], np.ndarray],
+    start: np.ndarray,
+    max_iterations: int = 50,
+    tol: float = 1e-10,
+) -> tuple[np.ndarray, int]:
+    """Iterate :math:`\\bar R \\leftarrow [\\mathrm{mean}_i ((C_i + \\bar R)/2)^{-1}]^{-1}`
+    from ``start`` until the relative change (Frobenius) is below ``tol``; the mean is
+    ``mean_inverse(R)``, so the ``C_i`` can live anywhere (in memory, or in chunks that a
+    Dask reduction visits once per iteration). Returns ``(R, iterations)``."""
+    R = start
     iterations = 0
     while iterations < max_iterations:
         iterations += 1
-        new = np.linalg.inv(np.linalg.inv(0.5 * (C + R)).mean(axis=0))
+        new = np.linalg.inv(mean_inverse(R))
         new = 0.5 * (new + new.T)
         change = np.linalg.norm(new - R) / np.linalg.norm(R)
         R = new
         if change < tol:
             break
     return R, iterations
+
+
+def jbld_centroid(C: np.ndarray, max_iterations: int = 50, tol: float = 1e-10) -> tuple:
+    """The JBLD centroid of SPD matrices ``C (B, n, n)`` (Cherian et al. 2013): the fixed
+    point of :func:`jbld_fixed_point` from the arithmetic mean. Returns ``(R, iterations)``."""
+    return jbld_fixed_point(
+        lambda R: np.linalg.inv(0.5 * (C + R)).mean(axis=0), C.mean(axis=0), max_iterations, tol
+    )
 
 
 def ridge(C: np.ndarray) -> float:
