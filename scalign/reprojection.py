@@ -209,8 +209,10 @@ def _compare_chunk(
     ctf,
     pixel_size,
     eps,
+    reprojections,
 ):
-    """Per image of a chunk: the angles (given or matched) and the comparison scores."""
+    """Per image of a chunk: the angles (given or matched), the comparison scores and,
+    with ``reprojections``, the reprojections."""
     scale = size / images.shape[-1]
     images, H = _prepared(images, size, ctf, pixel_size, (defocus_u, defocus_v, defocus_angle))
     if search:
@@ -242,6 +244,7 @@ def _compare_chunk(
         c.offset,
         c.residual_mean,
         c.residual_std,
+        *((P.astype(np.float32),) if reprojections else ()),
     )
 
 
@@ -263,6 +266,7 @@ def compare_reprojections(
     gray: bool = False,
     max_shift: float | None = None,
     covariance: bool = True,
+    reprojections: bool = False,
     eps: float = 1e-4,
 ) -> xr.Dataset:
     """Compare every image with the reprojection of every volume; lazy over image chunks
@@ -289,6 +293,9 @@ def compare_reprojections(
     covariance : compute ``z_score_res_cov`` (the JBLD score). It needs every image's
         angles and a few passes over the images, so it computes the matching first
         (like ``align(reference="mean")``); without it the result stays fully lazy.
+    reprojections : also return each image's reprojection (angles, shift and CTF
+        applied, as compared): ``reprojection (volume, image, y, x)``, or over
+        ``(y_down, x_down)`` when the images were downsampled.
     eps : accuracy of the projector's non-uniform FFT.
 
     Returns
@@ -330,6 +337,11 @@ def compare_reprojections(
     inputs = [stack, *(per_image[a] for a in ANGLES), *defocus]
     core = [[Y, X]] + [[]] * (len(inputs) - 1)
     outputs = {name: ((), np.float64) for name in _PER_IMAGE}
+    sizes = {}
+    if reprojections:
+        dims = (Y, X) if size == n else (f"{Y}_down", f"{X}_down")
+        outputs["reprojection"] = (dims, np.float32)
+        sizes = dict.fromkeys(dims, size)
     options = {
         "size": size,
         "search": given is None,
@@ -344,7 +356,14 @@ def compare_reprojections(
     }
     results = []
     for volume in small:
-        out = map_batch(_compare_chunk, inputs, core, outputs, kwargs=options | {"volume": volume})
+        out = map_batch(
+            _compare_chunk,
+            inputs,
+            core,
+            outputs,
+            sizes=sizes,
+            kwargs=options | {"volume": volume, "reprojections": reprojections},
+        )
         results.append(xr.Dataset(out))
     # names as an attr: zarr v3 has no stable fixed-width string type for a coordinate
     result = xr.concat(results, dim=VOLUME).assign_coords({VOLUME: np.arange(len(names))})

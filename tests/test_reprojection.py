@@ -241,3 +241,24 @@ def test_reproject_is_lazy_and_equals_the_simulated_images():
     assert np.abs(P.values - images).max() < 1e-4 * np.abs(images).max()
     with pytest.raises(ValueError, match="one volume"):
         reproject(np.zeros((2, N, N, N)), parts.stack)
+
+
+def test_reprojections_are_returned_on_request():
+    parts = simulate_particles(BLOBS, N, 6, max_shift=2.0, ctf=True, seed=14, chunks=3)
+    result = compare_reprojections(
+        parts.stack,
+        blob_volume(BLOBS, N),
+        angles="stack",
+        ctf=True,
+        reprojections=True,
+        covariance=False,
+    ).compute()
+    assert result["reprojection"].dims == ("volume", "image", "y", "x")
+    images = parts.stack["images"].values
+    assert np.abs(result["reprojection"].values[0] - images).max() < 1e-3 * np.abs(images).max()
+    big = simulate_particles(BLOBS, 64, 2, pixel_size=1.5, seed=15)
+    down = compare_reprojections(
+        big.stack, blob_volume(BLOBS, 64), angles="stack", reprojections=True, covariance=False
+    )
+    assert down["reprojection"].dims == ("volume", "image", "y_down", "x_down")
+    assert down["reprojection"].shape == (1, 2, 32, 32)

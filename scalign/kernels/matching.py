@@ -182,7 +182,11 @@ def match_images(
     eps : accuracy of the projections' non-uniform FFT.
     """
     B, n = images.shape[0], images.shape[-1]
-    F, norms = _image_spectra(np.asarray(images, dtype=np.float64))
+    # single precision: the search ranks candidates and locates peaks, where float32's
+    # 1e-7 is ample, at about 1.6x the FFT speed of float64
+    F, norms = _image_spectra(np.asarray(images, dtype=np.float32))
+    if ctf is not None:
+        ctf = np.asarray(ctf, dtype=np.float32)
     K = max(1, min(candidates, len(gallery)))
     best_score = np.full((B, K), -np.inf)
     best_g = np.zeros((B, K), dtype=int)
