@@ -20,6 +20,7 @@ import math
 import numbers
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -66,6 +67,17 @@ _PER_IMAGE = (
     "residual_mean",
     "residual_std",
 )
+
+
+#: Core dims of the arrays every task shares (a volume, the search's orientations).
+VOLUME_DIMS = ("vz", "vy", "vx")
+GALLERY_DIMS = ("orientation", "mrow", "mcol")
+
+
+def _shared(array: np.ndarray, dims: tuple[str, ...]) -> xr.DataArray:
+    """``array`` as one dask chunk that every task of a map reads: on a cluster it is
+    sent to each worker once, not embedded in every task."""
+    return xr.DataArray(da.from_array(array, chunks=array.shape), dims=dims)
 
 
 # --------------------------------------------------------------------------------------
@@ -197,11 +209,11 @@ def _compare_chunk(
     defocus_u,
     defocus_v,
     defocus_angle,
-    *,
     volume,
+    gallery,
+    *,
     size,
     search,
-    gallery,
     step,
     max_shift,
     refine,
@@ -324,18 +336,18 @@ def compare_reprojections(
     ctf_params = _ctf_inputs(ds, ctf)
     size = _target_size(n, pixel, downsample_to)
     small = V if size == n else fourier_crop_volume(V, size).astype(np.float32)
-    gallery = None
     if given is None:
-        rot, tilt, psi = orientation_grid(angular_sampling, symmetry)
-        gallery = euler_to_matrix(rot, tilt, psi)
+        gallery = euler_to_matrix(*orientation_grid(angular_sampling, symmetry))
     else:
         orientation_grid(90.0, symmetry)  # validates the symmetry string
+        gallery = np.eye(3)[None]  # unused: the angles are given
     shift_limit = n / 4 if max_shift is None else float(max_shift)
     zeros = xr.zeros_like(stack.isel({Y: 0, X: 0}), dtype=np.float64)
     per_image = given if given is not None else xr.Dataset({a: zeros for a in ANGLES})
     defocus = [ds[v] if ctf else zeros for v in CTF_VARIABLES]
     inputs = [stack, *(per_image[a] for a in ANGLES), *defocus]
-    core = [[Y, X]] + [[]] * (len(inputs) - 1)
+    core = [[Y, X]] + [[]] * (len(inputs) - 1) + [list(VOLUME_DIMS), list(GALLERY_DIMS)]
+    gallery = _shared(gallery, GALLERY_DIMS)
     outputs = {name: ((), np.float64) for name in _PER_IMAGE}
     sizes = {}
     if reprojections:
@@ -345,7 +357,6 @@ def compare_reprojections(
     options = {
         "size": size,
         "search": given is None,
-        "gallery": gallery,
         "step": float(angular_sampling),
         "max_shift": shift_limit,
         "refine": refine,
@@ -358,11 +369,11 @@ def compare_reprojections(
     for volume in small:
         out = map_batch(
             _compare_chunk,
-            inputs,
+            [*inputs, _shared(volume, VOLUME_DIMS), gallery],
             core,
             outputs,
             sizes=sizes,
-            kwargs=options | {"volume": volume, "reprojections": reprojections},
+            kwargs=options | {"reprojections": reprojections},
         )
         results.append(xr.Dataset(out))
     # names as an attr: zarr v3 has no stable fixed-width string type for a coordinate
@@ -406,16 +417,17 @@ def _covariance_scores(ds, result, volumes, options) -> xr.DataArray:
     for j, volume in enumerate(volumes):
         per = angles.isel({VOLUME: j})
         inputs = [stack, *(per[a].chunk({IMAGE: stack.chunks[0]}) for a in ANGLES), *defocus]
-        core = [[Y, X]] + [[]] * (len(inputs) - 1)
+        inputs.append(_shared(volume, VOLUME_DIMS))
+        core = [[Y, X]] + [[]] * (len(inputs) - 2) + [list(VOLUME_DIMS)]
 
-        def mapped(R, delta, volume=volume, inputs=inputs, core=core):
+        def mapped(R, delta, inputs=inputs, core=core):
             return map_batch(
                 _covariance_chunk,
                 inputs,
                 core,
                 {"value": (("row", "col"), np.float64)},
                 sizes={"row": size, "col": size},
-                kwargs=base | {"volume": volume, "R": R, "delta": delta, "mode": "inverse"},
+                kwargs=base | {"R": R, "delta": delta, "mode": "inverse"},
             )["value"]
 
         C_mean = mapped(None, 0.0).mean(IMAGE).values
@@ -431,7 +443,7 @@ def _covariance_scores(ds, result, volumes, options) -> xr.DataArray:
             inputs,
             core,
             {"value": ((), np.float64)},
-            kwargs=base | {"volume": volume, "R": R, "delta": delta, "mode": "jbld"},
+            kwargs=base | {"R": R, "delta": delta, "mode": "jbld"},
         )["value"]
         scores.append(div)
     return xr.concat(scores, dim=VOLUME)
@@ -446,9 +458,9 @@ def _covariance_chunk(
     shift_y,
     du,
     dv,
-    da,
-    *,
+    dang,
     volume,
+    *,
     size,
     gray,
     ctf,
@@ -461,7 +473,7 @@ def _covariance_chunk(
     """Residual covariances of a chunk (``R is None``), ``((C + R)/2)^-1`` (``inverse``)
     or the JBLD divergence ``J(C, R)`` (``jbld``), with the ridge ``delta``."""
     scale = size / images.shape[-1]
-    images, H = _prepared(images, size, ctf, pixel_size, (du, dv, da))
+    images, H = _prepared(images, size, ctf, pixel_size, (du, dv, dang))
     A = euler_to_matrix(rot, tilt, psi)
     shifts = np.stack([shift_x, shift_y], axis=-1) * scale
     P = project(volume, A, shifts=shifts, ctf=H, eps=eps)
@@ -474,7 +486,7 @@ def _covariance_chunk(
     return jbld(C, R[None])
 
 
-def _project_chunk(rot, tilt, psi, shift_x, shift_y, *, volume, eps):
+def _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, *, eps):
     shifts = np.stack([shift_x, shift_y], axis=-1)
     return project(volume, euler_to_matrix(rot, tilt, psi), shifts=shifts, eps=eps)
 
@@ -503,11 +515,11 @@ def reproject(
     given = given.chunk({IMAGE: chunks})
     out = map_batch(
         _project_chunk,
-        [given[a] for a in ANGLES],
-        [[]] * len(ANGLES),
+        [*(given[a] for a in ANGLES), _shared(V[0], VOLUME_DIMS)],
+        [[]] * len(ANGLES) + [list(VOLUME_DIMS)],
         {"images": ((Y, X), V.dtype)},
         sizes={Y: n, X: n},
-        kwargs={"volume": V[0], "eps": eps},
+        kwargs={"eps": eps},
     )["images"]
     return out.rename("images")
 

@@ -1,0 +1,80 @@
+"""Reliability on a real cluster: a worker process killed in the middle of a job loses
+nothing — Dask recomputes its tasks elsewhere and the result equals an undisturbed run."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+from distributed import Client, LocalCluster
+
+import scalign
+from scalign.synthetic_em import blob_volume, random_blobs, simulate_particles
+
+
+def _tasks_in_memory(dask_scheduler) -> int:
+    return sum(ts.state == "memory" for ts in dask_scheduler.tasks.values())
+
+
+def compute_while_killing_a_worker(lazy: xr.Dataset | xr.DataArray, min_done: int = 3):
+    """Compute ``lazy`` on a 2-process LocalCluster, SIGKILL one worker process once at
+    least ``min_done`` tasks have finished (and before the job ends), return the result
+    and whether the kill happened mid-job."""
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        future = client.compute(lazy)
+        deadline = time.monotonic() + 60
+        while client.run_on_scheduler(_tasks_in_memory) < min_done and not future.done():
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.02)
+        killed = not future.done()
+        if killed:
+            nanny = next(iter(cluster.workers.values()))
+            nanny.process.process.kill()  # a hard crash: no goodbye to the scheduler
+        result = future.result(timeout=120)
+    return result, killed
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(
+            lambda: scalign.align(scalign.helix_ensemble(40_000, 64, noise=0.1, chunks=1000), 0),
+            id="align",
+        ),
+        pytest.param(
+            lambda: scalign.warp_stack(
+                scalign.make_stack(
+                    np.random.default_rng(0).random((240, 128, 128)).astype(np.float32),
+                    chunks=6,
+                ),
+                scalign.build_affine_matrix(7, 2.5, -1.5, center=(63.5, 63.5)),
+            ),
+            id="warp_stack",
+        ),
+        pytest.param(
+            lambda: scalign.compare_reprojections(
+                simulate_particles(
+                    random_blobs(seed=1), 32, 240, noise=0.3, ctf=True, seed=2, chunks=8
+                ).stack,
+                blob_volume(random_blobs(seed=1), 32),
+                angles="stack",
+                ctf=True,
+                covariance=False,
+            ),
+            id="compare_reprojections",
+        ),
+    ],
+)
+def test_a_killed_worker_loses_nothing(make):
+    lazy = make()
+    expected = lazy.compute(scheduler="threads")
+    result, killed = compute_while_killing_a_worker(lazy)
+    assert killed, "the job finished before a worker could be killed: make it longer"
+    xr.testing.assert_allclose(result, expected, rtol=0, atol=0)
