@@ -1,12 +1,14 @@
 """Reading and writing ensembles: zarr v3 stores, .npy and .npz files.
 
-Writes are atomic: a store is written beside its destination and renamed into place
-only when complete, so an interrupted or failed run leaves the previous output (or
-nothing), never a half-written store.
+Writes are atomic and resumable: a store is written beside its destination and renamed
+into place only when complete, so an interrupted or failed run leaves the previous output
+(or nothing), never a half-written store at the destination; rerunning an interrupted
+job writes only the blocks it had not finished.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -14,11 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
+from dask.base import tokenize
 
+from scalign._array import to_numpy
 from scalign.ensemble import STRUCTURE, make_ensemble, validate_ensemble
 from scalign.validation import check_chunks
+
+log = logging.getLogger(__name__)
 
 NPZ_COORD_KEYS = ("coords", "coordinates", "xyz", "positions")
 NPZ_WEIGHT_KEYS = ("weights", "masses")
@@ -52,20 +61,37 @@ def _json_attrs(attrs: dict) -> dict:
     return out
 
 
+#: Inside a partial store: the job's fingerprint and one empty file per written block.
+PROGRESS = ".scalign-progress"
+
+
+def _write_block(block: Any, store: str, name: str, region: tuple, marker: str) -> None:
+    """Write one computed block into its region of a zarr array, then mark it done (the
+    marker comes last: a block cut off mid-write is rewritten on resume)."""
+    array = zarr.open_array(store=store, path=name, mode="r+")
+    array[region] = np.asarray(to_numpy(block), dtype=array.dtype)
+    Path(marker).touch()
+
+
 def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = False):
-    """Start an atomic write: return ``(delayed, commit)``.
+    """Start an atomic, resumable write: return ``(delayed, commit)``.
 
     With ``compress=False`` floating-point variables are stored raw: zstd shrank float32
     coordinates by ~7% but tripled the write time (measured on a 2-core machine); other
     variables keep zarr's default codecs.
 
-    ``delayed`` writes the data into a hidden sibling store when computed (on whichever
-    scheduler the caller runs it, with its own progress display); ``commit()`` then
-    renames it into ``path``, replacing any previous store. If the computation fails,
-    call ``commit(success=False)`` to remove the partial store.
+    The data go into a hidden sibling store, ``.NAME.partial``, which records the job's
+    fingerprint (dask's token of the dataset and the options) and, for each dask block
+    written, an empty marker file. ``delayed`` writes every block without a marker when
+    computed (on whichever scheduler the caller runs it, with its own progress display):
+    when a run of the same job was killed, the next one finds its partial store and
+    writes only the missing blocks; a partial store of another job is discarded.
+    ``commit()`` then renames the store into ``path``, replacing any previous one, so a
+    store at ``path`` is always complete. If the computation fails with an error, call
+    ``commit(success=False)`` to remove the partial store.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}.partial")
     ds = ds.copy()
     ds.attrs = _json_attrs(ds.attrs)
     for var in ds.variables.values():
@@ -75,14 +101,50 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
         for name, var in ds.data_vars.items()
         if not compress and np.issubdtype(var.dtype, np.floating)
     }
-    delayed = ds.to_zarr(
-        tmp, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=encoding
-    )
+    progress = tmp / PROGRESS
+    job = tokenize(ds, compress)
+    fingerprint = progress / "job"
+    if fingerprint.is_file() and fingerprint.read_text() == job:
+        done = {p.name for p in progress.iterdir()}
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # metadata, and the variables already in memory; the dask blocks follow
+        ds.to_zarr(
+            tmp, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=encoding
+        )
+        progress.mkdir()
+        fingerprint.write_text(job)
+        done = set()
+    writes = []
+    for name, var in ds.variables.items():
+        if not isinstance(var.data, da.Array):
+            continue
+        blocks = var.data.to_delayed()
+        starts = [np.cumsum((0, *c[:-1])) for c in var.data.chunks]
+        for loc in np.ndindex(blocks.shape):
+            marker = ".".join([str(name), *map(str, loc)])
+            if marker in done:
+                continue
+            region = tuple(
+                slice(int(st[i]), int(st[i]) + c[i])
+                for st, c, i in zip(starts, var.data.chunks, loc, strict=True)
+            )
+            write = dask.delayed(_write_block, pure=False)
+            writes.append(write(blocks[loc], str(tmp), str(name), region, str(progress / marker)))
+    if done:
+        log.info(
+            "resuming the interrupted write of %s: %d block(s) already written, %d to go",
+            path,
+            len(done) - 1,
+            len(writes),
+        )
+    delayed = dask.delayed(len, pure=False)(writes)
 
     def commit(success: bool = True) -> None:
         if not success:
             shutil.rmtree(tmp, ignore_errors=True)
             return
+        shutil.rmtree(progress)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
@@ -102,7 +164,9 @@ def save_zarr(
     compress: bool = False,
     compute: Callable[[Any], Any] | None = None,
 ) -> Path:
-    """Write ``ds`` to a zarr v3 store at ``path`` atomically.
+    """Write ``ds`` to a zarr v3 store at ``path`` atomically and resumably: the store
+    appears at ``path`` only when complete, and a run of the same job that was
+    interrupted is resumed, writing only its missing blocks (:func:`to_zarr_delayed`).
 
     Parameters
     ----------
@@ -120,7 +184,9 @@ def save_zarr(
     delayed, commit = to_zarr_delayed(ds, path, compress=compress)
     try:
         (compute or (lambda d: d.compute()))(delayed)
-    except BaseException:
+    except Exception:
+        # an error would recur on a rerun: nothing to resume. An interrupt (Ctrl-C, a
+        # killed process) keeps the partial store for the next run of the same job.
         commit(success=False)
         raise
     commit()
