@@ -119,7 +119,9 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     for name, var in ds.variables.items():
         if not isinstance(var.data, da.Array):
             continue
-        blocks = var.data.to_delayed()
+        # unoptimised: every variable keeps the shared keys of the tasks that make its
+        # blocks (an op computes all its outputs in one task per chunk)
+        blocks = var.data.to_delayed(optimize_graph=False)
         starts = [np.cumsum((0, *c[:-1])) for c in var.data.chunks]
         for loc in np.ndindex(blocks.shape):
             marker = ".".join([str(name), *map(str, loc)])
