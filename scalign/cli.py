@@ -18,7 +18,7 @@ from scalign.execution import SCHEDULER_ENV, run, scheduler, to_device
 from scalign.formats import import_star, read_volume
 from scalign.icp import icp
 from scalign.images import validate_stack, warp_stack
-from scalign.io import load_ensemble, load_points, open_ensemble, save_zarr
+from scalign.io import load_ensemble, load_points, open_ensemble, open_store, save_zarr
 from scalign.pairwise import pairwise_rmsd
 from scalign.procrustes import ROBUST_LOSSES, rotation_angle
 from scalign.reprojection import DIRECTIONS, compare_reprojections, rank_volumes
@@ -270,9 +270,7 @@ def cmd_icp(args) -> int:
 
 
 def _open_stack(path: str) -> xr.Dataset:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no zarr store at {path}")
-    return validate_stack(xr.open_zarr(path, consolidated=False), name=str(path))
+    return validate_stack(open_store(path), name=str(path))
 
 
 def _check_output(path: str, overwrite: bool) -> Path:
@@ -412,9 +410,7 @@ def _read_volumes(paths: list[str]) -> xr.DataArray:
     arrays, names = [], []
     for path in paths:
         if Path(path).suffix == ".zarr":
-            if not Path(path).exists():
-                raise FileNotFoundError(f"no zarr store at {path}")
-            ds = xr.open_zarr(path, consolidated=False)
+            ds = open_store(path)
             name = next((v for v in ("volume", "volumes") if v in ds.data_vars), None)
             if name is None:
                 raise ValueError(f"{path} has no 'volume' or 'volumes' variable")
@@ -472,10 +468,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_rank(args) -> int:
-    path = Path(args.result)
-    if not path.exists():
-        raise FileNotFoundError(f"no zarr store at {path}")
-    result = xr.open_zarr(path, consolidated=False)
+    result = open_store(args.result)
     table = rank_volumes(result, args.score)
     print(
         f"ranking by {table.attrs['score']} ({table.attrs['better']} is better) over "
@@ -497,7 +490,7 @@ def cmd_info(args) -> int:
         return 0
     if not path.exists():
         raise FileNotFoundError(f"no file or zarr store at {path}")
-    ds = xr.open_zarr(path, consolidated=False)
+    ds = open_store(path)
     rows = [("dims", ", ".join(f"{k}={v:,}" for k, v in ds.sizes.items()))]
     for name, var in ds.data_vars.items():
         chunks = "" if var.chunks is None else f" chunks {tuple(max(c) for c in var.chunks)}"

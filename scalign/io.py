@@ -33,6 +33,19 @@ NPZ_COORD_KEYS = ("coords", "coordinates", "xyz", "positions")
 NPZ_WEIGHT_KEYS = ("weights", "masses")
 
 
+def open_store(path: str | os.PathLike, **kwargs: Any) -> xr.Dataset:
+    """``xarray.open_zarr`` of a zarr v3 store, lazily, with clear errors: a missing store
+    is a ``FileNotFoundError`` and an unreadable one (corrupt metadata, not zarr) a
+    ``ValueError``, both naming the path. ``kwargs`` go to ``open_zarr``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no zarr store at {path}")
+    try:
+        return xr.open_zarr(path, consolidated=False, **kwargs)
+    except Exception as exc:  # zarr and json raise many kinds; all mean "cannot read it"
+        raise ValueError(f"{path} is not a readable zarr store: {exc}") from exc
+
+
 def open_ensemble(path: str | os.PathLike, *, chunks: int | None = None) -> xr.Dataset:
     """Open a zarr store lazily as an ensemble, chunked along ``structure``.
 
@@ -43,10 +56,7 @@ def open_ensemble(path: str | os.PathLike, *, chunks: int | None = None) -> xr.D
         Structures per dask chunk; default: the store's own chunking.
     """
     check_chunks(chunks)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no zarr store at {path}")
-    ds = xr.open_zarr(path, consolidated=False, chunks={} if chunks is None else None)
+    ds = open_store(path, chunks={} if chunks is None else None)
     if chunks is not None:
         ds = ds.chunk({STRUCTURE: chunks})
     return validate_ensemble(ds, name=str(path))
