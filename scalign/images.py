@@ -62,7 +62,8 @@ def _check_pixels(name: str, arr: Any) -> None:
         raise ValueError(f"{name} is empty: shape {tuple(arr.shape)}")
 
 
-def _check_finite(name: str, arr: np.ndarray) -> None:
+def check_finite(name: str, arr: np.ndarray) -> None:
+    """A ValueError naming ``name`` and the count when ``arr`` has NaN/inf pixels."""
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         raise ValueError(f"{name} has {bad} non-finite (NaN or inf) pixel(s)")
@@ -90,7 +91,7 @@ def make_stack(images: Any, chunks: int | None = None, attrs: dict | None = None
         except Exception as exc:  # ragged lists and other objects numpy cannot hold
             raise TypeError(f"images must be an array, got {type(images).__name__}") from exc
         _check_pixels("images", arr)
-        _check_finite("images", arr)
+        check_finite("images", arr)
     dims = STACK_DIMS if arr.ndim == 3 else VOLUME_DIMS
     if chunks is None:
         chunks = default_chunk(arr.shape[1:], arr.dtype.itemsize)
@@ -330,7 +331,7 @@ def warp_volume_xy_batched(
     if arr.ndim != 3:
         raise ValueError(f"stack must have shape (N, H, W), got shape {arr.shape}")
     _check_pixels("stack", arr)
-    _check_finite("stack", arr)
+    check_finite("stack", arr)
     if not isinstance(is_pixel_space, bool | np.bool_):
         raise TypeError(f"is_pixel_space must be a bool, got {is_pixel_space!r}")
     M = check_matrix("affine_matrix", affine_matrix, 2)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from scalign.images import IMAGE, X, Y, default_chunk, validate_stack
+from scalign.images import IMAGE, X, Y, check_finite, default_chunk, validate_stack
 from scalign.kernels.ctf import ctf_half_plane, fourier_crop, fourier_crop_volume
 from scalign.kernels.euler import euler_to_matrix, matrix_to_euler
 from scalign.kernels.matching import match_images
@@ -190,9 +190,7 @@ def _target_size(n: int, pixel_size: float | None, downsample_to: float | None) 
 def _prepared(images, size, ctf, pixel_size, defocus) -> tuple[np.ndarray, np.ndarray | None]:
     """A chunk's images, checked and Fourier-cropped to ``size``, and their CTFs."""
     images = np.asarray(images, dtype=np.float64)
-    if not np.all(np.isfinite(images)):
-        bad = int(np.count_nonzero(~np.all(np.isfinite(images), axis=(-2, -1))))
-        raise ValueError(f"images has {bad} image(s) with non-finite (NaN or inf) pixels")
+    check_finite("images", images)
     if size != images.shape[-1]:
         images = fourier_crop(images, size)
     H = None if ctf is None else ctf_half_plane(size, pixel_size, *defocus, **ctf)
@@ -237,19 +235,16 @@ def _compare_chunk(
             max_shift=max_shift * scale,
             refine=refine,
         )
-        A, shifts = match.A, match.shifts
-        rot, tilt, psi = matrix_to_euler(A)
-    else:
-        A = euler_to_matrix(rot, tilt, psi)
-        shifts = np.stack([shift_x, shift_y], axis=-1) * scale
-    P = project(volume, A, shifts=shifts, ctf=H, eps=eps)
+        rot, tilt, psi = matrix_to_euler(match.A)
+        shift_x, shift_y = match.shifts.T / scale
+    P = _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, eps=eps, scale=scale, ctf=H)
     c = compare(P, images, circular_mask(size), gray=gray)
     return (
         np.asarray(rot, dtype=np.float64),
         np.asarray(tilt, dtype=np.float64),
         np.asarray(psi, dtype=np.float64),
-        shifts[:, 0] / scale,
-        shifts[:, 1] / scale,
+        np.asarray(shift_x, dtype=np.float64),
+        np.asarray(shift_y, dtype=np.float64),
         c.correlation,
         c.cost,
         c.gain,
@@ -386,7 +381,9 @@ def compare_reprojections(
         sd = v.std(IMAGE)
         result[f"z_score_res_{name}"] = abs(v - v.mean(IMAGE)) / sd.where(sd > 0)
     if covariance:
-        result = result.assign(z_score_res_cov=_covariance_scores(ds, result, small, options))
+        result = result.assign(
+            z_score_res_cov=_covariance_scores(stack, defocus, result, small, options)
+        )
     for name, better in DIRECTIONS.items():
         if name in result:
             result[name].attrs["better"] = better
@@ -403,13 +400,10 @@ def compare_reprojections(
     return result
 
 
-def _covariance_scores(ds, result, volumes, options) -> xr.DataArray:
+def _covariance_scores(stack, defocus, result, volumes, options) -> xr.DataArray:
     """``z_score_res_cov`` per (volume, image): the JBLD divergence of each residual
     covariance from the JBLD centroid of the volume's images (a few passes over them)."""
     angles = result[list(ANGLES)].compute()
-    stack = ds["images"]
-    zeros = xr.zeros_like(stack.isel({Y: 0, X: 0}), dtype=np.float64)
-    defocus = [ds[v] if options["ctf"] else zeros for v in CTF_VARIABLES]
     keep = ("size", "gray", "ctf", "pixel_size", "eps")
     base = {k: options[k] for k in keep}
     size = options["size"]
@@ -474,9 +468,7 @@ def _covariance_chunk(
     or the JBLD divergence ``J(C, R)`` (``jbld``), with the ridge ``delta``."""
     scale = size / images.shape[-1]
     images, H = _prepared(images, size, ctf, pixel_size, (du, dv, dang))
-    A = euler_to_matrix(rot, tilt, psi)
-    shifts = np.stack([shift_x, shift_y], axis=-1) * scale
-    P = project(volume, A, shifts=shifts, ctf=H, eps=eps)
+    P = _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, eps=eps, scale=scale, ctf=H)
     C = residual_covariance(compare(P, images, circular_mask(size), gray=gray).residual)
     if R is None:
         return C
@@ -486,9 +478,11 @@ def _covariance_chunk(
     return jbld(C, R[None])
 
 
-def _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, *, eps):
-    shifts = np.stack([shift_x, shift_y], axis=-1)
-    return project(volume, euler_to_matrix(rot, tilt, psi), shifts=shifts, eps=eps)
+def _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, *, eps, scale=1.0, ctf=None):
+    """Reprojections at ZYZ angles and shifts (input pixels; ``scale`` converts them to
+    the volume's box after downsampling), with the CTFs ``ctf`` on the half plane."""
+    shifts = np.stack([shift_x, shift_y], axis=-1) * scale
+    return project(volume, euler_to_matrix(rot, tilt, psi), shifts=shifts, ctf=ctf, eps=eps)
 
 
 def reproject(

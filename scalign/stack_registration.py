@@ -26,7 +26,7 @@ import numpy as np
 import xarray as xr
 from dask.array.reductions import cumreduction
 
-from scalign.images import COL, ROW, validate_stack, warp_stack
+from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
 from scalign.kernels.register import estimate_motion, prepare_template
 from scalign.mapping import map_batch
 from scalign.validation import check_iterations, check_option
@@ -44,10 +44,8 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     """
     n, spatial = images.shape[0], images.shape[1:]
     d = len(spatial)
-    for name, arr in (("images", images), ("the reference", reference)):
-        bad = np.count_nonzero(~np.isfinite(arr))
-        if bad:
-            raise ValueError(f"{name} has {bad} non-finite (NaN or inf) pixel(s): cannot register")
+    check_finite("images", images)
+    check_finite("the reference", reference)
     shared = reference.ndim == d or reference.shape[0] == 1
     template = prepare_template(np.reshape(reference, spatial), transform) if shared else None
     matrix = np.empty((n, d + 1, d + 1))
