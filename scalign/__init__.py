@@ -6,7 +6,7 @@ RMSD = Frobenius norm of the residual / sqrt(n_points).
 
 from scalign.align import align
 from scalign.ensemble import make_ensemble, validate_ensemble
-from scalign.execution import gpu_available, run, scheduler
+from scalign.execution import gpu_available, run, scheduler, to_device
 from scalign.formats import (
     export_star,
     import_star,
@@ -118,6 +118,7 @@ __all__ = [
     "superpose",
     "symmetry_distance",
     "symmetry_matrices",
+    "to_device",
     "umeyama",
     "validate_ensemble",
     "validate_stack",

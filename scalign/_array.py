@@ -21,6 +21,21 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def is_gpu_backed(data: Any) -> bool:
+    """True for a CuPy array, or a dask array whose chunks are CuPy (its ``meta``)."""
+    return is_cupy_array(getattr(data, "_meta", data))
+
+
+def host(arr: Any) -> np.ndarray:
+    """The values of a DataArray, dask array or array (NumPy or CuPy chunks; computed if
+    lazy) as a NumPy array in host memory. ``DataArray.values`` cannot do this for CuPy
+    data (CuPy refuses implicit conversion)."""
+    data = getattr(arr, "data", arr) if not isinstance(arr, np.ndarray) else arr
+    if isinstance(data, da.Array):
+        data = data.compute()
+    return to_numpy(data)
+
+
 def batch_chunked(arr: Any, chunks: int) -> da.Array:
     """A dask array of ``arr`` in chunks of ``chunks`` items along axis 0, whole along the
     others.

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from scalign._array import namespace
+from scalign._array import host, namespace
 from scalign.ensemble import POINT, SPACE, STRUCTURE, ensemble_variable, validate_ensemble
+from scalign.execution import DEVICES, to_device
 from scalign.kernels.coarsen import block_means
 from scalign.kernels.kabsch import apply_transform, rmsd, superpose
 from scalign.kernels.robust import TUNING, irls_superpose
@@ -113,7 +114,7 @@ def _resolve_weights(ds: xr.Dataset, weights) -> xr.DataArray | None:
         if weights.sizes[POINT] != n:
             raise ValueError(f"weights has {weights.sizes[POINT]} points but coords has {n}")
         if weights.chunks is None:
-            as_weights("weights", weights.values, n)
+            as_weights("weights", host(weights), n)
         return weights
     w = as_weights("weights", weights, n)
     if w.ndim == 1:
@@ -138,11 +139,11 @@ def _resolve_reference(coords: xr.DataArray, reference, expected: str = "") -> n
             raise ValueError(
                 f"reference index {reference} is out of range for {n_structures} structures"
             )
-        reference = coords.isel({STRUCTURE: int(reference)}).values
+        reference = host(coords.isel({STRUCTURE: int(reference)}))
         name = "reference structure"
     else:
         name = "reference"
-    ref = as_points(name, reference.values if isinstance(reference, xr.DataArray) else reference)
+    ref = as_points(name, host(reference) if isinstance(reference, xr.DataArray) else reference)
     n, d = coords.sizes[POINT], coords.sizes[SPACE]
     if ref.shape != (n, d):
         raise ValueError(
@@ -170,7 +171,7 @@ def _coarse_reference(coords: xr.DataArray, reference, factor: int, weights) -> 
     if weights is not None and STRUCTURE in weights.dims:
         index = int(reference) if isinstance(reference, numbers.Integral) else 0
         weights = weights.isel({STRUCTURE: index})
-    w = None if weights is None else np.asarray(weights.values, dtype=np.float64)
+    w = None if weights is None else np.asarray(host(weights), dtype=np.float64)
     return block_means(ref, factor, w)[0]
 
 
@@ -182,7 +183,7 @@ def _mean_structure(fit: dict[str, xr.DataArray]) -> np.ndarray:
     """Mean of the aligned structures; with robust weights, each point's weighted mean."""
     aligned = fit["aligned"]
     if "robust_weights" not in fit:
-        return np.asarray(aligned.mean(STRUCTURE, skipna=True).values, dtype=np.float64)
+        return np.asarray(host(aligned.mean(STRUCTURE, skipna=True)), dtype=np.float64)
     w = fit["robust_weights"].fillna(0.0)
     sums = xr.Dataset(
         {
@@ -191,11 +192,11 @@ def _mean_structure(fit: dict[str, xr.DataArray]) -> np.ndarray:
             "plain": aligned.mean(STRUCTURE, skipna=True),
         }
     ).compute()
-    total = sums["total"].values[:, None]
+    total = host(sums["total"])[:, None]
     # A point that every structure rejects (an outlier of the starting reference itself)
     # has no weighted mean: it takes the plain mean, and later iterations reweight it.
     mean = np.where(
-        total > 0, sums["weighted"].values / np.where(total > 0, total, 1.0), sums["plain"].values
+        total > 0, host(sums["weighted"]) / np.where(total > 0, total, 1.0), host(sums["plain"])
     )
     return np.asarray(mean, dtype=np.float64)
 
@@ -263,6 +264,7 @@ def align(
     aligned: bool = True,
     robust: str | None = None,
     coarsen: int | None = None,
+    device: str = "auto",
 ) -> xr.Dataset:
     """Superpose every structure of an ensemble onto a reference, lazily.
 
@@ -304,6 +306,12 @@ def align(
         full-resolution structure. ``reference`` is then a ``(beads, space)`` array, or a
         structure index or full-resolution array that is coarsened the same way; the
         output's ``reference`` (and ``robust_weights``) are over ``bead``.
+    device : {"auto", "cpu", "gpu"}
+        Where the chunks are computed: ``"gpu"`` moves them to the GPU (CuPy) once, and the
+        results stay there (chain further GPU ops, or bring them back with
+        :func:`scalign.execution.to_device` or by writing them with :func:`save_zarr`);
+        ``"cpu"`` brings CuPy chunks back first; ``"auto"`` computes each chunk where it
+        already is.
 
     Returns
     -------
@@ -315,8 +323,9 @@ def align(
         coordinate, or with invalid lazily-given weights, gets NaN results; the rest of
         its chunk is unaffected.
     """
+    check_option("device", device, DEVICES)
     ds = validate_ensemble(ensemble)
-    coords = ds["coords"]
+    coords = to_device(ds["coords"], device)
     w = _resolve_weights(ds, weights)
     attrs = dict(ds.attrs)
     if isinstance(reference, str):

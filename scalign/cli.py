@@ -14,7 +14,7 @@ import xarray as xr
 
 from scalign.align import align
 from scalign.ensemble import STRUCTURE
-from scalign.execution import SCHEDULER_ENV, run, scheduler, to_device
+from scalign.execution import SCHEDULER_ENV, run, scheduler
 from scalign.formats import import_star, read_volume
 from scalign.icp import icp
 from scalign.images import validate_stack, warp_stack
@@ -69,9 +69,18 @@ def _cluster_args(parser: argparse.ArgumentParser, local_default: bool) -> None:
     else:
         group.add_argument("--local", action="store_true", help="start a distributed LocalCluster")
     group.add_argument(
-        "--gpu", action="store_true", help="run on a dask-cuda LocalCUDACluster with CuPy chunks"
+        "--gpu",
+        action="store_true",
+        help="compute on GPUs with CuPy chunks: a dask-cuda LocalCUDACluster, or the "
+        "GPU workers of the scheduler given by --scheduler",
     )
     group.add_argument("--workers", type=int, default=None, help="workers of a local cluster")
+    group.add_argument(
+        "--rmm-pool",
+        metavar="SIZE",
+        default=None,
+        help="with --gpu: an RMM memory pool of SIZE (e.g. 24GB) per GPU worker",
+    )
 
 
 def _zarr_output_args(parser: argparse.ArgumentParser, func) -> None:
@@ -84,7 +93,17 @@ def _zarr_output_args(parser: argparse.ArgumentParser, func) -> None:
 
 def _scheduler(args, local_default: bool):
     local = (not args.threads) if local_default else args.local
-    return scheduler(args.scheduler, local=local, gpu=args.gpu, n_workers=args.workers)
+    return scheduler(
+        args.scheduler,
+        local=local,
+        gpu=args.gpu,
+        n_workers=args.workers,
+        rmm_pool_size=args.rmm_pool,
+    )
+
+
+def _device(args) -> str:
+    return "gpu" if args.gpu else "auto"
 
 
 def _describe(client) -> str:
@@ -96,8 +115,6 @@ def _describe(client) -> str:
 
 def _align_and_write(ds, out: Path, args, *, reference, progress: bool) -> tuple[xr.Dataset, float]:
     t0 = time.perf_counter()
-    if args.gpu:
-        ds = to_device(ds, "gpu")
     result = align(
         ds,
         reference,
@@ -106,9 +123,8 @@ def _align_and_write(ds, out: Path, args, *, reference, progress: bool) -> tuple
         reflection=args.reflection,
         aligned=not args.fit_only,
         robust=args.robust,
+        device=_device(args),
     )
-    if args.gpu:
-        result = to_device(result, "cpu")
     save_zarr(
         result,
         out,
@@ -198,7 +214,7 @@ def cmd_rmsd(args) -> int:
     other = None if args.other is None else open_ensemble(args.other)
     t0 = time.perf_counter()
     with _scheduler(args, local_default=False) as client:
-        D = pairwise_rmsd(ds, other, weights=args.weights, chunks=args.chunks)
+        D = pairwise_rmsd(ds, other, weights=args.weights, chunks=args.chunks, device=_device(args))
         save_zarr(
             D.to_dataset(),
             out,
@@ -288,7 +304,9 @@ def cmd_warp(args) -> int:
         matrix = np.load(matrix, allow_pickle=False)
     t0 = time.perf_counter()
     with _scheduler(args, local_default=False) as client:
-        warped = warp_stack(ds, matrix, order=args.order, mode=args.mode, cval=args.cval)
+        warped = warp_stack(
+            ds, matrix, order=args.order, mode=args.mode, cval=args.cval, device=_device(args)
+        )
         result = ds.drop_vars("images").assign(images=warped)
         save_zarr(
             result, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=not args.quiet)
@@ -315,7 +333,11 @@ def cmd_register(args) -> int:
     t0 = time.perf_counter()
     with _scheduler(args, local_default=False) as client:
         result = register_stack(
-            ds, _parse_reference(args.reference), transform=args.transform, loss=args.loss
+            ds,
+            _parse_reference(args.reference),
+            transform=args.transform,
+            loss=args.loss,
+            device=_device(args),
         )
         save_zarr(
             result, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=not args.quiet)
@@ -444,6 +466,7 @@ def cmd_compare(args) -> int:
             downsample_to=args.downsample,
             gray=args.gray,
             covariance=not args.no_covariance,
+            device=_device(args),
         )
         save_zarr(
             result, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=not args.quiet)

@@ -5,7 +5,9 @@
 * ``local=True``: a ``distributed.LocalCluster`` on this machine;
 * ``address`` or ``$SCALIGN_SCHEDULER``: any running Dask scheduler (dask-jobqueue,
   dask-kubernetes, dask-gateway, ``dask scheduler`` ...);
-* ``gpu=True``: a ``dask_cuda.LocalCUDACluster`` (one worker per GPU), chunks as CuPy.
+* ``gpu=True``: a ``dask_cuda.LocalCUDACluster`` (one worker per GPU), or, with an
+  ``address``, that scheduler's workers, which must have GPUs; the ops then take
+  ``device="gpu"`` (CuPy chunks).
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import dask
+import dask.array
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
+from scalign._array import is_gpu_backed
+from scalign.validation import check_option
+
 SCHEDULER_ENV = "SCALIGN_SCHEDULER"
+T = TypeVar("T", xr.Dataset, xr.DataArray)
 
 
 def gpu_available() -> bool:
@@ -34,14 +41,14 @@ def gpu_available() -> bool:
         return False
 
 
-def _cuda_cluster(n_workers: int | None):
+def _cuda_cluster(n_workers: int | None, rmm_pool_size: str | None):
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as exc:
         raise RuntimeError("--gpu needs dask-cuda and CuPy: pip install 'scalign[gpu]'") from exc
     if not gpu_available():
         raise RuntimeError("--gpu: no usable CUDA device (cupy.is_available() is False)")
-    return LocalCUDACluster(n_workers=n_workers)
+    return LocalCUDACluster(n_workers=n_workers, rmm_pool_size=rmm_pool_size)
 
 
 @contextlib.contextmanager
@@ -52,18 +59,22 @@ def scheduler(
     gpu: bool = False,
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
+    rmm_pool_size: str | None = None,
 ) -> Iterator[Any]:
     """Context in which ``.compute()`` and ``to_zarr`` run on the chosen scheduler.
 
     Yields the ``distributed.Client`` (or ``None`` for the threaded scheduler, during which
     BLAS is held to one thread per Dask thread). Clusters started here are closed on exit;
-    an existing scheduler named by ``address`` is not.
+    an existing scheduler named by ``address`` is not. ``rmm_pool_size`` (e.g. ``"24GB"``)
+    gives each worker of a local CUDA cluster an RMM memory pool of that size (fewer
+    ``cudaMalloc`` calls when chunks come and go).
     """
     address = address or os.environ.get(SCHEDULER_ENV) or None
+    if rmm_pool_size is not None and not (gpu and not address):
+        raise ValueError("rmm_pool_size needs gpu=True without a scheduler address (--gpu)")
     if gpu and address:
-        raise ValueError(
-            "give either --gpu (a local CUDA cluster) or a scheduler address, not both"
-        )
+        # the workers hold the GPUs, but graphs of CuPy chunks are built here
+        _import_cupy()
     if not (address or local or gpu):
         # Dask runs one chunk per thread: BLAS threads on top oversubscribe the cores (the
         # threaded zarr->zarr op ran 40% faster on 2 cores with BLAS held to one thread).
@@ -74,10 +85,10 @@ def scheduler(
     from distributed import Client, LocalCluster
 
     with contextlib.ExitStack() as stack:
-        if gpu:
-            target = stack.enter_context(_cuda_cluster(n_workers))
-        elif address:
+        if address:
             target = address
+        elif gpu:
+            target = stack.enter_context(_cuda_cluster(n_workers, rmm_pool_size))
         else:
             target = stack.enter_context(
                 LocalCluster(
@@ -92,21 +103,72 @@ def scheduler(
         yield client
 
 
-def to_device(ds: xr.Dataset, device: str) -> xr.Dataset:
-    """Move every dask-backed variable's chunks to ``"gpu"`` (CuPy) or ``"cpu"`` (NumPy)."""
-    if device == "cpu":
-        convert = "asnumpy"
-    elif device == "gpu":
-        convert = "asarray"
-    else:
-        raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
+#: Where an op's chunks are computed (the ``device`` argument of every op).
+DEVICES = ("auto", "cpu", "gpu")
+
+
+def _client_present() -> bool:
+    try:
+        from distributed import default_client
+
+        default_client()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def _import_cupy() -> None:
+    try:
+        import cupy  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            "GPU execution needs CuPy (and dask-cuda on a cluster): pip install 'scalign[gpu]'"
+        ) from exc
+
+
+def require_gpu() -> None:
+    """Raise a clear error unless CuPy imports and a CUDA device is usable here, or a
+    distributed client is active (its workers, not this process, hold the GPUs)."""
+    _import_cupy()
+    if not (gpu_available() or _client_present()):
+        raise RuntimeError(
+            "device='gpu': no usable CUDA device (cupy.is_available() is False) and no "
+            "distributed client with GPU workers"
+        )
+
+
+def _move(data: Any, device: str) -> Any:
+    """One array's data on ``device``: dask arrays by a lazy ``map_blocks`` per chunk
+    (their ``meta`` follows), in-memory arrays at once."""
+    if is_gpu_backed(data) == (device == "gpu"):
+        return data
     import cupy
 
-    fn = getattr(cupy, convert)
-    out = ds.copy()
-    for name, var in ds.data_vars.items():
-        if var.chunks is not None:
-            out[name] = var.copy(data=var.data.map_blocks(fn, dtype=var.dtype))
+    fn = cupy.asarray if device == "gpu" else cupy.asnumpy
+    if isinstance(data, dask.array.Array):
+        meta = fn(data._meta)
+        return data.map_blocks(fn, dtype=data.dtype, meta=meta)
+    return fn(data)
+
+
+def to_device(obj: T, device: str) -> T:
+    """``obj`` (Dataset or DataArray) with every data variable's chunks on ``device``.
+
+    ``"gpu"``: CuPy chunks (their dask ``meta`` a CuPy array, so every op mapped over them
+    builds a CuPy graph and its results stay on the GPU); ``"cpu"``: NumPy chunks (the
+    results come back, chunk by chunk, when computed); ``"auto"``: unchanged, each chunk
+    stays where it is (ops chained on GPU data keep it there). Coordinates stay on the host.
+    """
+    check_option("device", device, DEVICES)
+    if device == "auto":
+        return obj
+    if device == "gpu":
+        require_gpu()
+    if isinstance(obj, xr.DataArray):
+        return obj.copy(data=_move(obj.data, device))
+    out = obj.copy()
+    for name, var in obj.data_vars.items():
+        out[name] = var.copy(data=_move(var.data, device))
     return out
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from scalign._array import batch_chunked
+from scalign.execution import DEVICES, to_device
 from scalign.kernels.affine import check_matrix, normalized_to_pixel
 from scalign.kernels.warp import (
     check_cval,
@@ -32,7 +33,7 @@ from scalign.kernels.warp import (
     warp_images,
 )
 from scalign.mapping import map_batch
-from scalign.validation import check_chunks
+from scalign.validation import check_chunks, check_option
 
 IMAGE, Y, X = "image", "y", "x"
 VOLUME, Z = "volume", "z"
@@ -223,6 +224,7 @@ def warp_stack(
     order: int = 1,
     mode: str = "constant",
     cval: float = 0.0,
+    device: str = "auto",
 ) -> xr.DataArray:
     """Warp every image (volume) of a stack by its forward motion, lazily.
 
@@ -248,6 +250,11 @@ def warp_stack(
         ``reflect``, ``grid-mirror``, ``mirror``, ``wrap``, ``grid-wrap``).
     cval : float
         Fill value for the constant modes.
+    device : {"auto", "cpu", "gpu"}
+        Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
+        moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
+        ``"auto"`` computes each chunk where it already is. CuPy chunks are warped
+        by ``cupyx.scipy.ndimage.affine_transform`` and stay on the GPU.
 
     Returns
     -------
@@ -258,7 +265,8 @@ def warp_stack(
     from_dataset = isinstance(stack, xr.Dataset)
     ds = validate_stack(stack)
     order, mode, cval = check_order(order), check_mode(mode), check_cval(cval)
-    images = ds["images"]
+    check_option("device", device, DEVICES)
+    images = to_device(ds["images"], device)
     spatial = images.dims[1:]
     shared, per_item = _resolve_matrix(ds, matrix, from_dataset)
     dtype = output_dtype(images.dtype)

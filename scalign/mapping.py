@@ -17,12 +17,37 @@ import numpy as np
 import xarray as xr
 from dask.array.utils import meta_from_array
 
+from scalign._array import is_gpu_backed
+
 
 def _whole_core_dims(arr: xr.DataArray, core: Sequence[str]) -> xr.DataArray:
     if arr.chunks is None:
         return arr
     split = [dim for dim in core if len(arr.chunksizes.get(dim, (0,))) > 1]
     return arr.chunk(dict.fromkeys(split, -1)) if split else arr
+
+
+def _on_gpu(arrays: Sequence[xr.DataArray]) -> bool:
+    return any(is_gpu_backed(a.data) for a in arrays)
+
+
+def _to_gpu(arr: xr.DataArray) -> xr.DataArray:
+    """``arr`` with CuPy data: a lazy conversion per chunk, or one (shared) chunk when it
+    is in memory, so a kernel never gets NumPy and CuPy arrays together."""
+    if is_gpu_backed(arr.data):
+        return arr
+    import cupy
+
+    if arr.chunks is not None:
+        meta = cupy.empty((0,) * arr.ndim, dtype=arr.dtype)
+        return arr.copy(data=arr.data.map_blocks(cupy.asarray, meta=meta))
+    return arr.copy(data=da.from_array(cupy.asarray(arr.data), chunks=-1, name=False))
+
+
+def _gpu_options(options: dict[str, Any]) -> dict[str, Any]:
+    import cupy
+
+    return {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in options.items()}
 
 
 def map_batch(
@@ -60,9 +85,12 @@ def map_batch(
     -----
     The kernel is never called to guess output types: dask derives each output's
     ``meta`` from ``outputs``' dtypes and the first input's chunk type, so graphs of
-    CuPy chunks get CuPy metas.
+    CuPy chunks get CuPy metas. When any input has CuPy chunks, every other input is
+    moved to the GPU too (in-memory ones once, as one shared chunk).
     """
     inputs = [_whole_core_dims(a, c) for a, c in zip(inputs, core_dims, strict=True)]
+    if _on_gpu(inputs):
+        inputs = [_to_gpu(a) for a in inputs]
     out_core = [list(dims) for dims, _ in outputs.values()]
     dtypes = [dtype for _, dtype in outputs.values()]
     result = xr.apply_ufunc(
@@ -117,7 +145,8 @@ def map_pairs(
     dims : names of the two output dims
     dtype : dtype of the result
     kwargs : dict, optional
-        Keyword arguments for ``prepare`` (or, without it, for the kernel).
+        Keyword arguments for ``prepare`` (or, without it, for the kernel). With CuPy
+        chunks in ``a`` or ``b``, NumPy arrays among them go to the GPU (once).
 
     Returns
     -------
@@ -126,8 +155,11 @@ def map_pairs(
     """
     A = _chunked(a, core_dims)
     B = A if b is None else _chunked(b, core_dims)
-    meta = meta_from_array(A, ndim=2, dtype=dtype)
     options = dict(kwargs or {})
+    if is_gpu_backed(A) or is_gpu_backed(B):
+        A, B = (_to_gpu(xr.DataArray(x)).data for x in (A, B))
+        options = _gpu_options(options)
+    meta = meta_from_array(A, ndim=2, dtype=dtype)
     call = dask.delayed(kernel, pure=True)
 
     def prepared(arr: da.Array) -> list:

@@ -8,9 +8,10 @@ import numpy as np
 import xarray as xr
 
 from scalign.ensemble import POINT, SPACE, STRUCTURE, ensemble_variable, validate_ensemble
+from scalign.execution import DEVICES, to_device
 from scalign.kernels.pairwise import centre, rmsd_block
 from scalign.mapping import map_pairs
-from scalign.validation import as_weights, check_chunks
+from scalign.validation import as_weights, check_chunks, check_option
 
 OTHER = f"{STRUCTURE}_other"
 
@@ -43,6 +44,7 @@ def pairwise_rmsd(
     *,
     weights: str | np.ndarray | xr.DataArray | None = None,
     chunks: int | None = None,
+    device: str = "auto",
 ) -> xr.DataArray:
     """RMSD after optimal superposition between every pair of structures, lazily.
 
@@ -65,6 +67,11 @@ def pairwise_rmsd(
         Per-point weights (or the name of a ``(point,)`` variable, e.g. masses).
     chunks : int, optional
         Structures per block (default: a quarter of the ensemble, between 64 and 1024).
+    device : {"auto", "cpu", "gpu"}
+        Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
+        moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
+        ``"auto"`` computes each chunk where it already is. The matrix stays where
+        it was computed.
 
     Returns
     -------
@@ -72,6 +79,7 @@ def pairwise_rmsd(
     with a NaN/inf coordinate gets NaN in its row (column) only.
     """
     check_chunks(chunks)
+    check_option("device", device, DEVICES)
     ds = validate_ensemble(ensemble)
     ds_other = None if other is None else validate_ensemble(other, name="other")
     if ds_other is not None:
@@ -83,8 +91,8 @@ def pairwise_rmsd(
                 )
     w = _point_weights(ds, weights)
     size = chunks or _default_chunk(max(ds.sizes[STRUCTURE], 1))
-    a = ds["coords"].chunk({STRUCTURE: size})
-    b = None if ds_other is None else ds_other["coords"].chunk({STRUCTURE: size})
+    a = to_device(ds["coords"].chunk({STRUCTURE: size}), device)
+    b = None if ds_other is None else to_device(ds_other["coords"].chunk({STRUCTURE: size}), device)
     D = map_pairs(
         rmsd_block,
         a,

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from scalign._array import host, namespace, to_numpy
+from scalign.execution import DEVICES, to_device
 from scalign.images import IMAGE, X, Y, check_finite, default_chunk, validate_stack
 from scalign.kernels.ctf import ctf_half_plane, fourier_crop, fourier_crop_volume
 from scalign.kernels.euler import euler_to_matrix, matrix_to_euler
@@ -187,14 +189,18 @@ def _target_size(n: int, pixel_size: float | None, downsample_to: float | None) 
 # --------------------------------------------------------------------------------------
 
 
-def _prepared(images, size, ctf, pixel_size, defocus) -> tuple[np.ndarray, np.ndarray | None]:
-    """A chunk's images, checked and Fourier-cropped to ``size``, and their CTFs."""
-    images = np.asarray(images, dtype=np.float64)
+def _prepared(images, size, ctf, pixel_size, defocus) -> tuple[Any, Any]:
+    """A chunk's images, checked and Fourier-cropped to ``size``, and their CTFs, on the
+    images' device (the CTFs are computed on the host, then moved)."""
+    xp = namespace(images)
+    images = xp.astype(images, xp.float64)
     check_finite("images", images)
     if size != images.shape[-1]:
         images = fourier_crop(images, size)
-    H = None if ctf is None else ctf_half_plane(size, pixel_size, *defocus, **ctf)
-    return images, H
+    if ctf is None:
+        return images, None
+    defocus = [to_numpy(d) for d in defocus]
+    return images, xp.asarray(ctf_half_plane(size, pixel_size, *defocus, **ctf))
 
 
 def _compare_chunk(
@@ -222,15 +228,17 @@ def _compare_chunk(
     reprojections,
 ):
     """Per image of a chunk: the angles (given or matched), the comparison scores and,
-    with ``reprojections``, the reprojections."""
+    with ``reprojections``, the reprojections. CuPy chunks are projected and compared on
+    the GPU; the search itself (projection matching) runs on the host."""
+    xp = namespace(images)
     scale = size / images.shape[-1]
     images, H = _prepared(images, size, ctf, pixel_size, (defocus_u, defocus_v, defocus_angle))
     if search:
         match = match_images(
-            volume,
-            images,
-            gallery,
-            ctf=H,
+            to_numpy(volume),
+            to_numpy(images),
+            to_numpy(gallery),
+            ctf=None if H is None else to_numpy(H),
             step=step,
             max_shift=max_shift * scale,
             refine=refine,
@@ -240,18 +248,14 @@ def _compare_chunk(
     P = _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, eps=eps, scale=scale, ctf=H)
     c = compare(P, images, circular_mask(size), gray=gray)
     return (
-        np.asarray(rot, dtype=np.float64),
-        np.asarray(tilt, dtype=np.float64),
-        np.asarray(psi, dtype=np.float64),
-        np.asarray(shift_x, dtype=np.float64),
-        np.asarray(shift_y, dtype=np.float64),
+        *(xp.asarray(to_numpy(a), dtype=xp.float64) for a in (rot, tilt, psi, shift_x, shift_y)),
         c.correlation,
         c.cost,
         c.gain,
         c.offset,
         c.residual_mean,
         c.residual_std,
-        *((P.astype(np.float32),) if reprojections else ()),
+        *((xp.astype(P, xp.float32),) if reprojections else ()),
     )
 
 
@@ -275,6 +279,7 @@ def compare_reprojections(
     covariance: bool = True,
     reprojections: bool = False,
     eps: float = 1e-4,
+    device: str = "auto",
 ) -> xr.Dataset:
     """Compare every image with the reprojection of every volume; lazy over image chunks
     (see the module docstring).
@@ -304,6 +309,12 @@ def compare_reprojections(
         applied, as compared): ``reprojection (volume, image, y, x)``, or over
         ``(y_down, x_down)`` when the images were downsampled.
     eps : accuracy of the projector's non-uniform FFT.
+    device : {"auto", "cpu", "gpu"}
+        Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
+        moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
+        ``"auto"`` computes each chunk where it already is. On the GPU the images are
+        projected (:func:`scalign.kernels.projection.project`) and scored there; the
+        angular search runs on the host. The results come back to the host.
 
     Returns
     -------
@@ -312,8 +323,9 @@ def compare_reprojections(
     ``residual_std``, ``z_score_res_mean``, ``z_score_res_std`` (and
     ``z_score_res_cov``); each score's ``attrs["better"]`` says which way is better.
     """
+    check_option("device", device, DEVICES)
     ds = validate_stack(images)
-    stack = ds["images"]
+    stack = to_device(ds["images"], device)
     if stack.dims != (IMAGE, Y, X):
         raise ValueError(f"images must be 2-D images (image, y, x), got dims {stack.dims}")
     n = stack.shape[-1]
@@ -397,7 +409,7 @@ def compare_reprojections(
         "ctf": int(ctf),
         "volume_names": names,
     }
-    return result
+    return to_device(result, "cpu")
 
 
 def _covariance_scores(stack, defocus, result, volumes, options) -> xr.DataArray:
@@ -424,10 +436,10 @@ def _covariance_scores(stack, defocus, result, volumes, options) -> xr.DataArray
                 kwargs=base | {"R": R, "delta": delta, "mode": "inverse"},
             )["value"]
 
-        C_mean = mapped(None, 0.0).mean(IMAGE).values
+        C_mean = host(mapped(None, 0.0).mean(IMAGE))
         delta = ridge(C_mean[None])
         R, _ = jbld_fixed_point(
-            lambda R, mapped=mapped, delta=delta: mapped(R, delta).mean(IMAGE).values,
+            lambda R, mapped=mapped, delta=delta: host(mapped(R, delta).mean(IMAGE)),
             C_mean + delta * np.eye(size),
             max_iterations=20,
             tol=1e-8,
@@ -472,21 +484,29 @@ def _covariance_chunk(
     C = residual_covariance(compare(P, images, circular_mask(size), gray=gray).residual)
     if R is None:
         return C
-    C = C + delta * np.eye(size)
+    xp = namespace(C)
+    R = xp.asarray(R)
+    C = C + delta * xp.eye(size, dtype=C.dtype)
     if mode == "inverse":
-        return np.linalg.inv(0.5 * (C + R))
+        return xp.linalg.inv(0.5 * (C + R))
     return jbld(C, R[None])
 
 
 def _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, *, eps, scale=1.0, ctf=None):
     """Reprojections at ZYZ angles and shifts (input pixels; ``scale`` converts them to
     the volume's box after downsampling), with the CTFs ``ctf`` on the half plane."""
+    rot, tilt, psi, shift_x, shift_y = (to_numpy(a) for a in (rot, tilt, psi, shift_x, shift_y))
     shifts = np.stack([shift_x, shift_y], axis=-1) * scale
     return project(volume, euler_to_matrix(rot, tilt, psi), shifts=shifts, ctf=ctf, eps=eps)
 
 
 def reproject(
-    volume: Any, angles: xr.Dataset, *, eps: float = 1e-4, chunks: int | None = None
+    volume: Any,
+    angles: xr.Dataset,
+    *,
+    eps: float = 1e-4,
+    chunks: int | None = None,
+    device: str = "auto",
 ) -> xr.DataArray:
     """Projections of one volume at the angles of ``angles`` (``rot, tilt, psi`` and
     optionally ``shift_x, shift_y`` over ``image``), lazily, one task per chunk of angles
@@ -494,8 +514,11 @@ def reproject(
     accuracy ``eps``, one transform of the volume per chunk).
 
     ``chunks``: orientations per task (default: the angles' chunks, or about 32 MiB of
-    images). Returns a DataArray ``images (image, y, x)`` in the volume's float dtype.
+    images). ``device="gpu"``: the volume goes to the GPU once and the projections are
+    computed and kept there (CuPy chunks; see :func:`scalign.execution.to_device`).
+    Returns a DataArray ``images (image, y, x)`` in the volume's float dtype.
     """
+    check_option("device", device, DEVICES)
     check_chunks(chunks)
     V, _, _ = _volumes(volume)
     if V.shape[0] != 1:
@@ -509,7 +532,7 @@ def reproject(
     given = given.chunk({IMAGE: chunks})
     out = map_batch(
         _project_chunk,
-        [*(given[a] for a in ANGLES), _shared(V[0], VOLUME_DIMS)],
+        [*(given[a] for a in ANGLES), to_device(_shared(V[0], VOLUME_DIMS), device)],
         [[]] * len(ANGLES) + [list(VOLUME_DIMS)],
         {"images": ((Y, X), V.dtype)},
         sizes={Y: n, X: n},

@@ -26,6 +26,7 @@ import numpy as np
 import xarray as xr
 from dask.array.reductions import cumreduction
 
+from scalign.execution import DEVICES, to_device
 from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
 from scalign.kernels.register import estimate_motion, prepare_template
 from scalign.mapping import map_batch
@@ -146,6 +147,7 @@ def register_stack(
     tol: float = 1e-3,
     mean_iterations: int = 2,
     order: int = 1,
+    device: str = "auto",
 ) -> xr.Dataset:
     """Register every image of a stack to a reference; lazy except for ``"mean"``.
 
@@ -165,6 +167,12 @@ def register_stack(
         Rounds of registering to the mean for ``reference="mean"``.
     order : int
         Interpolation order of the registered stack.
+    device : {"auto", "cpu", "gpu"}
+        Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
+        moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
+        ``"auto"`` computes each chunk where it already is. On the GPU the
+        registered stack is warped there; the motion estimation itself runs on the host
+        (each chunk is copied there and its motions back).
 
     Returns
     -------
@@ -174,8 +182,12 @@ def register_stack(
         fit; 0 for the first image with ``"previous"``); ``iterations (image)``;
         ``registered (image, y, x)``: every image pulled back onto the reference.
     """
+    check_option("device", device, DEVICES)
     ds = validate_stack(stack)
-    images = ds["images"]
+    images = to_device(ds["images"], device)
+    # the estimation has no CuPy implementation yet: it reads host copies of the chunks,
+    # and the motions (small) stay on the host
+    host_images = to_device(images, "cpu")
     check_option("transform", transform, TRANSFORMS)
     check_option("loss", loss, LOSSES)
     check_iterations(max_iterations, tol)
@@ -192,18 +204,18 @@ def register_stack(
     elif not -n <= reference < n:
         raise ValueError(f"reference index {reference} is out of range for {n} images")
     if reference == "previous" and n > 1:
-        fit = _previous(images, options)
+        fit = _previous(host_images, options)
     else:
         index = 0 if isinstance(reference, str) else int(reference)
-        fit = _register(images, images.isel({dim: index}), options)
+        fit = _register(host_images, host_images.isel({dim: index}), options)
         if reference == "mean":
             check_iterations(mean_iterations, 1.0)
             for _ in range(mean_iterations):
                 # Edge-extended warps: zero-filled corners would drag the mean and bias
                 # every fit near the border.
                 pulled = _pull_back(images, fit["matrix"], order, mode="nearest")
-                mean = pulled.mean(dim).compute()
-                fit = _register(images, mean, options)
+                mean = to_device(pulled.mean(dim), "cpu").compute()
+                fit = _register(host_images, mean, options)
     return xr.Dataset(
         {
             "matrix": fit["matrix"],

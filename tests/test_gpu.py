@@ -78,3 +78,182 @@ def test_pairwise_on_cupy_chunks_matches_numpy():
     values = D.data.compute()
     assert isinstance(values, cupy.ndarray)
     np.testing.assert_allclose(values.get(), pairwise_rmsd(ens, chunks=50).values, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# ops with device="gpu": the same results as on the CPU, the chunks on the GPU
+# --------------------------------------------------------------------------------------
+
+
+def _is_cupy_graph(arr) -> bool:
+    import cupy
+
+    return isinstance(arr.data._meta, cupy.ndarray)
+
+
+@pytest.mark.parametrize("reference", [0, "mean"])
+def test_align_on_the_gpu_equals_the_cpu_and_stays_there(reference):
+    from scalign import align, helix_ensemble
+
+    ens = helix_ensemble(300, 25, noise=0.1, chunks=100)
+    gpu = align(ens, reference, device="gpu")
+    cpu = align(ens, reference)
+    assert _is_cupy_graph(gpu["aligned"]) and _is_cupy_graph(gpu["rmsd"])
+    for name in ("aligned", "rmsd", "rotation", "translation"):
+        np.testing.assert_allclose(
+            gpu[name].data.compute().get(), cpu[name].values, rtol=1e-6, atol=1e-5
+        )
+    np.testing.assert_allclose(gpu["reference"].values, cpu["reference"].values, atol=1e-9)
+
+
+def test_gpu_results_written_to_zarr_equal_the_cpu_ones(tmp_path):
+    import xarray as xr
+
+    from scalign import align, helix_ensemble, save_zarr
+
+    ens = helix_ensemble(200, 16, noise=0.1, chunks=50)
+    save_zarr(align(ens, device="gpu"), tmp_path / "gpu.zarr")
+    save_zarr(align(ens), tmp_path / "cpu.zarr")
+    gpu = xr.open_zarr(tmp_path / "gpu.zarr", consolidated=False)
+    cpu = xr.open_zarr(tmp_path / "cpu.zarr", consolidated=False)
+    for name in ("aligned", "rmsd", "rotation"):
+        np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-6, atol=1e-5)
+
+
+def test_pairwise_on_the_gpu_equals_the_cpu():
+    from scalign import helix_ensemble, pairwise_rmsd
+
+    ens = helix_ensemble(120, 30, noise=0.3, chunks=40)
+    D = pairwise_rmsd(ens, chunks=40, weights=np.linspace(1, 2, 30), device="gpu")
+    assert _is_cupy_graph(D)
+    cpu = pairwise_rmsd(ens, chunks=40, weights=np.linspace(1, 2, 30))
+    np.testing.assert_allclose(D.data.compute().get(), cpu.values, atol=1e-9)
+
+
+def test_warp_and_register_stack_on_the_gpu_equal_the_cpu():
+    from scalign import build_affine_matrix, make_stack, register_stack, warp_stack
+    from scalign.kernels.affine import image_center
+
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[:64, :64]
+    base = np.exp(-((x - 30.0) ** 2 + (y - 34.0) ** 2) / 60.0) + 0.5 * np.exp(
+        -((x - 20.0) ** 2 + (y - 18.0) ** 2) / 20.0
+    )
+    stack = make_stack(np.stack([base] * 6).astype(np.float32), chunks=3)
+    M = build_affine_matrix(4.0, 1.5, -2.0, center=image_center((64, 64)))
+    warped = warp_stack(stack, M, device="gpu")
+    assert _is_cupy_graph(warped)
+    np.testing.assert_allclose(warped.data.compute().get(), warp_stack(stack, M).values, atol=1e-5)
+    moved = make_stack(
+        warp_stack(stack, M).values + rng.normal(scale=0.01, size=(6, 64, 64)).astype(np.float32),
+        chunks=3,
+    )
+    gpu = register_stack(moved, 0, device="gpu")
+    cpu = register_stack(moved, 0)
+    np.testing.assert_allclose(gpu["matrix"].values, cpu["matrix"].values, atol=1e-12)
+    assert _is_cupy_graph(gpu["registered"])
+    np.testing.assert_allclose(
+        gpu["registered"].data.compute().get(), cpu["registered"].values, atol=1e-4
+    )
+
+
+# --------------------------------------------------------------------------------------
+# reprojection: projector, scores and the op
+# --------------------------------------------------------------------------------------
+
+
+def _blob_setup(n=32, count=5):
+    from scalign.kernels.euler import euler_to_matrix
+    from scalign.synthetic_em import blob_projections, blob_volume, random_blobs
+
+    rng = np.random.default_rng(5)
+    blobs = random_blobs(8, radius=n / 5, sigma=n / 18, seed=2)
+    angles = (
+        rng.uniform(-180, 180, count),
+        rng.uniform(0, 180, count),
+        rng.uniform(-180, 180, count),
+    )
+    A = euler_to_matrix(*angles)
+    return blob_volume(blobs, n), A, blob_projections(blobs, n, A), angles
+
+
+def test_interpolating_projector_on_cupy_equals_numpy():
+    import cupy
+
+    from scalign.kernels.projection import project
+
+    V, A, exact, _ = _blob_setup()
+    shifts = np.array([[1.5, -0.5]] * len(A))
+    gpu = project(cupy.asarray(V), A, shifts=shifts, method="interpolate")
+    assert isinstance(gpu, cupy.ndarray) and gpu.dtype == np.float32
+    cpu = project(V, A, shifts=shifts, method="interpolate")
+    np.testing.assert_allclose(gpu.get(), cpu, atol=1e-5 * np.abs(cpu).max())
+    auto = project(cupy.asarray(V), A)
+    assert np.linalg.norm(auto.get() - exact) < 0.02 * np.linalg.norm(exact)
+
+
+def test_cufinufft_projector_equals_finufft_when_installed():
+    cufinufft = pytest.importorskip("cufinufft")
+    assert cufinufft
+    import cupy
+
+    from scalign.kernels.projection import project
+
+    V, A, _, _ = _blob_setup()
+    gpu = project(cupy.asarray(V.astype(np.float64)), A, eps=1e-9, method="nufft")
+    cpu = project(V.astype(np.float64), A, eps=1e-9, method="nufft")
+    np.testing.assert_allclose(gpu.get(), cpu, atol=1e-7 * np.abs(cpu).max())
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_scores_on_cupy_equal_numpy(gray):
+    import cupy
+
+    from scalign.kernels.ctf import fourier_crop
+    from scalign.kernels.scores import circular_mask, compare, jbld, residual_covariance
+
+    rng = np.random.default_rng(7)
+    P = rng.random((20, 32, 32))
+    images = 0.8 * P + 0.1 + rng.normal(scale=0.2, size=P.shape)
+    mask = circular_mask(32)
+    cpu = compare(P, images, mask, gray=gray)
+    gpu = compare(cupy.asarray(P), cupy.asarray(images), mask, gray=gray)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert isinstance(b, cupy.ndarray)
+        np.testing.assert_allclose(b.get(), a, rtol=1e-10, atol=1e-12)
+    C = residual_covariance(cpu.residual) + 1e-3 * np.eye(32)
+    Cg = residual_covariance(gpu.residual) + 1e-3 * cupy.eye(32)
+    np.testing.assert_allclose(jbld(Cg, Cg[:1]).get(), jbld(C, C[:1]), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        fourier_crop(cupy.asarray(images), 20).get(), fourier_crop(images, 20), atol=1e-10
+    )
+
+
+def test_compare_and_reproject_on_the_gpu_match_the_cpu():
+    from scalign import compare_reprojections, make_stack, reproject
+
+    V, _, exact, (rot, tilt, psi) = _blob_setup(count=12)
+    ds = make_stack(exact.astype(np.float32), chunks=4)
+    ds = ds.assign(rot=("image", rot), tilt=("image", tilt), psi=("image", psi))
+    options = {"angles": "stack", "downsample_to": None}
+    gpu = compare_reprojections(ds, V, device="gpu", **options)
+    cpu = compare_reprojections(ds, V, **options)
+    assert isinstance(gpu["correlation"].values, np.ndarray)  # results come back
+    # the GPU projects by interpolation (1-2%), the CPU by finufft: scores agree closely
+    np.testing.assert_allclose(gpu["correlation"].values, cpu["correlation"].values, atol=2e-3)
+    assert (gpu["correlation"].values > 0.99).all()
+    images = reproject(V, ds, device="gpu")
+    assert _is_cupy_graph(images)
+    err = np.linalg.norm(images.data.compute().get() - exact) / np.linalg.norm(exact)
+    assert err < 0.02
+
+
+def test_local_cuda_cluster_runs_an_align():
+    pytest.importorskip("dask_cuda")
+    from scalign import align, helix_ensemble, run, scheduler
+
+    ens = helix_ensemble(200, 20, noise=0.1, chunks=50)
+    with scheduler(gpu=True, n_workers=1) as client:
+        assert client is not None
+        rmsd = run(align(ens, device="gpu")["rmsd"].data)
+    np.testing.assert_allclose(rmsd.get(), align(ens)["rmsd"].values, rtol=1e-6)

@@ -25,6 +25,7 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
+from scalign._array import namespace
 from scalign.kernels.projection import box_center, half_plane_frequencies
 
 
@@ -80,7 +81,7 @@ def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
     """Downsample ``(..., n, n)`` images to ``size × size`` (``size <= n``) by Fourier
     cropping: the frequencies ``|k| < size / 2`` on each axis are kept (the small grid's
     Nyquist term is zeroed), about the box centre (``n // 2`` maps to ``size // 2``), and
-    the mean value is kept. The pixel size grows by ``n / size``."""
+    the mean value is kept. The pixel size grows by ``n / size``. NumPy or CuPy."""
     return _crop(images, size, 2)
 
 
@@ -90,23 +91,26 @@ def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
 
 
 def _crop(x: np.ndarray, size: int, d: int) -> np.ndarray:
+    xp = namespace(x)
     n = x.shape[-1]
     if size == n:
         return x
     axes = tuple(range(-d, 0))
-    spec = np.fft.fftn(x, axes=axes)
+    spec = xp.fft.fftn(x, axes=axes)
     kk = np.fft.fftfreq(size) * size
     # about the centres: multiply by exp(+2πi k c/n), take the small grid's frequencies,
     # multiply by exp(-2πi k c'/size)
-    factor = np.where(
-        np.abs(kk) < size / 2,
-        np.exp(2j * np.pi * kk * (box_center(n) / n - box_center(size) / size)),
-        0.0,
+    factor = xp.asarray(
+        np.where(
+            np.abs(kk) < size / 2,
+            np.exp(2j * np.pi * kk * (box_center(n) / n - box_center(size) / size)),
+            0.0,
+        )
     )
-    index = np.round(kk).astype(int) % n
+    index = xp.asarray(np.round(kk).astype(np.int64) % n)
     for a in axes:
         shape = [1] * x.ndim
         shape[a] = size
-        spec = np.take(spec, index, axis=a) * factor.reshape(shape)
-    out = np.fft.ifftn(spec, axes=axes).real * (size / n) ** d
-    return out.astype(x.dtype if x.dtype.kind == "f" else np.float64, copy=False)
+        spec = xp.take(spec, index, axis=a % x.ndim) * xp.reshape(factor, shape)
+    out = xp.real(xp.fft.ifftn(spec, axes=axes)) * (size / n) ** d
+    return xp.astype(out, x.dtype if x.dtype.kind == "f" else xp.float64, copy=False)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from array_api_compat import is_numpy_namespace
+from array_api_compat import is_cupy_namespace, is_numpy_namespace
 
 from scalign._array import namespace
 from scalign.kernels.qcp import qcp_rotation
@@ -89,9 +89,15 @@ def _shared_moments(xp, X: Array, Y: Array, p: Array | None):
     centred, :math:`\\sum_k p_k x_k (y_k - \\bar y)^T` needs no centring of ``X``, and the
     last ``d`` columns of ``M`` give the centroids of ``X`` in the same pass. ``X`` (any
     float dtype) is copied to float64 one cache block at a time, so every product and sum
-    is accumulated in float64 without a float64 copy of the whole batch.
+    is accumulated in float64 without a float64 copy of the whole batch. CuPy batches of
+    3-D points take the fused kernel of :mod:`scalign.kernels.moments_cuda` instead (one
+    read of ``X``, the same sums).
     """
     B, n, d = X.shape
+    if is_cupy_namespace(xp) and d == 3 and X.dtype.name in ("float32", "float64"):
+        from scalign.kernels.moments_cuda import fused_moments
+
+        return fused_moments(X, Y, p)
     uniform = p is None
     if uniform:
         p = xp.full((n,), 1.0 / n, dtype=xp.float64)

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from scalign._array import namespace
 from scalign.kernels.projection import box_center
 
 #: Ridge of the residual covariances, as a fraction of the mean covariance's trace / n.
@@ -62,28 +63,32 @@ class Comparison(NamedTuple):
 def compare(P: np.ndarray, images: np.ndarray, mask: np.ndarray, gray: bool = False) -> Comparison:
     """Correlation, cost and residual of projections ``P`` against ``images`` ``(B, n, n)``
     in ``mask`` (module docstring). Without ``gray`` the cost is ``1 - r`` (lower is
-    better, like the L1 cost, so both rank the same way)."""
-    p = P[:, mask].astype(np.float64)
-    i = images[:, mask].astype(np.float64)
-    pc = p - p.mean(axis=1, keepdims=True)
-    ic = i - i.mean(axis=1, keepdims=True)
-    spp = np.einsum("bk,bk->b", pc, pc)
-    sii = np.einsum("bk,bk->b", ic, ic)
-    spi = np.einsum("bk,bk->b", pc, ic)
+    better, like the L1 cost, so both rank the same way). NumPy or CuPy: every result is
+    on the inputs' device, in float64."""
+    xp = namespace(P, images)
+    mask = xp.asarray(mask)
+    p = xp.astype(P[:, mask], xp.float64)
+    i = xp.astype(images[:, mask], xp.float64)
+    pc = p - xp.mean(p, axis=1, keepdims=True)
+    ic = i - xp.mean(i, axis=1, keepdims=True)
+    spp = xp.vecdot(pc, pc)
+    sii = xp.vecdot(ic, ic)
+    spi = xp.vecdot(pc, ic)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = spi / np.sqrt(spp * sii)
+        r = spi / xp.sqrt(spp * sii)
         if gray:
-            a = np.where(spp > 0, spi / np.where(spp > 0, spp, 1.0), 0.0)
-            b = i.mean(axis=1) - a * p.mean(axis=1)
+            a = xp.where(spp > 0, spi / xp.where(spp > 0, spp, 1.0), 0.0)
+            b = xp.mean(i, axis=1) - a * xp.mean(p, axis=1)
             e = a[:, None] * p + b[:, None] - i
-            cost = np.abs(e).mean(axis=1)
+            cost = xp.mean(xp.abs(e), axis=1)
         else:
-            a, b = np.ones(len(p)), np.zeros(len(p))
+            a = xp.ones(p.shape[0], dtype=xp.float64)
+            b = xp.zeros(p.shape[0], dtype=xp.float64)
             e = p - i
             cost = 1.0 - r
-    E = np.zeros(P.shape, dtype=np.float64)
+    E = xp.zeros(P.shape, dtype=xp.float64)
     E[:, mask] = e
-    return Comparison(r, cost, a, b, e.mean(axis=1), e.std(axis=1), E)
+    return Comparison(r, cost, a, b, xp.mean(e, axis=1), xp.std(e, axis=1), E)
 
 
 def zscores(values: np.ndarray) -> np.ndarray:
@@ -95,19 +100,22 @@ def zscores(values: np.ndarray) -> np.ndarray:
 
 def residual_covariance(E: np.ndarray) -> np.ndarray:
     """``E Eᵀ / n`` of residuals ``(B, n, n)``: ``(B, n, n)`` symmetric, positive
-    semi-definite (the ridge is added by :func:`jbld_scores`)."""
-    E = np.asarray(E, dtype=np.float64)
-    return E @ np.swapaxes(E, -1, -2) / E.shape[-1]
+    semi-definite (the ridge is added by :func:`jbld_scores`); NumPy or CuPy."""
+    xp = namespace(E)
+    E = xp.astype(E, xp.float64)
+    return E @ xp.matrix_transpose(E) / E.shape[-1]
 
 
 def _logdet(X: np.ndarray) -> np.ndarray:
     """log det of symmetric positive definite matrices, by Cholesky (stable)."""
-    L = np.linalg.cholesky(X)
-    return 2.0 * np.log(np.diagonal(L, axis1=-2, axis2=-1)).sum(axis=-1)
+    xp = namespace(X)
+    L = xp.linalg.cholesky(X)
+    return 2.0 * xp.sum(xp.log(xp.linalg.diagonal(L)), axis=-1)
 
 
 def jbld(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """Jensen–Bregman LogDet divergence of SPD matrices (broadcast over leading axes)."""
+    """Jensen–Bregman LogDet divergence of SPD matrices (broadcast over leading axes;
+    NumPy or CuPy)."""
     return _logdet(0.5 * (X + Y)) - 0.5 * _logdet(X) - 0.5 * _logdet(Y)
 
 

@@ -1,0 +1,52 @@
+"""The fused CUDA moments kernel: compiled with NVRTC wherever CuPy is installed (no GPU
+needed), and checked against the NumPy moments on a CUDA device (``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scalign.execution import gpu_available
+from scalign.kernels import moments_cuda
+from scalign.kernels.kabsch import _shared_moments
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kernel_source_compiles_with_nvrtc(dtype):
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy")
+    try:
+        program = nvrtc.createProgram(moments_cuda.source(dtype), "moments.cu", [], [])
+    except Exception as exc:  # the NVRTC library itself is missing
+        pytest.skip(f"NVRTC unavailable: {exc}")
+    try:
+        nvrtc.compileProgram(program, ["-arch=compute_90"])
+    except Exception:
+        pytest.fail(nvrtc.getProgramLog(program))
+
+
+@pytest.mark.parametrize(("n", "threads"), [(1, 32), (128, 32), (129, 64), (1000, 256)])
+def test_block_size_is_whole_warps(n, threads):
+    assert moments_cuda.threads_per_item(n) == threads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no usable CUDA device (cupy.is_available())")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [3, 37, 129, 1000])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_moments_equal_numpy_moments(dtype, n, weighted):
+    import cupy
+    from array_api_compat import numpy as np_compat
+
+    rng = np.random.default_rng(n)
+    X = (rng.standard_normal((300, n, 3)) * 5 + 40).astype(dtype)
+    Y = rng.standard_normal((n, 3)) * 5 + 3
+    p = rng.uniform(0.1, 2.0, n) if weighted else None
+    p = None if p is None else p / p.sum()
+    expected = _shared_moments(np_compat, X, Y, p)
+    got = moments_cuda.fused_moments(
+        cupy.asarray(X), cupy.asarray(Y), None if p is None else cupy.asarray(p)
+    )
+    for a, b in zip(expected, got, strict=True):
+        assert isinstance(b, cupy.ndarray)
+        np.testing.assert_allclose(b.get(), np.broadcast_to(a, b.shape), rtol=1e-10, atol=1e-9)
