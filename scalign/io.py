@@ -75,12 +75,26 @@ def _json_attrs(attrs: dict) -> dict:
 PROGRESS = ".scalign-progress"
 
 
-def _write_block(block: Any, store: str, name: str, region: tuple, marker: str) -> None:
-    """Write one computed block into its region of a zarr array, then mark it done (the
-    marker comes last: a block cut off mid-write is rewritten on resume)."""
-    array = zarr.open_array(store=store, path=name, mode="r+")
-    array[region] = np.asarray(to_numpy(block), dtype=array.dtype)
-    Path(marker).touch()
+def _write_blocks(store: str, blocks: list[tuple[Any, str, tuple, str]]) -> None:
+    """Write computed blocks ``(block, name, region, marker)`` into their regions of the
+    store's arrays, each marked done after it is written (the marker comes last: a block
+    cut off mid-write is rewritten on resume)."""
+    group = zarr.open_group(store=store, mode="r+")
+    for block, name, region, marker in blocks:
+        array = group[name]
+        array[region] = np.asarray(to_numpy(block), dtype=array.dtype)
+        Path(marker).touch()
+
+
+def _write_group(var: xr.Variable, loc: tuple[int, ...]) -> tuple:
+    """Blocks written by one task: those of every variable at the same chunk of the same
+    leading dim (an op's outputs for one chunk of items), when the variable is whole
+    along its other dims; other blocks on their own. One task per chunk instead of one
+    per variable and chunk: a distributed task costs milliseconds, as does opening the
+    store."""
+    if var.ndim and all(len(c) == 1 for c in var.chunks[1:]):
+        return (var.dims[0], var.chunks[0], loc[0])
+    return (id(var), loc)
 
 
 def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = False):
@@ -125,7 +139,7 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
         progress.mkdir()
         fingerprint.write_text(job)
         done = set()
-    writes = []
+    groups: dict[tuple, list] = {}
     for name, var in ds.variables.items():
         if not isinstance(var.data, da.Array):
             continue
@@ -141,14 +155,18 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
                 slice(int(st[i]), int(st[i]) + c[i])
                 for st, c, i in zip(starts, var.data.chunks, loc, strict=True)
             )
-            write = dask.delayed(_write_block, pure=False)
-            writes.append(write(blocks[loc], str(tmp), str(name), region, str(progress / marker)))
+            groups.setdefault(_write_group(var, loc), []).append(
+                (blocks[loc], str(name), region, str(progress / marker))
+            )
+    write = dask.delayed(_write_blocks, pure=False)
+    writes = [write(str(tmp), items) for items in groups.values()]
+    pending = sum(map(len, groups.values()))
     if done:
         log.info(
             "resuming the interrupted write of %s: %d block(s) already written, %d to go",
             path,
             len(done) - 1,
-            len(writes),
+            pending,
         )
     delayed = dask.delayed(len, pure=False)(writes)
 
