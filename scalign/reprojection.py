@@ -228,17 +228,17 @@ def _compare_chunk(
     reprojections,
 ):
     """Per image of a chunk: the angles (given or matched), the comparison scores and,
-    with ``reprojections``, the reprojections. CuPy chunks are projected and compared on
-    the GPU; the search itself (projection matching) runs on the host."""
+    with ``reprojections``, the reprojections. CuPy chunks are matched, projected and
+    compared on the GPU (the search's bookkeeping stays on the host)."""
     xp = namespace(images)
     scale = size / images.shape[-1]
     images, H = _prepared(images, size, ctf, pixel_size, (defocus_u, defocus_v, defocus_angle))
     if search:
         match = match_images(
-            to_numpy(volume),
-            to_numpy(images),
-            to_numpy(gallery),
-            ctf=None if H is None else to_numpy(H),
+            volume,
+            images,
+            gallery,
+            ctf=H,
             step=step,
             max_shift=max_shift * scale,
             refine=refine,
@@ -313,8 +313,8 @@ def compare_reprojections(
         Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
         moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
         ``"auto"`` computes each chunk where it already is. On the GPU the images are
-        projected (:func:`scalign.kernels.projection.project`) and scored there; the
-        angular search runs on the host. The results come back to the host.
+        matched, projected (:func:`scalign.kernels.projection.project`) and scored
+        there. The results come back to the host.
 
     Returns
     -------

@@ -15,7 +15,9 @@
    the grid step and halves whenever no candidate improves, down to ``final_step``.
 
 All projections of one call share one non-uniform FFT of the volume per batch
-(:func:`scalign.kernels.projection.slice_spectra`).
+(:func:`scalign.kernels.projection.slice_spectra`). With a CuPy volume and CuPy images the
+projections, FFTs and correlation peaks are computed on the GPU; the bookkeeping of the
+search (orientations, candidates, steps: a few numbers per image) stays on the host.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from scalign._array import namespace, to_numpy
 from scalign.kernels.projection import centering_phase, half_plane_frequencies, slice_spectra
 
 # Gallery projections per cross-correlation block (memory: images × block × n² floats).
@@ -51,32 +54,35 @@ class Match(NamedTuple):
 
 def _image_spectra(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Half-plane spectra of the mean-subtracted images and their norms."""
-    x = images - images.mean(axis=(-2, -1), keepdims=True)
-    return np.fft.rfft2(x), np.sqrt((x * x).sum(axis=(-2, -1)))
+    xp = namespace(images)
+    x = images - xp.mean(images, axis=(-2, -1), keepdims=True)
+    return xp.fft.rfft2(x), xp.sqrt(xp.sum(x * x, axis=(-2, -1)))
 
 
 def _peak(cc: np.ndarray, max_shift: float) -> tuple[np.ndarray, np.ndarray]:
     """Best shift (x, y) within ``max_shift`` of cross-correlations ``(..., n, n)`` (DFT
     order: index ``j`` is the shift ``j`` or ``j - n``), refined by a parabola through the
     peak and its neighbours along each axis, and the peak value."""
+    xp = namespace(cc)
     n = cc.shape[-1]
-    k = np.fft.fftfreq(n) * n
-    allowed = (k[:, None] ** 2 + k[None, :] ** 2) <= max_shift**2
-    flat = cc.reshape(cc.shape[:-2] + (n * n,))
-    j = np.argmax(np.where(allowed.reshape(-1), flat, -np.inf), axis=-1)
-    iy, ix = np.divmod(j, n)
+    k_host = np.fft.fftfreq(n) * n
+    allowed = xp.asarray(((k_host[:, None] ** 2 + k_host[None, :] ** 2) <= max_shift**2).ravel())
+    k = xp.asarray(k_host)
+    flat = xp.reshape(cc, cc.shape[:-2] + (n * n,))
+    j = xp.argmax(xp.where(allowed, flat, -xp.inf), axis=-1)
+    iy, ix = j // n, j % n
 
     def value(dy: int, dx: int) -> np.ndarray:
         index = ((iy + dy) % n) * n + (ix + dx) % n
-        return np.take_along_axis(flat, index[..., None], axis=-1)[..., 0]
+        return xp.take_along_axis(flat, index[..., None], axis=-1)[..., 0]
 
     best = value(0, 0)
-    shift = np.stack([k[ix], k[iy]], axis=-1)
+    shift = xp.stack([k[ix], k[iy]], axis=-1)
     for axis, (dy, dx) in enumerate(((0, 1), (1, 0))):
         vm, vp = value(-dy, -dx), value(dy, dx)
         den = vm - 2.0 * best + vp
-        frac = np.where(den < 0, 0.5 * (vm - vp) / np.where(den < 0, den, -1.0), 0.0)
-        shift[..., axis] += np.clip(frac, -0.5, 0.5)
+        frac = xp.where(den < 0, 0.5 * (vm - vp) / xp.where(den < 0, den, -1.0), 0.0)
+        shift[..., axis] += xp.clip(frac, -0.5, 0.5)
     return shift, best
 
 
@@ -85,36 +91,39 @@ def _newton_shift(G: np.ndarray, shift: np.ndarray, n: int, steps: int = 2) -> t
     :math:`c(s) = \\frac{1}{n^2} \\sum_k w_k \\mathrm{Re}(G_k e^{2\\pi i k \\cdot s / n})`
     (``G`` its half-plane spectrum, ``w_k`` = 2 for the columns that stand for a conjugate
     pair too), by Newton steps from ``shift``; returns the shift and ``c`` there."""
+    xp = namespace(G)
     ky, kx = half_plane_frequencies(n)
     w = np.full(kx.shape[1], 2.0)
     w[0] = 1.0
     if n % 2 == 0:
         w[-1] = 1.0
-    k = np.stack([kx, ky]) * (2 * np.pi / n)  # (2, n, m) radians per pixel
-    fx, fy = k[0, 0], k[1, :, 0]  # the separable axes: (m,) and (n,)
-    Gw = G * w / (n * n)
-    s = shift.copy()
+    k_host = np.stack([kx, ky]) * (2 * np.pi / n)  # (2, n, m) radians per pixel
+    k = xp.asarray(k_host)
+    # the separable axes: (m,) and (n,)
+    fx, fy = xp.asarray(k_host[0, 0]), xp.asarray(np.ascontiguousarray(k_host[1, :, 0]))
+    Gw = G * xp.asarray(w / (n * n))
+    s = xp.asarray(shift, copy=True)
     for _ in range(steps + 1):
         # exp(i (k_x s_x + k_y s_y)) as the product of two 1-D phase ramps
-        ex = np.exp(1j * fx * s[..., 0, None])[..., None, :]
-        ey = np.exp(1j * fy * s[..., 1, None])[..., :, None]
+        ex = xp.exp(1j * fx * s[..., 0, None])[..., None, :]
+        ey = xp.exp(1j * fy * s[..., 1, None])[..., :, None]
         e = Gw * ey * ex
-        value = e.real.sum(axis=(-2, -1))
+        value = xp.sum(xp.real(e), axis=(-2, -1))
         if _ == steps:
             break
         ie = 1j * e
-        grad = np.stack([(ie * k[a]).real.sum(axis=(-2, -1)) for a in range(2)], axis=-1)
-        hess = np.empty(s.shape + (2,))
+        grad = xp.stack([xp.sum(xp.real(ie * k[a]), axis=(-2, -1)) for a in range(2)], axis=-1)
+        hess = xp.empty(s.shape + (2,), dtype=value.dtype)
         for a in range(2):
             for b in range(2):
-                hess[..., a, b] = -(e * k[a] * k[b]).real.sum(axis=(-2, -1))
+                hess[..., a, b] = -xp.sum(xp.real(e * k[a] * k[b]), axis=(-2, -1))
         det = hess[..., 0, 0] * hess[..., 1, 1] - hess[..., 0, 1] ** 2
         ok = (hess[..., 0, 0] < 0) & (det > 0)
-        safe = np.where(ok, det, 1.0)
+        safe = xp.where(ok, det, 1.0)
         dx = (hess[..., 1, 1] * grad[..., 0] - hess[..., 0, 1] * grad[..., 1]) / safe
         dy = (hess[..., 0, 0] * grad[..., 1] - hess[..., 0, 1] * grad[..., 0]) / safe
-        step = np.where(ok[..., None], -np.stack([dx, dy], axis=-1), 0.0)
-        s = s + np.clip(step, -0.5, 0.5)
+        step = xp.where(ok[..., None], -xp.stack([dx, dy], axis=-1), 0.0)
+        s = s + xp.clip(step, -0.5, 0.5)
     return s, value
 
 
@@ -132,23 +141,27 @@ def _correlate(
     shift (Newton steps on the correlation's trigonometric interpolant from the integer
     peak), so that candidates compare at their best sub-pixel alignment; without, the
     score is the integer peak's (the global search, which only ranks candidates)."""
-    P = np.fft.irfft2(P_spectra, s=(n, n))
-    norms_p = np.sqrt((P * P).sum(axis=(-2, -1)))
+    xp = namespace(P_spectra)
+    P = xp.fft.irfft2(P_spectra, s=(n, n))
+    norms_p = xp.sqrt(xp.sum(P * P, axis=(-2, -1)))
     # the image is P moved by s: c(s) = sum_p I(p) P(p - s) = IDFT[Î conj(P̂)](s)
-    G = spectra_img[:, None] * np.conj(P_spectra)
-    shift, peak = _peak(np.fft.irfft2(G, s=(n, n)), max_shift)
+    G = spectra_img[:, None] * xp.conj(P_spectra)
+    shift, peak = _peak(xp.fft.irfft2(G, s=(n, n)), max_shift)
     if subpixel:
         shift, peak = _newton_shift(G, shift, n)
     with np.errstate(invalid="ignore", divide="ignore"):
         score = peak / (norms_img[:, None] * norms_p)
-    return shift, np.nan_to_num(score, nan=-np.inf)
+    # the search's bookkeeping is on the host: a few numbers per image and candidate
+    score = to_numpy(score)
+    return to_numpy(shift), np.where(np.isnan(score), -np.inf, score)
 
 
 def _centred_projection_spectra(volume: np.ndarray, A: np.ndarray, eps: float) -> np.ndarray:
     """Half-plane spectra of the projections at ``A``, origin at pixel 0 (no shift), with
     the mean (DC term) removed and frequencies beyond Nyquist cut."""
     n = volume.shape[0]
-    S = slice_spectra(volume, A, eps) * centering_phase(n)
+    S = slice_spectra(volume, A, eps)
+    S *= namespace(S).asarray(centering_phase(n), dtype=S.dtype)
     S[..., 0, 0] = 0.0
     return S
 
@@ -167,7 +180,8 @@ def match_images(
     max_rounds: int = 60,
     eps: float = 1e-4,
 ) -> Match:
-    """Orientations and shifts of ``images (B, n, n)`` against ``volume (n, n, n)``.
+    """Orientations and shifts of ``images (B, n, n)`` against ``volume (n, n, n)``
+    (NumPy, or CuPy for both; see the module docstring); the results are NumPy arrays.
 
     Parameters
     ----------
@@ -181,12 +195,14 @@ def match_images(
     final_step : the refinement stops when its angular step falls below this (degrees).
     eps : accuracy of the projections' non-uniform FFT.
     """
+    xp = namespace(volume, images)
     B, n = images.shape[0], images.shape[-1]
+    gallery = to_numpy(gallery)
     # single precision: the search ranks candidates and locates peaks, where float32's
     # 1e-7 is ample, at about 1.6x the FFT speed of float64
-    F, norms = _image_spectra(np.asarray(images, dtype=np.float32))
+    F, norms = _image_spectra(xp.astype(xp.asarray(images), xp.float32))
     if ctf is not None:
-        ctf = np.asarray(ctf, dtype=np.float32)
+        ctf = xp.astype(xp.asarray(ctf), xp.float32)
     K = max(1, min(candidates, len(gallery)))
     best_score = np.full((B, K), -np.inf)
     best_g = np.zeros((B, K), dtype=int)
@@ -210,8 +226,9 @@ def match_images(
     scores = best_score.reshape(-1)
     rounds = np.zeros(B * K, dtype=int)
     if refine:
-        Fc, normc = F[owner], norms[owner]
-        ctfc = None if ctf is None else ctf[owner]
+        on_device = xp.asarray(owner)
+        Fc, normc = F[on_device], norms[on_device]
+        ctfc = None if ctf is None else ctf[on_device]
         delta = np.full(B * K, step / 2.0)
         active = np.isfinite(scores)
         for _ in range(max_rounds):
@@ -226,10 +243,11 @@ def match_images(
                     cand.append(_axis_rotations(axis, sign * delta[idx]) @ A[idx])
             cand = np.stack(cand, axis=1)
             P = _centred_projection_spectra(volume, cand.reshape(-1, 3, 3), eps)
-            P = P.reshape(idx.size, 7, n, n // 2 + 1)
+            P = xp.reshape(P, (idx.size, 7, n, n // 2 + 1))
+            rows_idx = xp.asarray(idx)
             if ctfc is not None:
-                P = P * ctfc[idx, None]
-            shift, score = _correlate(Fc[idx], normc[idx], P, n, max_shift)
+                P = P * ctfc[rows_idx, None]
+            shift, score = _correlate(Fc[rows_idx], normc[rows_idx], P, n, max_shift)
             r = np.arange(idx.size)
             k = np.argmax(score, axis=1)
             improved = (k > 0) & (score[r, k] > score[:, 0])
