@@ -46,7 +46,7 @@ import sys
 print(f"python {platform.python_version()} at {sys.executable}")
 names = (
     "numpy scipy cupy torch xarray pandas dask distributed zarr numcodecs array_api_compat "
-    "finufft cufinufft mrcfile starfile threadpoolctl hypothesis pytest"
+    "finufft cufinufft dask_cuda mrcfile starfile threadpoolctl hypothesis pytest"
 )
 for name in names.split():
     try:
