@@ -30,7 +30,9 @@ def host(arr: Any) -> np.ndarray:
     """The values of a DataArray, dask array or array (NumPy or CuPy chunks; computed if
     lazy) as a NumPy array in host memory. ``DataArray.values`` cannot do this for CuPy
     data (CuPy refuses implicit conversion)."""
-    data = getattr(arr, "data", arr) if not isinstance(arr, np.ndarray) else arr
+    if isinstance(arr, np.ndarray) or is_cupy_array(arr):
+        return to_numpy(arr)
+    data = getattr(arr, "data", arr)
     if isinstance(data, da.Array):
         data = data.compute()
     return to_numpy(data)

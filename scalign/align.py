@@ -164,7 +164,7 @@ def _coarse_reference(coords: xr.DataArray, reference, factor: int, weights) -> 
     n, d = coords.sizes[POINT], coords.sizes[SPACE]
     blocks = -(-n // factor)
     if isinstance(reference, np.ndarray | xr.DataArray | list | tuple):
-        given = as_points("reference", np.asarray(reference))
+        given = as_points("reference", host(reference))
         if given.shape == (blocks, d):
             return given.astype(np.float64)
     ref = _resolve_reference(coords, reference, expected=f"({blocks}, {d}) beads or")
@@ -184,11 +184,13 @@ def _mean_structure(fit: dict[str, xr.DataArray]) -> np.ndarray:
     aligned = fit["aligned"]
     if "robust_weights" not in fit:
         return np.asarray(host(aligned.mean(STRUCTURE, skipna=True)), dtype=np.float64)
-    w = fit["robust_weights"].fillna(0.0)
+    w = fit["robust_weights"]
+    # NaN-skipping sums, not fillna(0.0): on CuPy chunks xarray's fillna/where puts a NumPy
+    # 0-d chunk into the graph, which CuPy refuses (pydata/xarray#7721)
     sums = xr.Dataset(
         {
-            "weighted": (aligned.fillna(0.0) * w).sum(STRUCTURE),
-            "total": w.sum(STRUCTURE),
+            "weighted": (aligned * w).sum(STRUCTURE, skipna=True),
+            "total": w.sum(STRUCTURE, skipna=True),
             "plain": aligned.mean(STRUCTURE, skipna=True),
         }
     ).compute()

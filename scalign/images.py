@@ -19,8 +19,9 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
+from array_api_compat import is_cupy_array
 
-from scalign._array import batch_chunked
+from scalign._array import batch_chunked, host, to_numpy
 from scalign.execution import DEVICES, to_device
 from scalign.kernels.affine import check_matrix, normalized_to_pixel
 from scalign.kernels.warp import (
@@ -88,7 +89,8 @@ def make_stack(images: Any, chunks: int | None = None, attrs: dict | None = None
         _check_pixels("images", arr)
     else:
         try:
-            arr = np.asarray(images)
+            # CuPy images stay on the GPU (their chunks are CuPy)
+            arr = images if is_cupy_array(images) else np.asarray(images)
         except Exception as exc:  # ragged lists and other objects numpy cannot hold
             raise TypeError(f"images must be an array, got {type(images).__name__}") from exc
         _check_pixels("images", arr)
@@ -172,7 +174,7 @@ def _resolve_matrix(
         data = matrix
     else:
         try:
-            data = np.asarray(matrix)
+            data = to_numpy(matrix)
         except (TypeError, ValueError) as exc:  # ragged lists and other objects
             raise TypeError(
                 f"matrix must be an array of numbers, got {type(matrix).__name__}"
@@ -195,9 +197,9 @@ def _resolve_matrix(
     if len(shape) == 2:
         if lazy:  # checked by the kernel, when computed
             return None, data
-        return _check_values(name, np.asarray(data), d), None
+        return _check_values(name, host(data), d), None
     if not lazy:
-        values = _check_values(name, np.asarray(data), d)
+        values = _check_values(name, host(data), d)
         data = xr.DataArray(values, dims=(batch, ROW, COL))
         if isinstance(matrix, xr.DataArray):
             data = data.assign_coords(

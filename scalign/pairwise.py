@@ -7,6 +7,7 @@ import math
 import numpy as np
 import xarray as xr
 
+from scalign._array import host
 from scalign.ensemble import POINT, SPACE, STRUCTURE, ensemble_variable, validate_ensemble
 from scalign.execution import DEVICES, to_device
 from scalign.kernels.pairwise import centre, rmsd_block
@@ -32,7 +33,7 @@ def _point_weights(ds: xr.Dataset, weights) -> np.ndarray | None:
         raise ValueError(
             f"pairwise RMSD needs one weight per point, dims ('point',); got {weights.dims}"
         )
-    w = as_weights("weights", np.asarray(weights), ds.sizes[POINT])
+    w = as_weights("weights", host(weights), ds.sizes[POINT])
     if w.ndim != 1:
         raise ValueError(f"pairwise RMSD needs one weight per point, shape (point,); got {w.shape}")
     return w

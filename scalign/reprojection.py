@@ -104,11 +104,11 @@ def _volumes(volumes: Any) -> tuple[np.ndarray, list[str], float | None]:
             if VOLUME in volumes.coords and volumes.ndim == 4
             else None
         )
-        volumes = volumes.values
+        volumes = host(volumes)
     else:
         labels = None
     if isinstance(volumes, list | tuple):
-        arrays = [np.asarray(v) for v in volumes]
+        arrays = [to_numpy(v) for v in volumes]
         if not arrays:
             raise ValueError("volumes is empty: no volume to compare")
         shapes = {a.shape for a in arrays}
@@ -116,7 +116,7 @@ def _volumes(volumes: Any) -> tuple[np.ndarray, list[str], float | None]:
             raise ValueError(f"volumes must all have the same shape, got {sorted(shapes)}")
         V = np.stack(arrays)
     else:
-        V = np.asarray(volumes)
+        V = to_numpy(volumes)
         if V.ndim == 3:
             V = V[None]
     if V.dtype.kind not in "iuf":
@@ -156,7 +156,7 @@ def _angles(ds: xr.Dataset, angles: Any) -> xr.Dataset | None:
                 f"angles.{name} must be over ('image',) with {ds.sizes[IMAGE]} values, "
                 f"got dims {var.dims} and size {var.size}"
             )
-        values = np.asarray(var.values, dtype=np.float64)
+        values = np.asarray(host(var), dtype=np.float64)
         if not np.all(np.isfinite(values)):
             bad = np.flatnonzero(~np.isfinite(values))
             raise ValueError(

@@ -11,11 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from scalign._array import to_numpy
+
 
 def as_points(name: str, X: Any, *, min_ndim: int = 2) -> np.ndarray:
-    """``X`` as a finite floating array of point sets ``(..., n, d)``."""
+    """``X`` as a finite floating array of point sets ``(..., n, d)``, in host memory (a
+    CuPy array is copied)."""
     try:
-        arr = np.asarray(X)
+        arr = to_numpy(X)
     except Exception as exc:  # ragged lists and other objects numpy cannot hold
         raise TypeError(f"{name} must be an array of points, got {type(X).__name__}") from exc
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
@@ -62,8 +65,9 @@ def check_spread(name: str, X: np.ndarray) -> None:
 
 
 def as_weights(name: str, w: Any, n: int) -> np.ndarray:
-    """Per-point weights ``(..., n)``: finite, non-negative, not all zero."""
-    arr = np.asarray(w)
+    """Per-point weights ``(..., n)``: finite, non-negative, not all zero; in host memory
+    (a CuPy array is copied)."""
+    arr = to_numpy(w)
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
         raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
