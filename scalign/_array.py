@@ -26,6 +26,20 @@ def is_gpu_backed(data: Any) -> bool:
     return is_cupy_array(getattr(data, "_meta", data))
 
 
+def move(data: Any, device: str) -> Any:
+    """``data`` on ``"gpu"`` (CuPy) or ``"cpu"`` (NumPy): a dask array by a lazy
+    conversion per chunk (its ``meta`` follows), an in-memory array at once; unchanged
+    when already there."""
+    if is_gpu_backed(data) == (device == "gpu"):
+        return data
+    import cupy
+
+    fn = cupy.asarray if device == "gpu" else cupy.asnumpy
+    if isinstance(data, da.Array):
+        return data.map_blocks(fn, dtype=data.dtype, meta=fn(data._meta))
+    return fn(data)
+
+
 def host(arr: Any) -> np.ndarray:
     """The values of a DataArray, dask array or array (NumPy or CuPy chunks; computed if
     lazy) as a NumPy array in host memory. ``DataArray.values`` cannot do this for CuPy

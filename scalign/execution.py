@@ -22,7 +22,7 @@ import dask.array
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from scalign._array import is_gpu_backed
+from scalign._array import move
 from scalign.validation import check_option
 
 SCHEDULER_ENV = "SCALIGN_SCHEDULER"
@@ -191,20 +191,6 @@ def require_gpu() -> None:
         )
 
 
-def _move(data: Any, device: str) -> Any:
-    """One array's data on ``device``: dask arrays by a lazy ``map_blocks`` per chunk
-    (their ``meta`` follows), in-memory arrays at once."""
-    if is_gpu_backed(data) == (device == "gpu"):
-        return data
-    import cupy
-
-    fn = cupy.asarray if device == "gpu" else cupy.asnumpy
-    if isinstance(data, dask.array.Array):
-        meta = fn(data._meta)
-        return data.map_blocks(fn, dtype=data.dtype, meta=meta)
-    return fn(data)
-
-
 def to_device(obj: T, device: str) -> T:
     """``obj`` (Dataset or DataArray) with every data variable's chunks on ``device``.
 
@@ -219,10 +205,10 @@ def to_device(obj: T, device: str) -> T:
     if device == "gpu":
         require_gpu()
     if isinstance(obj, xr.DataArray):
-        return obj.copy(data=_move(obj.data, device))
+        return obj.copy(data=move(obj.data, device))
     out = obj.copy()
     for name, var in obj.data_vars.items():
-        out[name] = var.copy(data=_move(var.data, device))
+        out[name] = var.copy(data=move(var.data, device))
     return out
 
 

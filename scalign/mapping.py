@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 from dask.array.utils import meta_from_array
 
-from scalign._array import is_gpu_backed
+from scalign._array import is_gpu_backed, move
 
 
 def _whole_core_dims(arr: xr.DataArray, core: Sequence[str]) -> xr.DataArray:
@@ -31,17 +31,12 @@ def _on_gpu(arrays: Sequence[xr.DataArray]) -> bool:
     return any(is_gpu_backed(a.data) for a in arrays)
 
 
-def _to_gpu(arr: xr.DataArray) -> xr.DataArray:
-    """``arr`` with CuPy data: a lazy conversion per chunk, or one (shared) chunk when it
-    is in memory, so a kernel never gets NumPy and CuPy arrays together."""
-    if is_gpu_backed(arr.data):
-        return arr
-    import cupy
-
-    if arr.chunks is not None:
-        meta = cupy.empty((0,) * arr.ndim, dtype=arr.dtype)
-        return arr.copy(data=arr.data.map_blocks(cupy.asarray, meta=meta))
-    return arr.copy(data=da.from_array(cupy.asarray(arr.data), chunks=-1, name=False))
+def _to_gpu(data: Any) -> da.Array:
+    """``data`` as a dask array of CuPy chunks (an in-memory array as one shared chunk),
+    so a kernel never gets NumPy and CuPy arrays together."""
+    if not isinstance(data, da.Array):
+        data = da.from_array(data, chunks=-1, name=False)
+    return move(data, "gpu")
 
 
 def _gpu_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +85,7 @@ def map_batch(
     """
     inputs = [_whole_core_dims(a, c) for a, c in zip(inputs, core_dims, strict=True)]
     if _on_gpu(inputs):
-        inputs = [_to_gpu(a) for a in inputs]
+        inputs = [a.copy(data=_to_gpu(a.data)) for a in inputs]
     out_core = [list(dims) for dims, _ in outputs.values()]
     dtypes = [dtype for _, dtype in outputs.values()]
     result = xr.apply_ufunc(
@@ -157,7 +152,8 @@ def map_pairs(
     B = A if b is None else _chunked(b, core_dims)
     options = dict(kwargs or {})
     if is_gpu_backed(A) or is_gpu_backed(B):
-        A, B = (_to_gpu(xr.DataArray(x)).data for x in (A, B))
+        A = _to_gpu(A)
+        B = A if b is None else _to_gpu(B)
         options = _gpu_options(options)
     meta = meta_from_array(A, ndim=2, dtype=dtype)
     call = dask.delayed(kernel, pure=True)

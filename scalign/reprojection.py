@@ -248,7 +248,7 @@ def _compare_chunk(
     P = _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, eps=eps, scale=scale, ctf=H)
     c = compare(P, images, circular_mask(size), gray=gray)
     return (
-        *(xp.asarray(to_numpy(a), dtype=xp.float64) for a in (rot, tilt, psi, shift_x, shift_y)),
+        *(xp.asarray(a, dtype=xp.float64) for a in (rot, tilt, psi, shift_x, shift_y)),
         c.correlation,
         c.cost,
         c.gain,

@@ -185,9 +185,10 @@ def register_stack(
     check_option("device", device, DEVICES)
     ds = validate_stack(stack)
     images = to_device(ds["images"], device)
-    # the estimation has no CuPy implementation yet: it reads host copies of the chunks,
-    # and the motions (small) stay on the host
-    host_images = to_device(images, "cpu")
+    # the estimation has no CuPy implementation yet: it reads the chunks on the host (the
+    # input's own when they are there, not a copy back from the GPU), and the motions
+    # (small) stay on the host
+    host_images = to_device(ds["images"], "cpu")
     check_option("transform", transform, TRANSFORMS)
     check_option("loss", loss, LOSSES)
     check_iterations(max_iterations, tol)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import is_cupy_array
 
-from scalign._array import namespace
+from scalign._array import namespace, to_numpy
 
 Array = Any
 
@@ -154,7 +154,11 @@ def _interpolated_values(volume: Array, w: tuple, padding: int = PADDING) -> Arr
             weight = weight * (frac[axis] if bit else 1.0 - frac[axis])
             linear = linear * N + (index[axis] + bit) % N
         out += xp.astype(weight, G.dtype) * xp.take(flat, linear)
-    return out
+    # ω = 0 (every slice's k = 0) lands exactly on the grid, where the gridding correction
+    # (right on average between grid points) overshoots by Σ V (1/g - 1), ~2% of the mean:
+    # that term is Σ V itself
+    origin = (w[0] == 0) & (w[1] == 0) & (w[2] == 0)
+    return xp.where(xp.asarray(origin), xp.astype(xp.sum(volume), G.dtype), out)
 
 
 def slice_spectra(volume: Array, A: np.ndarray, eps: float = EPS, method: str = "auto") -> Array:
@@ -184,11 +188,6 @@ def slice_spectra(volume: Array, A: np.ndarray, eps: float = EPS, method: str = 
     B = np.shape(A)[0]
     out = xp.zeros((B,) + inside.shape, dtype=values.dtype)
     out[:, xp.asarray(inside)] = xp.reshape(values, (B, -1))
-    if method == "interpolate":
-        # every slice's k = 0 lands exactly on the grid, where the gridding correction
-        # (right on average between grid points) overshoots by Σ V (1/g - 1), ~2% of the
-        # mean: that term is Σ V itself
-        out[:, 0, 0] = xp.sum(volume)
     return out
 
 
@@ -219,10 +218,8 @@ def project(
     if volume.dtype not in (xp.float32, xp.float64):
         volume = xp.astype(volume, xp.float64)
     n = volume.shape[0]
-    if is_cupy_array(A):
-        A = A.get()
-    if is_cupy_array(shifts):
-        shifts = shifts.get()
+    A = to_numpy(A)
+    shifts = None if shifts is None else to_numpy(shifts)
     spectra = slice_spectra(volume, A, eps, method)
     spectra *= xp.asarray(centering_phase(n, shifts), dtype=spectra.dtype)
     if ctf is not None:
