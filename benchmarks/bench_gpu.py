@@ -13,6 +13,10 @@ copies of the first items: a smaller batch, every figure per item):
   and the kernel on one block of 4,000 structures; pairs/s (matrix entries);
 * warping 2,000 x 1,024² float32 (``warp_images`` on CuPy), one shared matrix and one
   matrix per image; slices/s and GB/s (read + written);
+* registering 512 x 1,024² float32 images (smooth noise moved by random rigid motions)
+  onto the unmoved one, rigid, mse: ``estimate_motions`` (the batched estimate that
+  ``register_stack`` runs on CuPy chunks) in chunks of 128, against the per-image
+  ``estimate_motion`` on the CPU; images/s;
 * projection of a 256³ map at 1,000 orientations (``project(volume, A, eps=1e-3)`` with a
   CuPy volume: cufinufft where installed); projections/s;
 * residual scores ``compare(P, images, mask)`` of 10,000 x 128² images; images/s.
@@ -58,10 +62,12 @@ from scalign.kernels.euler import euler_to_matrix
 from scalign.kernels.kabsch import apply_transform, superpose
 from scalign.kernels.pairwise import pairwise_rmsd as pairwise_kernel
 from scalign.kernels.projection import project
+from scalign.kernels.register import estimate_motion, prepare_template
+from scalign.kernels.register_batch import estimate_motions
 from scalign.kernels.scores import circular_mask, compare
 from scalign.kernels.warp import warp_images
 
-SECTIONS = ("copy", "kabsch", "pairwise", "warp", "project", "scores")
+SECTIONS = ("copy", "kabsch", "pairwise", "warp", "register", "project", "scores")
 TARGET_SPEEDUP = 20.0  # every GPU row vs the 2-core CPU path
 TARGET_BANDWIDTH = 0.5  # superpose: GB/s of X read over the device's copy GB/s
 CPU_THREADS = 2
@@ -85,6 +91,10 @@ FULL = {
     "slices": 2_000,
     "size": 1_024,
     "cpu_slices": 40,
+    "register": 512,
+    "register_size": 1_024,
+    "register_chunk": 128,
+    "cpu_register": 16,
     "volume": 256,
     "orientations": 1_000,
     "cpu_orientations": 1_000,
@@ -106,6 +116,10 @@ QUICK = {
     "slices": 200,
     "size": 256,
     "cpu_slices": 20,
+    "register": 64,
+    "register_size": 256,
+    "register_chunk": 32,
+    "cpu_register": 8,
     "volume": 64,
     "images": 1_000,
     "cpu_images": 200,
@@ -120,6 +134,7 @@ PAIRS = [
     ("pairwise RMSD kernel", "gpu.pairwise_kernel", "cpu.pairwise_kernel"),
     ("warp, one shared matrix", "gpu.warp_shared", "cpu.warp_shared"),
     ("warp, one matrix per image", "gpu.warp_each", "cpu.warp_each"),
+    ("stack registration, rigid", "gpu.register", "cpu.register"),
     ("projection", "gpu.project", "cpu.project"),
     ("residual scores compare", "gpu.compare", "cpu.compare"),
 ]
@@ -127,6 +142,7 @@ ANCHOR = {
     "kabsch": "gpu.superpose",
     "pairwise": "gpu.pairwise_op",
     "warp": "gpu.warp_shared",
+    "register": "gpu.register",
     "project": "gpu.project",
     "scores": "gpu.compare",
 }
@@ -585,6 +601,62 @@ def bench_warp(cfg: dict, repeat: int, res: Results) -> None:
     res.check("warp per image", d < 1e-4, f"GPU vs CPU, 1 px inside the source, max |diff| {d:.1e}")
 
 
+def bench_register(cfg: dict, repeat: int, res: Results) -> None:
+    import cupy
+    from cupyx.scipy import ndimage as cndi
+
+    B, S, chunk, m = (
+        cfg["register"],
+        cfg["register_size"],
+        cfg["register_chunk"],
+        cfg["cpu_register"],
+    )
+    noise = cupy.random.RandomState(2).standard_normal((S, S), dtype=cupy.float32)
+    ref = cndi.gaussian_filter(noise, S / 128)
+    rng = np.random.default_rng(3)
+    c = image_center((S, S))
+    truth = np.stack(
+        [
+            build_affine_matrix(rng.uniform(-5, 5), *rng.uniform(-S / 64, S / 64, 2), center=c)
+            for _ in range(B)
+        ]
+    )
+    images = warp_images(cupy.broadcast_to(ref, (B, S, S)), truth, order=3, mode="nearest")
+    ref_host = host(ref)
+    print(
+        f"  {B:,} x {S:,}² float32 = {images.nbytes / 1e9:.1f} GB (smooth noise, random rigid "
+        f"±5°, ±{S / 64:.0f} px), rigid, mse; GPU in chunks of {chunk}; CPU: the first {m}",
+        flush=True,
+    )
+    out: dict = {}
+
+    def gpu_register():
+        template = prepare_template(ref_host, "rigid")  # once per chunk in the op
+        fits = [estimate_motions(template, images[i : i + chunk]) for i in range(0, B, chunk)]
+        out["matrix"] = np.concatenate([f.matrix for f in fits])
+
+    t = gpu_time(gpu_register, repeat)
+    res.add(
+        Row(
+            "gpu.register", "GPU estimate_motions (batched)", "register", t, B, f"chunks of {chunk}"
+        )
+    )
+    Xc = host(images[:m])
+    cpu: dict = {}
+
+    def cpu_register(s):
+        template = prepare_template(ref_host, "rigid")
+        return np.stack([estimate_motion(template, im).matrix for im in Xc[s]])
+
+    t = cpu_time(cpu_register, m, repeat, cpu)
+    res.add(Row("cpu.register", "CPU estimate_motion (per image)", "register", t, m, CPU_NOTE))
+    d = float(np.abs(out["matrix"][:m] - np.concatenate(cpu["cpu"])).max())
+    res.check("register", d < 1e-4, f"GPU vs CPU motions, max |diff| {d:.1e}")
+    E = np.einsum("bij,bjk->bik", out["matrix"], np.linalg.inv(truth))
+    err = float(np.abs(E[:, :2, :2] @ c + E[:, :2, 2] - c).max())
+    res.check("register truth", err < 0.05, f"centre error vs the true motions, max {err:.3f} px")
+
+
 def blob_volume_gpu(blobs, n: int):
     """``scalign.blob_volume`` computed on the GPU, float32 (a 256³ map takes seconds on
     the CPU)."""
@@ -711,6 +783,7 @@ BENCHES = {
     "kabsch": bench_kabsch,
     "pairwise": bench_pairwise,
     "warp": bench_warp,
+    "register": bench_register,
     "project": bench_project,
     "scores": bench_scores,
 }
@@ -745,6 +818,7 @@ def print_summary(res: Results, cfg: dict) -> None:
         "kabsch": f"batched Kabsch, n = {cfg['points']:,} points, float32 (structures/s)",
         "pairwise": f"pairwise RMSD, n = {cfg['pair_points']} points (pairs/s: matrix entries)",
         "warp": f"warp {cfg['size']:,}² float32 slices, order 1 (slices/s)",
+        "register": f"stack registration of {cfg['register_size']:,}² images, rigid (images/s)",
         "project": f"projection of a {cfg['volume']}³ map, eps {EPS:g} (projections/s)",
         "scores": f"residual scores of {cfg['image_size']}² images (images/s)",
     }

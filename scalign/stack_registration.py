@@ -24,11 +24,14 @@ import numbers
 import dask.array as da
 import numpy as np
 import xarray as xr
+from array_api_compat import is_cupy_array
 from dask.array.reductions import cumreduction
 
+from scalign._array import host
 from scalign.execution import DEVICES, to_device
 from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
 from scalign.kernels.register import estimate_motion, prepare_template
+from scalign.kernels.register_batch import estimate_motions
 from scalign.mapping import map_batch
 from scalign.validation import check_iterations, check_option
 
@@ -41,14 +44,22 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     """Motions, losses and iterations of each image of a chunk onto ``reference``.
 
     ``reference`` is one image (broadcast: prepared once for the whole chunk) or one per
-    image (the ``previous`` pairs).
+    image (the ``previous`` pairs). A CuPy chunk with one reference is estimated as a
+    batch on the GPU (:func:`scalign.kernels.register_batch.estimate_motions`); the
+    motions (small) come back to the host.
     """
     n, spatial = images.shape[0], images.shape[1:]
     d = len(spatial)
     check_finite("images", images)
     check_finite("the reference", reference)
     shared = reference.ndim == d or reference.shape[0] == 1
-    template = prepare_template(np.reshape(reference, spatial), transform) if shared else None
+    template = prepare_template(np.reshape(host(reference), spatial), transform) if shared else None
+    if shared and is_cupy_array(images):
+        import cupy
+
+        fit = estimate_motions(template, images, loss, max_iterations=max_iterations, tol=tol)
+        # on the chunk's device, as the graph's meta says; _register brings them back
+        return tuple(cupy.asarray(a) for a in (fit.matrix, fit.loss, fit.iterations))
     matrix = np.empty((n, d + 1, d + 1))
     losses = np.empty(n)
     iterations = np.empty(n, dtype=np.int64)
@@ -65,9 +76,10 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
 
 
 def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> dict:
+    """The motions of ``images`` onto ``reference`` (lazy, on the host)."""
     spatial = list(images.dims[1:])
     d = len(spatial)
-    return map_batch(
+    fit = map_batch(
         _register_chunk,
         [images, reference],
         [spatial, spatial],
@@ -79,6 +91,7 @@ def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> d
         sizes={ROW: d + 1, COL: d + 1},
         kwargs=options,
     )
+    return {name: to_device(value, "cpu") for name, value in fit.items()}
 
 
 def _chain_block(block: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -170,9 +183,10 @@ def register_stack(
     device : {"auto", "cpu", "gpu"}
         Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
         moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
-        ``"auto"`` computes each chunk where it already is. On the GPU the
-        registered stack is warped there; the motion estimation itself runs on the host
-        (each chunk is copied there and its motions back).
+        ``"auto"`` computes each chunk where it already is. On the GPU each chunk's
+        motions are estimated as one batch (the same estimate, to rounding) and the
+        registered stack is warped there; ``"previous"``, with a reference per image,
+        estimates on the host.
 
     Returns
     -------
@@ -185,10 +199,6 @@ def register_stack(
     check_option("device", device, DEVICES)
     ds = validate_stack(stack)
     images = to_device(ds["images"], device)
-    # the estimation has no CuPy implementation yet: it reads the chunks on the host (the
-    # input's own when they are there, not a copy back from the GPU), and the motions
-    # (small) stay on the host
-    host_images = to_device(ds["images"], "cpu")
     check_option("transform", transform, TRANSFORMS)
     check_option("loss", loss, LOSSES)
     check_iterations(max_iterations, tol)
@@ -205,10 +215,12 @@ def register_stack(
     elif not -n <= reference < n:
         raise ValueError(f"reference index {reference} is out of range for {n} images")
     if reference == "previous" and n > 1:
-        fit = _previous(host_images, options)
+        # a template per pair: the per-image estimate, on the host (the input's own chunks
+        # when they are there, not a copy back from the GPU)
+        fit = _previous(to_device(ds["images"], "cpu"), options)
     else:
         index = 0 if isinstance(reference, str) else int(reference)
-        fit = _register(host_images, host_images.isel({dim: index}), options)
+        fit = _register(images, images.isel({dim: index}), options)
         if reference == "mean":
             check_iterations(mean_iterations, 1.0)
             for _ in range(mean_iterations):
@@ -216,7 +228,7 @@ def register_stack(
                 # every fit near the border.
                 pulled = _pull_back(images, fit["matrix"], order, mode="nearest")
                 mean = to_device(pulled.mean(dim), "cpu").compute()
-                fit = _register(host_images, mean, options)
+                fit = _register(images, mean, options)
     return xr.Dataset(
         {
             "matrix": fit["matrix"],

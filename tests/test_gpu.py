@@ -148,13 +148,44 @@ def test_warp_and_register_stack_on_the_gpu_equal_the_cpu():
         warp_stack(stack, M).values + rng.normal(scale=0.01, size=(6, 64, 64)).astype(np.float32),
         chunks=3,
     )
-    gpu = register_stack(moved, 0, device="gpu")
-    cpu = register_stack(moved, 0)
-    np.testing.assert_allclose(gpu["matrix"].values, cpu["matrix"].values, atol=1e-12)
-    assert _is_cupy_graph(gpu["registered"])
-    np.testing.assert_allclose(
-        gpu["registered"].data.compute().get(), cpu["registered"].values, atol=1e-4
+    for reference in (0, "mean", "previous"):
+        gpu = register_stack(moved, reference, device="gpu")
+        cpu = register_stack(moved, reference)
+        # the GPU estimates a chunk as one batch: the same estimate, summed in another order
+        np.testing.assert_allclose(gpu["matrix"].values, cpu["matrix"].values, atol=1e-5)
+        np.testing.assert_array_equal(gpu["iterations"].values, cpu["iterations"].values)
+        assert _is_cupy_graph(gpu["registered"])
+        np.testing.assert_allclose(
+            gpu["registered"].data.compute().get(), cpu["registered"].values, atol=1e-4
+        )
+
+
+@pytest.mark.parametrize("transform, loss", [("rigid", "mse"), ("similarity", "ncc")])
+def test_batched_registration_on_cupy_equals_numpy(transform, loss):
+    import cupy
+    from scipy import ndimage
+
+    from scalign.kernels.affine import build_affine_matrix, image_center, pull_matrix
+    from scalign.kernels.register import prepare_template
+    from scalign.kernels.register_batch import estimate_motions
+
+    rng = np.random.default_rng(4)
+    ref = ndimage.gaussian_filter(rng.standard_normal((192, 160)), 3).astype(np.float32)
+    c = image_center(ref.shape)
+    truth = [
+        build_affine_matrix(a, 3.5, -2.25, s, s, center=c)
+        for a, s in [(0, 1), (30, 1.05), (-150, 0.95)]
+    ]
+    images = np.stack(
+        [ndimage.affine_transform(ref, *pull_matrix(M), mode="nearest") for M in truth]
     )
+    template = prepare_template(ref, transform)
+    cpu = estimate_motions(template, images, loss)
+    gpu = estimate_motions(template, cupy.asarray(images), loss)
+    np.testing.assert_allclose(gpu.matrix, cpu.matrix, atol=1e-5)
+    np.testing.assert_array_equal(gpu.iterations, cpu.iterations)
+    np.testing.assert_array_equal(gpu.converged, cpu.converged)
+    np.testing.assert_allclose(gpu.loss, cpu.loss, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------

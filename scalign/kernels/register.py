@@ -36,6 +36,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 
+from scalign._array import namespace
 from scalign.kernels.affine import image_center, rotation_2d
 
 TRANSFORMS_2D = ("translation", "rigid", "similarity", "affine")
@@ -159,7 +160,7 @@ def _cross_power_peak(
     cross = np.conj(fa)
     cross *= fb
     mag = np.abs(cross)
-    np.maximum(mag, 1e-12 * max(float(mag.max()), np.finfo(np.float32).tiny), out=mag)
+    np.maximum(mag, max(1e-12 * float(mag.max()), np.finfo(np.float32).tiny), out=mag)
     cross /= mag
     corr = sfft.irfftn(cross, s=shape, workers=workers)
     flat = int(np.argmax(corr))
@@ -199,23 +200,23 @@ def _along(ax: int, ndim: int, sl: slice | int) -> tuple:
     return tuple(index)
 
 
-def downsample(img: np.ndarray) -> np.ndarray:
+def downsample(img: Any, batch: int = 0) -> Any:
     """Halve every axis: ``out[i] = (x[2i-1] + 3 x[2i] + 3 x[2i+1] + x[2i+2]) / 8``.
 
     A binomial (Gaussian-like) low-pass and decimation; the ends repeat the edge sample and
     an odd length drops its last sample. Coarse pixel ``i`` is centred on fine ``2 i + 0.5``
     (:func:`level_map`). Float32 in, float32 out; no padded copies (large temporaries
-    cost page faults).
+    cost page faults). The first ``batch`` axes are a batch and kept; NumPy or CuPy.
     """
     out = img
     nd = img.ndim
-    for ax in range(nd):
+    for ax in range(batch, nd):
         x = out
         n = x.shape[ax]
         m = n // 2
         if m < 2:
             raise ValueError(f"cannot halve an axis of length {n}")
-        out = np.add(x[_along(ax, nd, slice(0, 2 * m, 2))], x[_along(ax, nd, slice(1, 2 * m, 2))])
+        out = x[_along(ax, nd, slice(0, 2 * m, 2))] + x[_along(ax, nd, slice(1, 2 * m, 2))]
         out *= np.float32(3.0)
         out[_along(ax, nd, slice(1, m))] += x[_along(ax, nd, slice(1, 2 * m - 2, 2))]
         out[_along(ax, nd, 0)] += x[_along(ax, nd, 0)]
@@ -724,23 +725,52 @@ def fourier_mellin(
     Returns up to ``n_candidates`` ``(θ°, s, height)``, highest correlation first, ``θ``
     in ``[-90, 90)``: ``θ ± 180°`` is as likely, the caller checks both.
     """
-    n_angles, n_radii = A.shape
-    radii = _log_polar_radii(shape, n_radii)
-    step = 180.0 / n_angles
-    dlog = math.log(radii[1] / radii[0])
+    profile, lag = mellin_profile(A, B, shape, scale, max_log_scale)
+    return mellin_candidates(profile, lag, shape, A.shape[1], n_candidates)
+
+
+def mellin_profile(
+    A: Any, B: Any, shape: Sequence[int], scale: bool, max_log_scale: float = math.log(2.0)
+) -> tuple[Any, Any]:
+    """The correlation of log-polar maps over the angle lag (:func:`fourier_mellin`).
+
+    ``B`` may be a batch of maps ``(..., n_angles, n_radii)`` (NumPy or CuPy, ``A`` on
+    the same device). Returns ``profile (..., n_angles)``: the correlation at each angle
+    lag (for ``scale``, at its best admissible log-radius lag), and, for ``scale``, that
+    lag in radius samples (else ``None``).
+    """
+    xp = namespace(A, B)
+    n_angles, n_radii = A.shape[-2:]
     if scale:
         pad = 2 * n_radii
-        fa = np.fft.fft2(A, s=(n_angles, pad))
-        fb = np.fft.fft2(B, s=(n_angles, pad))
-        corr = np.fft.ifft2(np.conj(fa) * fb).real  # corr[Δφ, Δρ]
+        fa = xp.fft.fft2(A, s=(n_angles, pad))
+        fb = xp.fft.fft2(B, s=(n_angles, pad))
+        corr = xp.real(xp.fft.ifft2(xp.conj(fa) * fb))  # corr[..., Δφ, Δρ]
         lags = np.fft.fftfreq(pad) * pad
-        corr[:, np.abs(lags * dlog) > max_log_scale] = -np.inf
-        best_rho = np.argmax(corr, axis=1)
-        profile = corr[np.arange(n_angles), best_rho]
-    else:
-        fa = np.fft.rfft(A, axis=0)
-        fb = np.fft.rfft(B, axis=0)
-        profile = np.fft.irfft(np.conj(fa) * fb, n=n_angles, axis=0).sum(axis=1)
+        radii = _log_polar_radii(shape, n_radii)
+        barred = np.abs(lags * math.log(radii[1] / radii[0])) > max_log_scale
+        corr = xp.where(xp.asarray(barred), -xp.inf, corr)
+        best = xp.argmax(corr, axis=-1)
+        return xp.max(corr, axis=-1), xp.take(xp.asarray(lags), best)
+    fa = xp.fft.rfft(A, axis=-2)
+    fb = xp.fft.rfft(B, axis=-2)
+    return xp.sum(xp.fft.irfft(xp.conj(fa) * fb, n=n_angles, axis=-2), axis=-1), None
+
+
+def mellin_candidates(
+    profile: np.ndarray,
+    lag: np.ndarray | None,
+    shape: Sequence[int],
+    n_radii: int,
+    n_candidates: int = 2,
+) -> list[tuple[float, float, float]]:
+    """The ``(θ°, s, height)`` candidates of :func:`fourier_mellin` from one image's
+    :func:`mellin_profile`: its local maxima over the angle lag, highest first, the angle
+    refined by a parabola."""
+    n_angles = profile.shape[0]
+    step = 180.0 / n_angles
+    radii = _log_polar_radii(shape, n_radii)
+    dlog = math.log(radii[1] / radii[0])
     is_max = (profile >= np.roll(profile, 1)) & (profile > np.roll(profile, -1))
     order = np.argsort(-np.where(is_max, profile, -np.inf))[:n_candidates]
     out = []
@@ -751,7 +781,7 @@ def fourier_mellin(
         den = vm - 2.0 * v0 + vp
         frac = 0.5 * (vm - vp) / den if den < 0 and np.isfinite(den) else 0.0
         theta = ((j + frac) * step + 90.0) % 180.0 - 90.0
-        s = math.exp(-lags[best_rho[j]] * dlog) if scale else 1.0
+        s = 1.0 if lag is None else math.exp(-lag[j] * dlog)
         out.append((float(theta), s, float(profile[j])))
     return out
 
@@ -807,10 +837,10 @@ class Template(NamedTuple):
         return self.pyramid[0].ndim
 
 
-def _search_image(img: np.ndarray) -> np.ndarray:
+def search_image(img: Any, batch: int = 0) -> Any:
     """What the rotation search sees: the image, or a volume's mean projection along
-    ``z`` (a rotation about ``z``)."""
-    return img.mean(axis=0) if img.ndim == 3 else img
+    ``z`` (a rotation about ``z``); ``batch`` leading axes are a batch of them."""
+    return img.mean(axis=batch) if img.ndim - batch == 3 else img
 
 
 def prepare_template(
@@ -845,13 +875,16 @@ def prepare_template(
         if d == 2:
             while k > 0 and min(pyramid[k].shape) < 96:
                 k -= 1
-        search = log_polar_map(_search_image(pyramid[k]), workers=workers)
+        search = log_polar_map(search_image(pyramid[k]), workers=workers)
     spectrum = _windowed_spectrum(pyramid[L], True, workers)
     return Template(pyramid, data, transform, spectrum, search, k)
 
 
 def initial_motion(
-    template: Template, pyramid: list[np.ndarray], workers: int | None = None
+    template: Template,
+    coarse: np.ndarray,
+    searched: np.ndarray | None = None,
+    workers: int | None = None,
 ) -> np.ndarray:
     """Starting motion on the coarsest level: rotation/scale candidates, then translation.
 
@@ -864,17 +897,20 @@ def initial_motion(
     :func:`phase_correlation`, and ``M = C T(t)`` scored by the ZNCC of ``ref(p)`` and
     ``g(p + t) = mov(M p)`` times the square root of the overlap fraction. Returns the
     best ``M`` in the coarsest level's pixels.
+
+    ``coarse`` is the moving image's coarsest level; ``searched`` what the rotation search
+    sees of its search level (:func:`search_image`), needed when the template has one.
     """
-    ref, mov = template.pyramid[-1], pyramid[-1]
+    ref, mov = template.pyramid[-1], coarse
     d = ref.ndim
     center = image_center(ref.shape)
     cands = [(0.0, 1.0)]
     if template.search is not None:
         k = template.search_level
-        searched = log_polar_map(_search_image(pyramid[k]), workers=workers)
+        moving_map = log_polar_map(searched, workers=workers)
         use_scale = d == 2 and template.transform in ("similarity", "affine")
         shape = template.pyramid[k].shape[-2:]
-        found = fourier_mellin(template.search, searched, shape, scale=use_scale)
+        found = fourier_mellin(template.search, moving_map, shape, scale=use_scale)
         for theta, s, height in found:
             if height < 0.9 * found[0][2]:  # a clear runner-up only
                 continue
@@ -946,7 +982,8 @@ def estimate_motion(
         S = level_map(d, L)
         M = np.linalg.inv(S) @ np.asarray(initial, dtype=np.float64) @ S
     else:
-        M = initial_motion(template, pm, workers=workers)
+        searched = None if template.search is None else search_image(pm[template.search_level])
+        M = initial_motion(template, pm[L], searched, workers=workers)
     iterations = []
     converged = False
     last = math.nan

@@ -1,0 +1,544 @@
+"""Registration of a batch of images onto one reference as whole-batch array operations
+(NumPy or CuPy): :func:`scalign.kernels.register.estimate_motion` for every image of a
+batch at once, so that a GPU gets batch-sized work instead of a loop of small kernels.
+
+The steps and conventions are those of :mod:`scalign.kernels.register`; only the loops
+are ordered differently. The reference is prepared once on the host
+(:func:`~scalign.kernels.register.prepare_template`), and its level data is copied to the
+device that holds the batch. For a batch of ``B`` images:
+
+1. the pyramids of all the images (:func:`~scalign.kernels.register.downsample` along
+   the image axes);
+2. the starting motions, per image on the host, from the two small levels that the coarse
+   search reads (:func:`~scalign.kernels.register.initial_motion`; together about
+   ``1/4^(L-1)`` of each 2-D image for ``L`` levels);
+3. on every level, coarse to fine, inverse-compositional Gauss–Newton for all the images
+   still iterating. Each iteration does one gather of the moving images at the
+   reference's ``N`` points ``(B, N)``, the right-hand sides ``b = e Sᵀ`` ``(B, P)``,
+   and the Hessians over each image's valid points ``v_bn`` as one matrix product
+
+   .. math:: H_b = \\sum_n v_{bn}\\, s_n s_n^{\\mathsf T} = (V\\,[s_n \\otimes s_n])_b,
+
+   followed by a batched ``P × P`` solve. An image leaves the loop when it converges or
+   fails, in the same way as in :func:`~scalign.kernels.register.refine_level`;
+4. the cubic B-spline polish of the finest level, for the images that converged there.
+
+The results equal the per-image estimate up to floating-point rounding, because the sums
+run in a different order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from scalign._array import namespace, to_numpy
+from scalign.kernels.affine import image_center
+from scalign.kernels.register import (
+    COARSE_TOL,
+    LevelData,
+    Template,
+    _bspline_weights,
+    _coarse_matrix,
+    _log_polar_coords,
+    _log_polar_radii,
+    _translation,
+    downsample,
+    hann_window,
+    level_map,
+    mellin_candidates,
+    mellin_profile,
+    search_image,
+)
+
+
+class BatchEstimate(NamedTuple):
+    """Result of :func:`estimate_motions` (host arrays, one entry per image)."""
+
+    matrix: np.ndarray  # (B, d+1, d+1) motions, full-resolution pixels
+    iterations: np.ndarray  # (B,) Gauss–Newton iterations over all levels and the polish
+    converged: np.ndarray  # (B,) the finest level met ``tol``
+    loss: np.ndarray  # (B,) last loss on the finest level's points (MSE or 1 - ZNCC)
+
+
+class _Level(NamedTuple):
+    """One level's :class:`~scalign.kernels.register.LevelData` on the batch's device."""
+
+    points: Any  # (d, N) pixel coordinates x, y[, z]
+    values: Any  # (N,) float32 reference values
+    sd: Any  # (P, N) steepest-descent images
+    outer: Any  # (N, P * P): s_n ⊗ s_n, so that V @ outer gives every H_b
+    center: Any  # (d,)
+    corners: Any  # (2^d, d), centred
+
+
+def _on_device(xp: Any, data: LevelData) -> _Level:
+    sd = data.sd
+    outer = (sd[:, None, :] * sd[None, :, :]).reshape(sd.shape[0] ** 2, -1).T
+    return _Level(
+        *(
+            xp.asarray(np.ascontiguousarray(a))
+            for a in (data.points, data.values, sd, outer, data.center, data.corners)
+        )
+    )
+
+
+def _c_strides(shape: tuple[int, ...]) -> list[int]:
+    """Element strides of a C-ordered array of ``shape``."""
+    return [math.prod(shape[a + 1 :]) for a in range(len(shape))]
+
+
+def _cell(xp: Any, images: Any, ids: Any, coords: Any) -> tuple[Any, list[Any], Any]:
+    """For points ``coords`` ``(b, d, N)`` (index order) of the images ``ids``: the flat
+    index of each point's lower grid corner in ``images`` ``(B, *shape)``, the per-axis
+    fractions, the per-axis lower indices, and the mask of points inside every axis'
+    ``[0, n - 1)`` (up to ``1e-9``; the others are clamped and must be masked out)."""
+    shape = images.shape[1:]
+    strides = _c_strides(shape)
+    base = xp.reshape(xp.astype(ids, xp.int64) * math.prod(shape), (-1, 1))
+    valid, fracs, lows = None, [], []
+    for a, n in enumerate(shape):
+        c = coords[:, a]
+        cc = xp.clip(c, 0.0, n - 1 - 1e-9)
+        ok = cc == c
+        valid = ok if valid is None else valid & ok
+        c0 = xp.floor(cc)
+        fracs.append(xp.astype(cc - c0, images.dtype))
+        i0 = xp.astype(c0, xp.int64)
+        lows.append(i0)
+        base = base + i0 * strides[a]
+    return base, fracs, lows, valid
+
+
+def sample_linear(images: Any, ids: Any, coords: Any) -> tuple[Any, Any]:
+    """Multilinear interpolation of the images ``images[ids]`` at ``coords`` ``(b, d, N)``
+    (index order); ``(values, valid)`` ``(b, N)`` as in
+    :func:`scalign.kernels.register.sample_linear`."""
+    xp = namespace(images, coords)
+    d = images.ndim - 1
+    flat = xp.reshape(images, (-1,))
+    strides = _c_strides(images.shape[1:])
+    base, fracs, _, valid = _cell(xp, images, ids, coords)
+    corners = {
+        bits: flat[base + sum(b * s for b, s in zip(bits, strides, strict=True))]
+        for bits in itertools.product((0, 1), repeat=d)
+    }
+    for a in range(d - 1, -1, -1):
+        f = fracs[a]
+        corners = {
+            bits: corners[(*bits, 0)] + (corners[(*bits, 1)] - corners[(*bits, 0)]) * f
+            for bits in itertools.product((0, 1), repeat=a)
+        }
+    return corners[()], valid
+
+
+def sample_cubic(splines: Any, ids: Any, coords: Any) -> tuple[Any, Any]:
+    """Cubic B-spline interpolation of ``splines[ids]`` (coefficients of
+    :func:`spline_coefficients`) at ``coords`` ``(b, d, N)``, mirrored taps one beyond the
+    edge; ``(values, valid)`` as in :func:`scalign.kernels.register.sample_cubic`."""
+    xp = namespace(splines, coords)
+    shape = splines.shape[1:]
+    d = len(shape)
+    flat = xp.reshape(splines, (-1,))
+    strides = _c_strides(shape)
+    _, fracs, lows, valid = _cell(xp, splines, ids, coords)
+    base = xp.reshape(xp.astype(ids, xp.int64) * math.prod(shape), (-1, 1))
+    taps = []
+    for a, i0 in enumerate(lows):
+        n = shape[a]
+        low = xp.where(i0 < 1, 1, i0 - 1)
+        high = xp.where(i0 + 2 > n - 1, n - 2, i0 + 2)
+        taps.append([t * strides[a] for t in (low, i0, i0 + 1, high)])
+    weights = [_bspline_weights(f) for f in fracs]
+
+    def along(a: int, index: Any) -> Any:
+        total = None
+        for k in range(4):
+            at = index + taps[a][k]
+            term = (flat[at] if a == d - 1 else along(a + 1, at)) * weights[a][k]
+            total = term if total is None else total + term
+        return total
+
+    return along(0, base), valid
+
+
+# ----------------------------------------------------------------------------------------
+# Coarse search
+# ----------------------------------------------------------------------------------------
+
+
+def windowed_spectra(images: Any) -> Any:
+    """``rfftn`` over the image axes of each mean-subtracted, Hann-windowed image."""
+    xp = namespace(images)
+    axes = tuple(range(1, images.ndim))
+    mean = xp.mean(xp.astype(images, xp.float64), axis=axes, keepdims=True)
+    a = (images - xp.astype(mean, xp.float32)) * xp.asarray(hann_window(images.shape[1:]))
+    return xp.fft.rfftn(a, axes=axes)
+
+
+def log_polar_maps(images: Any, n_angles: int = 128, n_radii: int = 48) -> Any:
+    """:func:`scalign.kernels.register.log_polar_map` of each 2-D image of a batch,
+    ``(B, n_angles, n_radii)``."""
+    xp = namespace(images)
+    B, shape = images.shape[0], images.shape[1:]
+    spec = xp.fft.fftshift(xp.abs(windowed_spectra(images)), axes=1)
+    spec = xp.astype(spec, xp.float32)
+    radii = _log_polar_radii(shape, n_radii)
+    coords = xp.asarray(_log_polar_coords(shape, n_angles, tuple(radii)))
+    ids = xp.arange(B, dtype=xp.int64)
+    out, _ = sample_linear(spec, ids, xp.broadcast_to(coords, (B, *coords.shape)))
+    m = xp.log1p(xp.reshape(out, (B, n_angles, n_radii)))
+    m = m - xp.mean(m, axis=1, keepdims=True)
+    norm = xp.sqrt(xp.sum(m * m, axis=1, keepdims=True))
+    return m / xp.maximum(norm, 1e-12)
+
+
+def _integer_peaks(spectrum: Any, spectra: Any, shape: tuple[int, ...]) -> Any:
+    """Integer motions ``(K, d)`` (``x, y[, z]``) of images relative to a reference from
+    their windowed spectra: the peak of the normalised cross-power spectrum, as
+    :func:`scalign.kernels.register.phase_correlation` without refinement."""
+    xp = namespace(spectra)
+    d = len(shape)
+    axes = tuple(range(1, d + 1))
+    cross = xp.conj(spectrum) * spectra
+    mag = xp.abs(cross)
+    top = xp.max(xp.reshape(mag, (mag.shape[0], -1)), axis=1)
+    floor = xp.maximum(1e-12 * top, np.finfo(np.float32).tiny)  # a flat image: 0, not 0/0
+    mag = xp.maximum(mag, xp.reshape(floor, (-1,) + (1,) * d))
+    corr = xp.fft.irfftn(cross / mag, s=shape, axes=axes)
+    flat = xp.argmax(xp.reshape(corr, (corr.shape[0], -1)), axis=1)
+    idx = []
+    for stride, n in zip(_c_strides(shape), shape, strict=True):
+        i = (flat // stride) % n
+        idx.append(xp.where(i > n // 2, i - n, i))
+    return xp.astype(xp.stack(idx[::-1], axis=1), xp.float64)
+
+
+def _shifted_zncc(ref: Any, g: Any, valid: Any, shift: Any) -> Any:
+    """:func:`scalign.kernels.register._shifted_zncc` of ``ref(p)`` and ``g_k(p + t_k)``
+    for every row ``k`` of ``g``, ``valid`` ``(K, *shape)`` and the integer ``shift``
+    ``(K, d)`` (``x, y[, z]``); ``-inf`` where fewer than 16 points overlap or a side is
+    flat."""
+    xp = namespace(g)
+    K, shape = g.shape[0], g.shape[1:]
+    d, size = len(shape), math.prod(shape)
+    grid = np.indices(shape).reshape(d, -1)
+    k = xp.astype(xp.flip(shift, axis=1), xp.int64)
+    index = xp.reshape(xp.arange(K, dtype=xp.int64) * size, (-1, 1))
+    inside = None
+    for a, (n, stride) in enumerate(zip(shape, _c_strides(shape), strict=True)):
+        q = xp.asarray(grid[a])[None, :] + k[:, a : a + 1]
+        ok = (q >= 0) & (q < n)
+        inside = ok if inside is None else inside & ok
+        index = index + xp.clip(q, 0, n - 1) * stride
+    m = inside & xp.reshape(valid, (-1,))[index]
+    w = xp.astype(m, xp.float64)
+    count = xp.sum(w, axis=1)
+    safe = xp.maximum(count, 1.0)
+    a = xp.astype(xp.reshape(ref, (1, -1)), xp.float64)
+    b = xp.astype(xp.reshape(g, (-1,))[index], xp.float64)
+    az = (a - xp.sum(a * w, axis=1, keepdims=True) / safe[:, None]) * w
+    bz = (b - xp.sum(b * w, axis=1, keepdims=True) / safe[:, None]) * w
+    den = xp.sqrt(xp.sum(az * az, axis=1) * xp.sum(bz * bz, axis=1))
+    good = (count >= 16) & (den > 0.0)
+    score = xp.sum(az * bz, axis=1) / xp.where(good, den, 1.0) * xp.sqrt(count / size)
+    return xp.where(good, score, -xp.inf)
+
+
+def initial_motions(template: Template, coarse: Any, searched: Any = None) -> Any:
+    """:func:`scalign.kernels.register.initial_motion` of every image of a batch:
+    ``coarse`` ``(B, *shape)`` their coarsest levels, ``searched`` ``(B, h, w)`` what
+    the rotation search sees of their search levels (when the template has one). Returns
+    ``(B, d + 1, d + 1)`` motions in the coarsest level's pixels.
+
+    The log-polar maps, all the candidates' resampled images, their phase correlations
+    and ZNCC scores are batch operations; only picking each image's candidates from its
+    angle profile (``n_angles`` numbers) runs on the host.
+    """
+    xp = namespace(coarse)
+    B, shape = coarse.shape[0], coarse.shape[1:]
+    d = len(shape)
+    ref = template.pyramid[-1]
+    center = image_center(shape)
+    owner, mats = [], []
+    found: list[list[tuple[float, float, float]]] = [[] for _ in range(B)]
+    if template.search is not None:
+        k = template.search_level
+        use_scale = d == 2 and template.transform in ("similarity", "affine")
+        grid_shape = template.pyramid[k].shape[-2:]
+        profile, lag = mellin_profile(
+            xp.asarray(template.search), log_polar_maps(searched), grid_shape, use_scale
+        )
+        profile, lag = to_numpy(profile), None if lag is None else to_numpy(lag)
+        n_radii = template.search.shape[1]
+        found = [
+            mellin_candidates(profile[b], None if lag is None else lag[b], grid_shape, n_radii)
+            for b in range(B)
+        ]
+    for b in range(B):
+        cands = [(0.0, 1.0)]
+        for theta, s, height in found[b]:
+            if height < 0.9 * found[b][0][2]:  # a clear runner-up only
+                continue
+            cands.append((theta, s))
+            cands.append((theta + 180.0 if theta < 0 else theta - 180.0, s))
+        for theta, s in cands:
+            owner.append(b)
+            mats.append(_coarse_matrix(d, center, theta, s))
+    owner_np = np.asarray(owner)
+    C = xp.asarray(np.stack(mats))
+    ids = xp.asarray(owner_np)
+    points = xp.asarray(np.indices(shape).reshape(d, -1)[::-1].astype(np.float64))
+    coords = xp.flip(C[:, :d, :d] @ points + C[:, :d, d:], axis=1)
+    g, valid = sample_linear(coarse, ids, coords)
+    # the identity candidate is the image itself, every pixel valid (sampling would drop
+    # the last row and column)
+    identity = xp.asarray(np.all(np.stack(mats) == np.eye(d + 1), axis=(1, 2)))
+    g = xp.where(identity[:, None], xp.reshape(coarse, (B, -1))[ids], g)
+    valid = valid | identity[:, None]
+    w = xp.astype(valid, xp.float64)
+    n_valid = xp.sum(w, axis=1)
+    fill = xp.sum(xp.astype(g, xp.float64) * w, axis=1) / xp.maximum(n_valid, 1.0)
+    g = xp.where(valid, g, xp.astype(fill, xp.float32)[:, None])
+    g = xp.reshape(g, (-1, *shape))
+    valid = xp.reshape(valid, (-1, *shape))
+    spectrum = xp.asarray(template.spectrum)
+    t = _integer_peaks(spectrum, windowed_spectra(g), tuple(shape))
+    score = _shifted_zncc(xp.asarray(ref), g, valid, t)
+    score = to_numpy(xp.where(n_valid > 0, score, -xp.inf))
+    t = to_numpy(t)
+    start = np.tile(np.eye(d + 1), (B, 1, 1))
+    for b in range(B):
+        rows = np.flatnonzero(owner_np == b)
+        j = rows[int(np.argmax(score[rows]))]
+        if np.isfinite(score[j]):
+            start[b] = mats[j] @ _translation(t[j])
+    return xp.asarray(start)
+
+
+# ----------------------------------------------------------------------------------------
+# Gauss–Newton
+# ----------------------------------------------------------------------------------------
+
+
+def spline_coefficients(images: Any) -> Any:
+    """Cubic B-spline coefficients of each image of a batch (mirror boundary, float32):
+    :func:`scalign.kernels.register.spline_coefficients` along the image axes."""
+    ndimage = _ndimage(images)
+    xp = namespace(images)
+    out = images
+    for axis in range(1, images.ndim):
+        out = ndimage.spline_filter1d(out, 3, axis=axis, mode="mirror", output=xp.float32)
+    return out
+
+
+def _ndimage(images: Any) -> Any:
+    if namespace(images).__name__.endswith("cupy"):
+        from cupyx.scipy import ndimage
+    else:
+        from scipy import ndimage
+    return ndimage
+
+
+def increment_matrices(dp: Any, transform: str, d: int) -> Any:
+    """:func:`scalign.kernels.register.increment_matrix` of every row of ``dp`` ``(b, P)``:
+    ``(b, d + 1, d + 1)``."""
+    xp = namespace(dp)
+    b = dp.shape[0]
+    D = xp.zeros((b, d + 1, d + 1), dtype=xp.float64)
+    for i in range(d + 1):
+        D[:, i, i] = 1.0
+    D[:, :d, d] = dp[:, :d]
+    rest = dp[:, d:]
+    if transform == "rigid" and d == 2:
+        c, s = xp.cos(rest[:, 0]), xp.sin(rest[:, 0])
+        D[:, 0, 0], D[:, 0, 1], D[:, 1, 0], D[:, 1, 1] = c, -s, s, c
+    elif transform == "rigid":
+        # Rodrigues, exp([w]x) = I + sin(a)/a K + (1 - cos a)/a^2 K^2 with K = [w]x
+        angle = xp.sqrt(xp.sum(rest * rest, axis=1))
+        small = angle < 1e-12
+        safe = xp.where(small, 1.0, angle)
+        c1 = xp.where(small, 1.0, xp.sin(angle) / safe)
+        c2 = xp.where(small, 0.0, (1.0 - xp.cos(angle)) / (safe * safe))
+        K = xp.zeros((b, 3, 3), dtype=xp.float64)
+        K[:, 0, 1], K[:, 0, 2] = -rest[:, 2], rest[:, 1]
+        K[:, 1, 0], K[:, 1, 2] = rest[:, 2], -rest[:, 0]
+        K[:, 2, 0], K[:, 2, 1] = -rest[:, 1], rest[:, 0]
+        D[:, :3, :3] += c1[:, None, None] * K + c2[:, None, None] * (K @ K)
+    elif transform == "similarity":
+        a, s = rest[:, 0], rest[:, 1]
+        D[:, 0, 0], D[:, 0, 1], D[:, 1, 0], D[:, 1, 1] = 1.0 + a, -s, s, 1.0 + a
+    elif transform == "affine":
+        D[:, :d, :d] += xp.reshape(rest, (b, d, d))
+    return D
+
+
+def _residuals(g: Any, valid: Any, values: Any, loss: str, n_params: int) -> tuple[Any, Any, Any]:
+    """Residuals ``e`` ``(b, N)`` (zero off the valid points), losses ``(b,)`` and the mask
+    of the images that can take a step (more valid points than parameters; for ``ncc``,
+    neither side flat): :func:`scalign.kernels.register._residual` per row."""
+    xp = namespace(g)
+    n_valid = xp.sum(xp.astype(valid, xp.int64), axis=1)
+    ok = n_valid > n_params
+    count = xp.astype(xp.where(ok, n_valid, 1), xp.float64)
+    w = xp.astype(valid, xp.float32)
+    if loss == "mse":
+        e = (g - values) * w
+        e64 = xp.astype(e, xp.float64)
+        return e, xp.sum(e64 * e64, axis=1) / count, ok
+    gm = xp.sum(xp.astype(g * w, xp.float64), axis=1) / count
+    tm = xp.sum(xp.astype(values * w, xp.float64), axis=1) / count
+    gz = (g - xp.astype(gm, xp.float32)[:, None]) * w
+    tz = (values - xp.astype(tm, xp.float32)[:, None]) * w
+    sg = xp.sqrt(xp.sum(xp.astype(gz * gz, xp.float64), axis=1))
+    st = xp.sqrt(xp.sum(xp.astype(tz * tz, xp.float64), axis=1))
+    ok = ok & (sg > 0.0) & (st > 0.0)
+    sg_safe, st_safe = xp.where(ok, sg, 1.0), xp.where(ok, st, 1.0)
+    e = gz * xp.astype(st_safe / sg_safe, xp.float32)[:, None] - tz
+    zncc = xp.sum(xp.astype(gz * tz, xp.float64), axis=1) / (sg_safe * st_safe)
+    return e, 1.0 - zncc, ok
+
+
+def _solve(H: Any, b: Any, ok: Any) -> tuple[Any, Any]:
+    """``Δp`` with ``H Δp = b`` per row, Jacobi-scaled (``H / (s sᵀ)`` with
+    ``s = sqrt(diag H)``), and the mask of the rows that have one: ``ok`` rows with a
+    positive diagonal and a finite solution (singular systems fail like
+    :func:`numpy.linalg.solve` does in :func:`scalign.kernels.register.refine_level`)."""
+    xp = namespace(H)
+    P = H.shape[-1]
+    diag = xp.stack([H[:, i, i] for i in range(P)], axis=1)
+    ok = ok & xp.all(diag > 0.0, axis=1)
+    scale = xp.sqrt(xp.where(ok[:, None], diag, 1.0))
+    eye = xp.eye(P, dtype=xp.float64)
+    A = xp.where(ok[:, None, None], H / (scale[:, :, None] * scale[:, None, :]), eye)
+    rhs = xp.where(ok[:, None], b / scale, 0.0)[..., None]
+    try:
+        x = xp.linalg.solve(A, rhs)[..., 0]
+    except np.linalg.LinAlgError:
+        # NumPy refuses the whole batch for one singular system: solve one by one
+        rows, good = [], to_numpy(ok).copy()
+        for k in range(A.shape[0]):
+            try:
+                rows.append(xp.linalg.solve(A[k], rhs[k])[:, 0])
+            except np.linalg.LinAlgError:
+                rows.append(xp.zeros(P, dtype=xp.float64))
+                good[k] = False
+        x = xp.stack(rows)
+        ok = xp.asarray(good)
+    dp = x / scale
+    ok = ok & xp.all(xp.isfinite(dp), axis=1)
+    return xp.where(ok[:, None], dp, 0.0), ok
+
+
+def refine_level(
+    images: Any,
+    level: _Level,
+    M: Any,
+    ids: Any,
+    transform: str,
+    loss: str,
+    max_iterations: int,
+    tol: float,
+    spline: Any = None,
+) -> tuple[Any, Any, Any, Any]:
+    """:func:`scalign.kernels.register.refine_level` for the images ``ids`` of
+    ``images`` ``(B, *shape)`` at once, starting from their motions in ``M``
+    ``(B, d + 1, d + 1)``.
+
+    Each iteration works on the images still iterating; one leaves when its increment
+    moves no corner of the image by more than ``tol`` (converged), when too few of its
+    points stay inside (or, for ``ncc``, its samples are flat), when its system is
+    singular, or after ``max_iterations``.
+
+    Returns
+    -------
+    M : ``(B, d + 1, d + 1)``, updated for ``ids``.
+    iterations, converged, loss : ``(B,)``: 0, False and NaN off ``ids``; ``loss`` is the
+        last evaluated one.
+    """
+    xp = namespace(images, M)
+    B, d = images.shape[0], images.ndim - 1
+    P = level.sd.shape[0]
+    Tc = xp.eye(d + 1, dtype=xp.float64)
+    Tc[:d, d] = level.center
+    Tmc = xp.eye(d + 1, dtype=xp.float64)
+    Tmc[:d, d] = -level.center
+    source = images if spline is None else spline
+    sample = sample_linear if spline is None else sample_cubic
+    iterations = xp.zeros(B, dtype=xp.int64)
+    converged = xp.zeros(B, dtype=xp.bool)
+    losses = xp.full(B, math.nan, dtype=xp.float64)
+    for it in range(1, max_iterations + 1):
+        if ids.shape[0] == 0:
+            break
+        Mi = M[ids]
+        coords = Mi[:, :d, :d] @ level.points + Mi[:, :d, d:]
+        g, valid = sample(source, ids, xp.flip(coords, axis=1))
+        e, value, ok = _residuals(g, valid, level.values, loss, P)
+        b = xp.astype(e, xp.float64) @ level.sd.T
+        H = xp.reshape(xp.astype(valid, xp.float64) @ level.outer, (-1, P, P))
+        dp, step = _solve(H, b, ok)
+        D = increment_matrices(dp, transform, d)
+        moved = level.corners @ xp.matrix_transpose(D[:, :d, :d] - Tc[:d, :d]) + D[:, None, :d, d]
+        done = xp.max(xp.sqrt(xp.sum(moved * moved, axis=2)), axis=1) < tol
+        M[ids] = xp.where(step[:, None, None], Mi @ (Tc @ xp.linalg.inv(D) @ Tmc), Mi)
+        iterations[ids] = it
+        losses[ids] = xp.where(ok, value, losses[ids])
+        converged[ids] = step & done
+        ids = ids[step & ~done]
+    return M, iterations, converged, losses
+
+
+def estimate_motions(
+    template: Template,
+    images: Any,
+    loss: str = "mse",
+    *,
+    max_iterations: int = 50,
+    tol: float = 1e-3,
+) -> BatchEstimate:
+    """Motions ``M_b`` with ``images[b](M_b p) ≈ ref(p)`` for the reference of ``template``
+    and every image of ``images`` ``(B, *shape)`` (NumPy or CuPy; inputs already checked).
+
+    The same estimate as :func:`scalign.kernels.register.estimate_motion` with its
+    defaults, per image: the coarse search, :func:`refine_level` on every level with
+    ``tol`` (full-resolution pixels) on the finest and ``max(COARSE_TOL, tol / 2^l)`` on
+    level ``l``, then the cubic polish of the images that converged.
+    """
+    xp = namespace(images)
+    B, d = images.shape[0], images.ndim - 1
+    levels = len(template.pyramid)
+    L = levels - 1
+    pyramid = [xp.astype(images, xp.float32)]
+    for _ in range(L):
+        pyramid.append(downsample(pyramid[-1], batch=1))
+    searched = None
+    if template.search is not None:
+        searched = search_image(pyramid[template.search_level], batch=1)
+    M = initial_motions(template, pyramid[L], searched)
+    up = xp.asarray(level_map(d, 1))
+    up_inv = xp.asarray(np.linalg.inv(level_map(d, 1)))
+    everyone = xp.arange(B, dtype=xp.int64)
+    total = xp.zeros(B, dtype=xp.int64)
+    for lev in range(L, -1, -1):
+        if lev < L:
+            M = up @ M @ up_inv
+        tol_lev = tol if lev == 0 else max(COARSE_TOL, tol / 2.0**lev)
+        level = _on_device(xp, template.levels[lev])
+        M, it, converged, last = refine_level(
+            pyramid[lev], level, M, everyone, template.transform, loss, max_iterations, tol_lev
+        )
+        total = total + it
+    polish = everyone[converged]
+    if polish.shape[0]:
+        spline = spline_coefficients(pyramid[0])
+        M, it, polished, final = refine_level(
+            pyramid[0], level, M, polish, template.transform, loss, max_iterations, tol, spline
+        )
+        total = total + it
+        last = xp.where(converged, final, last)
+        converged = polished
+    return BatchEstimate(to_numpy(M), to_numpy(total), to_numpy(converged), to_numpy(last))
