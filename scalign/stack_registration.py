@@ -2,8 +2,9 @@
 
 Each image ``I_k`` gets the forward motion ``M_k`` with ``I_k(M_k p) ≈ R(p)`` relative to
 the reference ``R`` (:mod:`scalign.kernels.affine`'s convention), found by
-:func:`scalign.kernels.register.estimate_motion`; the registered stack is every image
-pulled back, ``I_k(M_k p)``, i.e. warped by ``M_k^{-1}``.
+:func:`scalign.kernels.register.estimate_motion` (on the GPU, a chunk at a time by
+:func:`scalign.kernels.register_batch.estimate_motions`); the registered stack is every
+image pulled back, ``I_k(M_k p)``, i.e. warped by ``M_k^{-1}``.
 
 References:
 
@@ -27,11 +28,10 @@ import xarray as xr
 from array_api_compat import is_cupy_array
 from dask.array.reductions import cumreduction
 
-from scalign._array import host
 from scalign.execution import DEVICES, to_device
 from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
 from scalign.kernels.register import estimate_motion, prepare_template
-from scalign.kernels.register_batch import estimate_motions
+from scalign.kernels.register_batch import estimate_motions, prepare_templates
 from scalign.mapping import map_batch
 from scalign.validation import check_iterations, check_option
 
@@ -44,22 +44,28 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     """Motions, losses and iterations of each image of a chunk onto ``reference``.
 
     ``reference`` is one image (broadcast: prepared once for the whole chunk) or one per
-    image (the ``previous`` pairs). A CuPy chunk with one reference is estimated as a
-    batch on the GPU (:func:`scalign.kernels.register_batch.estimate_motions`); the
-    motions (small) come back to the host.
+    image (the ``previous`` pairs). A CuPy chunk is estimated as one batch on the GPU
+    (:func:`scalign.kernels.register_batch.estimate_motions`).
     """
     n, spatial = images.shape[0], images.shape[1:]
     d = len(spatial)
     check_finite("images", images)
     check_finite("the reference", reference)
     shared = reference.ndim == d or reference.shape[0] == 1
-    template = prepare_template(np.reshape(host(reference), spatial), transform) if shared else None
-    if shared and is_cupy_array(images):
+    if is_cupy_array(images):
         import cupy
 
-        fit = estimate_motions(template, images, loss, max_iterations=max_iterations, tol=tol)
+        refs = cupy.reshape(cupy.asarray(reference), (-1, *spatial))
+        fit = estimate_motions(
+            prepare_templates(refs, transform),
+            images,
+            loss,
+            max_iterations=max_iterations,
+            tol=tol,
+        )
         # on the chunk's device, as the graph's meta says; _register brings them back
         return tuple(cupy.asarray(a) for a in (fit.matrix, fit.loss, fit.iterations))
+    template = prepare_template(np.reshape(reference, spatial), transform) if shared else None
     matrix = np.empty((n, d + 1, d + 1))
     losses = np.empty(n)
     iterations = np.empty(n, dtype=np.int64)
@@ -184,9 +190,9 @@ def register_stack(
         Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
         moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
         ``"auto"`` computes each chunk where it already is. On the GPU each chunk's
-        motions are estimated as one batch (the same estimate, to rounding) and the
-        registered stack is warped there; ``"previous"``, with a reference per image,
-        estimates on the host.
+        motions are estimated as one batch (the same estimate, to rounding), the
+        registered stack is warped there, and the motions, losses and iterations come
+        back to the host.
 
     Returns
     -------
@@ -215,9 +221,7 @@ def register_stack(
     elif not -n <= reference < n:
         raise ValueError(f"reference index {reference} is out of range for {n} images")
     if reference == "previous" and n > 1:
-        # a template per pair: the per-image estimate, on the host (the input's own chunks
-        # when they are there, not a copy back from the GPU)
-        fit = _previous(to_device(ds["images"], "cpu"), options)
+        fit = _previous(images, options)
     else:
         index = 0 if isinstance(reference, str) else int(reference)
         fit = _register(images, images.isel({dim: index}), options)

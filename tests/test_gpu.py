@@ -161,13 +161,14 @@ def test_warp_and_register_stack_on_the_gpu_equal_the_cpu():
 
 
 @pytest.mark.parametrize("transform, loss", [("rigid", "mse"), ("similarity", "ncc")])
-def test_batched_registration_on_cupy_equals_numpy(transform, loss):
+@pytest.mark.parametrize("per_image", [False, True])
+def test_batched_registration_on_cupy_equals_numpy(transform, loss, per_image):
     import cupy
     from scipy import ndimage
 
     from scalign.kernels.affine import build_affine_matrix, image_center, pull_matrix
-    from scalign.kernels.register import prepare_template
-    from scalign.kernels.register_batch import estimate_motions
+    from scalign.kernels.register import estimate_motion, prepare_template
+    from scalign.kernels.register_batch import estimate_motions, prepare_templates
 
     rng = np.random.default_rng(4)
     ref = ndimage.gaussian_filter(rng.standard_normal((192, 160)), 3).astype(np.float32)
@@ -179,13 +180,18 @@ def test_batched_registration_on_cupy_equals_numpy(transform, loss):
     images = np.stack(
         [ndimage.affine_transform(ref, *pull_matrix(M), mode="nearest") for M in truth]
     )
-    template = prepare_template(ref, transform)
-    cpu = estimate_motions(template, images, loss)
-    gpu = estimate_motions(template, cupy.asarray(images), loss)
+    refs = np.stack([ref, images[0], images[1]]) if per_image else ref[None]
+    cpu = estimate_motions(prepare_templates(refs, transform), images, loss)
+    gpu = estimate_motions(
+        prepare_templates(cupy.asarray(refs), transform), cupy.asarray(images), loss
+    )
     np.testing.assert_allclose(gpu.matrix, cpu.matrix, atol=1e-5)
     np.testing.assert_array_equal(gpu.iterations, cpu.iterations)
     np.testing.assert_array_equal(gpu.converged, cpu.converged)
     np.testing.assert_allclose(gpu.loss, cpu.loss, rtol=1e-4)
+    for k, image in enumerate(images):
+        single = estimate_motion(prepare_template(refs[k % len(refs)], transform), image, loss)
+        np.testing.assert_allclose(gpu.matrix[k], single.matrix, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------

@@ -33,21 +33,20 @@ def motions(shape, scale=1.0):
     ]
 
 
-def per_image(template, images, loss):
-    fits = [single.estimate_motion(template, im, loss) for im in images]
-    return (
-        np.stack([f.matrix for f in fits]),
-        np.array([sum(f.iterations) for f in fits]),
-        np.array([f.converged for f in fits]),
-        np.array([f.loss for f in fits]),
-    )
-
-
-def assert_same(template, images, loss, fitted=slice(None)):
-    """Same iterations and outcome per image; same motions and losses for the images
-    ``fitted`` (an unconverged fit of an ill-posed image wanders off by rounding)."""
-    out = batch.estimate_motions(template, images, loss)
-    matrix, iterations, converged, losses = per_image(template, images, loss)
+def assert_same(refs, transform, images, loss, fitted=slice(None)):
+    """The batched estimate of ``images`` onto ``refs`` (one, or one per image) against
+    the per-image one: the same iterations and outcome per image, the same motions and
+    losses for the images ``fitted`` (an unconverged fit of an ill-posed image wanders
+    off by rounding)."""
+    out = batch.estimate_motions(batch.prepare_templates(refs, transform), images, loss)
+    templates = [single.prepare_template(r, transform) for r in refs]
+    fits = [
+        single.estimate_motion(templates[k % len(refs)], im, loss) for k, im in enumerate(images)
+    ]
+    matrix = np.stack([f.matrix for f in fits])
+    iterations = np.array([sum(f.iterations) for f in fits])
+    converged = np.array([f.converged for f in fits])
+    losses = np.array([f.loss for f in fits])
     np.testing.assert_array_equal(out.iterations, iterations)
     np.testing.assert_array_equal(out.converged, converged)
     np.testing.assert_allclose(out.matrix[fitted], matrix[fitted], atol=1e-4)
@@ -71,8 +70,7 @@ def test_batch_equals_per_image_and_recovers_the_motions(camera, transform, loss
     if transform == "translation":
         truth = [np.eye(3)] + [build_affine_matrix(0, t, -t / 2) for t in (4.25, -7.5, 11.0)]
     images = np.stack([moved(camera, M) for M in truth])
-    template = single.prepare_template(camera, transform)
-    out = assert_same(template, images, loss)
+    out = assert_same(camera[None], transform, images, loss)
     c = image_center(camera.shape)
     for M_est, M in zip(out.matrix, truth, strict=True):
         E = M_est @ invert(M)
@@ -84,12 +82,13 @@ def test_batch_equals_per_image_and_recovers_the_motions(camera, transform, loss
 
 def test_coarse_search_picks_the_same_candidates(camera):
     template = single.prepare_template(camera, "similarity")
+    templates = batch.prepare_templates(camera[None], "similarity")
     images = np.stack([moved(camera, M) for M in motions(camera.shape, 0.9)])
     pyramid = [images]
     for _ in range(len(template.pyramid) - 1):
         pyramid.append(single.downsample(pyramid[-1], batch=1))
     searched = single.search_image(pyramid[template.search_level], batch=1)
-    starts = batch.initial_motions(template, pyramid[-1], searched)
+    starts = batch.initial_motions(templates, pyramid[-1], searched)
     for k in range(len(images)):
         expected = single.initial_motion(template, pyramid[-1][k], searched[k])
         np.testing.assert_allclose(starts[k], expected, atol=1e-5)  # float32 maps
@@ -110,8 +109,7 @@ def test_volumes_rotated_about_z():
         M[:3, 3] = c - M[:3, :3] @ c + np.array(t)
         truth.append(M)
     images = np.stack([moved(vol, M) for M in truth])
-    template = single.prepare_template(vol, "rigid")
-    out = assert_same(template, images, "mse")
+    out = assert_same(vol[None], "rigid", images, "mse")
     for M_est, M in zip(out.matrix, truth, strict=True):
         E = M_est @ invert(M)
         assert np.abs(E[:3, :3] @ c + E[:3, 3] - c).max() < 0.05
@@ -124,9 +122,8 @@ def test_images_that_cannot_be_fitted_fail_as_they_do_alone(camera):
     far = moved(camera, build_affine_matrix(0, 250.0, 250.0))
     good = moved(camera, build_affine_matrix(4, 2.5, 1.0, center=image_center(camera.shape)))
     images = np.stack([np.full_like(camera, 7.0), stripes, good, far])
-    template = single.prepare_template(camera, "rigid")
     for loss in ("mse", "ncc"):
-        out = assert_same(template, images, loss, fitted=[2])
+        out = assert_same(camera[None], "rigid", images, loss, fitted=[2])
         assert out.converged[2] and not out.converged[[0, 1, 3]].any()
         assert np.isnan(out.loss[0]) == (loss == "ncc")
 
@@ -164,3 +161,51 @@ def test_increment_matrices_equal_the_single_ones(transform, d):
     out = batch.increment_matrices(dp, transform, d)
     for k in range(5):
         np.testing.assert_allclose(out[k], single.increment_matrix(dp[k], transform, d), atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", ["translation", "rigid", "affine"])
+def test_templates_equal_the_single_ones(camera, transform):
+    """Every level's point set (the strongest gradients, or a coarser level's children),
+    values and steepest-descent images, and the coarse search's spectrum and log-polar
+    map, for a batch of different references."""
+    rng = np.random.default_rng(5)
+    refs = np.stack([camera, camera[::-1].copy(), camera + rng.normal(0, 30, camera.shape)])
+    refs = refs.astype(np.float32)
+    # max_points small enough that the two finest levels use their coarser level's pixels
+    templates = batch.prepare_templates(refs, transform, max_points=4096)
+    for t, ref in enumerate(refs):
+        one = single.prepare_template(ref, transform, max_points=4096)
+        assert templates.search_level == one.search_level
+        scale = np.abs(one.spectrum).max()  # float32 FFTs, batched or not
+        np.testing.assert_allclose(templates.spectrum[t], one.spectrum, atol=1e-6 * scale)
+        if one.search is not None:
+            np.testing.assert_allclose(templates.search[t], one.search, atol=1e-5)
+        for level, data in zip(templates.levels, one.levels, strict=True):
+            real = level.real[t]
+            assert real.sum() == data.points.shape[1]
+            key = lambda p: np.lexsort(p[::-1])  # noqa: E731  (points sorted x, then y)
+            order, ref_order = key(level.points[t][:, real]), key(data.points)
+            np.testing.assert_array_equal(
+                level.points[t][:, real][:, order], data.points[:, ref_order]
+            )
+            np.testing.assert_array_equal(level.values[t][real][order], data.values[ref_order])
+            np.testing.assert_allclose(
+                level.sd[t][:, real][:, order], data.sd[:, ref_order], rtol=1e-12
+            )
+            assert not level.sd[t][:, ~real].any()
+
+
+def test_a_template_per_image_equals_the_single_estimates(camera):
+    """reference='previous': image k onto image k - 1, each with its own template."""
+    c = image_center(camera.shape)
+    drift = [build_affine_matrix(2.0 * k, 1.5 * k, -1.0 * k, center=c) for k in range(5)]
+    stack = np.stack([moved(camera, M) for M in drift]).astype(np.float32)
+    for transform in ("translation", "rigid"):
+        out = assert_same(stack[:-1], transform, stack[1:], "mse")
+        for k, M_est in enumerate(out.matrix):
+            # the motion of image k + 1 relative to image k: M_{k+1} M_k^-1
+            expected = drift[k + 1] @ invert(drift[k])
+            E = M_est @ invert(expected)
+            assert np.abs(E[:2, :2] @ c + E[:2, 2] - c).max() < (
+                0.05 if transform == "rigid" else 2.0
+            )

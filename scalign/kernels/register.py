@@ -394,7 +394,8 @@ def n_params(transform: str, d: int) -> int:
 def steepest_descent(grad: np.ndarray, q: np.ndarray, transform: str) -> np.ndarray:
     """Rows ``∇T · ∂W/∂p`` at ``p = 0`` for points ``q`` (centred ``(x, y[, z])``).
 
-    ``grad`` and ``q`` are ``(d, N)`` (rows ``x, y[, z]``); returns ``(n_params, N)``.
+    ``grad`` and ``q`` are ``(..., d, N)`` (rows ``x, y[, z]``; NumPy or CuPy); returns
+    ``(..., n_params, N)``.
     Parameters (all about the level centre, see :func:`increment_matrix`):
 
     * translation: ``(tx, ty[, tz])``;
@@ -403,19 +404,24 @@ def steepest_descent(grad: np.ndarray, q: np.ndarray, transform: str) -> np.ndar
     * similarity 2-D: ``(tx, ty, a, b)`` with linear part ``[[1 + a, -b], [b, 1 + a]]``;
     * affine: ``(t, A)`` with linear part ``I + A``, ``A`` row-major.
     """
-    d = q.shape[0]
-    rows = [grad[i] for i in range(d)]
+    xp = namespace(grad, q)
+    d = q.shape[-2]
+    g = [grad[..., i, :] for i in range(d)]
+    x = [q[..., i, :] for i in range(d)]
+    rows = list(g)
     if transform == "rigid":
         if d == 2:
-            rows.append(grad[1] * q[0] - grad[0] * q[1])
-        else:
-            rows.extend(np.cross(q, grad, axis=0))
+            rows.append(g[1] * x[0] - g[0] * x[1])
+        else:  # q × ∇T
+            rows.append(x[1] * g[2] - x[2] * g[1])
+            rows.append(x[2] * g[0] - x[0] * g[2])
+            rows.append(x[0] * g[1] - x[1] * g[0])
     elif transform == "similarity":
-        rows.append(grad[0] * q[0] + grad[1] * q[1])
-        rows.append(grad[1] * q[0] - grad[0] * q[1])
+        rows.append(g[0] * x[0] + g[1] * x[1])
+        rows.append(g[1] * x[0] - g[0] * x[1])
     elif transform == "affine":
-        rows.extend(grad[i] * q[j] for i in range(d) for j in range(d))
-    return np.stack(rows)
+        rows.extend(g[i] * x[j] for i in range(d) for j in range(d))
+    return xp.stack(rows, axis=-2)
 
 
 def _rotation_vector_matrix(w: np.ndarray) -> np.ndarray:

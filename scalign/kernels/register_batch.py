@@ -1,23 +1,24 @@
-"""Registration of a batch of images onto one reference as whole-batch array operations
-(NumPy or CuPy): :func:`scalign.kernels.register.estimate_motion` for every image of a
-batch at once, so that a GPU gets batch-sized work instead of a loop of small kernels.
+"""Registration of a batch of images as whole-batch array operations (NumPy or CuPy):
+:func:`scalign.kernels.register.estimate_motion` for every image of a batch at once, so
+that a GPU gets batch-sized work instead of a loop of small kernels.
 
 The steps and conventions are those of :mod:`scalign.kernels.register`; only the loops
-are ordered differently. The reference is prepared once on the host
-(:func:`~scalign.kernels.register.prepare_template`), and its level data is copied to the
-device that holds the batch. For a batch of ``B`` images:
+are ordered differently. The references are prepared as a batch too
+(:func:`prepare_templates`): one shared by every image, or one per image (registering
+each image onto the one before it). For a batch of ``B`` images:
 
 1. the pyramids of all the images (:func:`~scalign.kernels.register.downsample` along
    the image axes);
-2. the starting motions, per image on the host, from the two small levels that the coarse
-   search reads (:func:`~scalign.kernels.register.initial_motion`; together about
-   ``1/4^(L-1)`` of each 2-D image for ``L`` levels);
+2. the starting motions (:func:`initial_motions`): the log-polar maps, the rotation
+   candidates' resampled images, their phase correlations and ZNCC scores for all the
+   images at once; only picking each image's candidates from its angle profile runs on
+   the host;
 3. on every level, coarse to fine, inverse-compositional Gauss–Newton for all the images
-   still iterating. Each iteration does one gather of the moving images at the
-   reference's ``N`` points ``(B, N)``, the right-hand sides ``b = e Sᵀ`` ``(B, P)``,
-   and the Hessians over each image's valid points ``v_bn`` as one matrix product
+   still iterating. Each iteration does one gather of the moving images at their
+   reference's ``N`` points ``(B, N)``, the right-hand sides ``b = S e`` ``(B, P)``,
+   and the Hessians over each image's valid points ``v_bn`` as one batched product
 
-   .. math:: H_b = \\sum_n v_{bn}\\, s_n s_n^{\\mathsf T} = (V\\,[s_n \\otimes s_n])_b,
+   .. math:: H_b = \\sum_n v_{bn} s_n s_n^{\\mathsf T} = S \\mathrm{diag}(v_b) S^{\\mathsf T},
 
    followed by a batched ``P × P`` solve. An image leaves the loop when it converges or
    fails, in the same way as in :func:`~scalign.kernels.register.refine_level`;
@@ -39,20 +40,51 @@ from scalign._array import namespace, to_numpy
 from scalign.kernels.affine import image_center
 from scalign.kernels.register import (
     COARSE_TOL,
-    LevelData,
-    Template,
+    MAX_POINTS,
+    _along,
     _bspline_weights,
     _coarse_matrix,
     _log_polar_coords,
     _log_polar_radii,
     _translation,
+    auto_levels,
     downsample,
     hann_window,
     level_map,
     mellin_candidates,
     mellin_profile,
     search_image,
+    steepest_descent,
 )
+
+
+class Level(NamedTuple):
+    """One pyramid level of :class:`Templates`: :class:`~scalign.kernels.register.LevelData`
+    with a leading template axis ``T``, the point sets padded to a common ``N``."""
+
+    points: Any  # (T, d, N) pixel coordinates x, y[, z], float64
+    values: Any  # (T, N) reference values, float32
+    sd: Any  # (T, P, N) steepest-descent images, float64; zero on padding
+    real: Any  # (T, N) bool: a point, not padding
+    center: Any  # (d,) the level centre
+    corners: Any  # (2^d, d) the level corners, centred
+
+
+class Templates(NamedTuple):
+    """References prepared for :func:`estimate_motions`: ``T = 1`` shared by every image,
+    or one per image (:func:`prepare_templates`)."""
+
+    pyramid: list[Any]  # (T, *shape) float32 levels, finest first
+    levels: list[Level]  # finest first
+    transform: str
+    spectrum: Any  # (T, ...) windowed rfftn of the coarsest level
+    search: Any  # (T, n_angles, n_radii) log-polar maps of the search level, or None
+    search_level: int
+
+
+def _pick(a: Any, ids: Any) -> Any:
+    """Rows ``ids`` of a per-template array; the one row of a shared (``T = 1``) one."""
+    return a[0] if a.shape[0] == 1 else a[ids]
 
 
 class BatchEstimate(NamedTuple):
@@ -62,28 +94,6 @@ class BatchEstimate(NamedTuple):
     iterations: np.ndarray  # (B,) Gauss–Newton iterations over all levels and the polish
     converged: np.ndarray  # (B,) the finest level met ``tol``
     loss: np.ndarray  # (B,) last loss on the finest level's points (MSE or 1 - ZNCC)
-
-
-class _Level(NamedTuple):
-    """One level's :class:`~scalign.kernels.register.LevelData` on the batch's device."""
-
-    points: Any  # (d, N) pixel coordinates x, y[, z]
-    values: Any  # (N,) float32 reference values
-    sd: Any  # (P, N) steepest-descent images
-    outer: Any  # (N, P * P): s_n ⊗ s_n, so that V @ outer gives every H_b
-    center: Any  # (d,)
-    corners: Any  # (2^d, d), centred
-
-
-def _on_device(xp: Any, data: LevelData) -> _Level:
-    sd = data.sd
-    outer = (sd[:, None, :] * sd[None, :, :]).reshape(sd.shape[0] ** 2, -1).T
-    return _Level(
-        *(
-            xp.asarray(np.ascontiguousarray(a))
-            for a in (data.points, data.values, sd, outer, data.center, data.corners)
-        )
-    )
 
 
 def _c_strides(shape: tuple[int, ...]) -> list[int]:
@@ -166,6 +176,154 @@ def sample_cubic(splines: Any, ids: Any, coords: Any) -> tuple[Any, Any]:
 
 
 # ----------------------------------------------------------------------------------------
+# Templates
+# ----------------------------------------------------------------------------------------
+
+
+def _gradients(images: Any) -> list[Any]:
+    """:func:`scalign.kernels.register._gradient` along every image axis of a batch."""
+    xp = namespace(images)
+    out = []
+    for axis in range(1, images.ndim):
+        n = images.shape[axis]
+        g = xp.zeros_like(images)
+        g[_along(axis, images.ndim, slice(1, n - 1))] = (
+            images[_along(axis, images.ndim, slice(2, n))]
+            - images[_along(axis, images.ndim, slice(0, n - 2))]
+        ) * np.float32(0.5)
+        out.append(g)
+    return out
+
+
+def _compact(keep: Any, fill: int) -> tuple[Any, Any]:
+    """The column indices of each row's ``True`` entries, in order, padded with ``fill``
+    to the longest row: ``(index (T, N), real (T, N))``."""
+    xp = namespace(keep)
+    slot = xp.cumsum(xp.astype(keep, xp.int64), axis=1) - 1
+    width = int(xp.max(slot[:, -1])) + 1
+    rows, cols = xp.nonzero(keep)
+    index = xp.full((keep.shape[0], width), fill, dtype=xp.int64)
+    real = xp.zeros((keep.shape[0], width), dtype=xp.bool)
+    index[rows, slot[rows, cols]] = cols
+    real[rows, slot[rows, cols]] = True
+    return index, real
+
+
+def _top_pixels(images: Any, k: int) -> tuple[Any, Any]:
+    """:func:`scalign.kernels.register._top_pixels` of every image of a batch: the flat
+    indices ``(T, N)`` (padded with an interior pixel) and which of them are real."""
+    xp = namespace(images)
+    shape = images.shape[1:]
+    T, d = images.shape[0], len(shape)
+    score = None
+    for g in _gradients(images):
+        score = g * g if score is None else score + g * g
+    for a in range(1, d + 1):  # the border samples have no central difference
+        score[_along(a, d + 1, [0, images.shape[a] - 1])] = -1.0
+    flat = xp.reshape(score, (T, -1))
+    interior = sum(_c_strides(shape))
+    n_in = math.prod(n - 2 for n in shape)
+    if n_in <= k:
+        return _compact(flat >= 0, interior)
+    sample = flat[:, :: max(1, flat.shape[1] // 16384)]
+    j = min(sample.shape[1] - 1, int(sample.shape[1] * (1.0 - k / n_in)))
+    threshold = xp.maximum(xp.sort(sample, axis=1)[:, j], 0.0)
+    keep = flat >= threshold[:, None]
+    count = xp.sum(xp.astype(keep, xp.int64), axis=1)
+    # too many ties (at zero): every step-th of them, as the per-image version
+    step = xp.where(count > 1.25 * k, (count + k - 1) // k, 1)
+    rank = xp.cumsum(xp.astype(keep, xp.int64), axis=1) - 1
+    return _compact(keep & (rank % step[:, None] == 0), interior)
+
+
+def _unravel(flat: Any, shape: tuple[int, ...]) -> list[Any]:
+    return [(flat // stride) % n for stride, n in zip(_c_strides(shape), shape, strict=True)]
+
+
+def prepare_levels(refs: Any, transform: str, max_points: int | None, coarser: Any = None) -> Level:
+    """:func:`scalign.kernels.register.prepare_level` of every reference of a batch
+    ``(T, *shape)``: the same points (padded to a common number), values and
+    steepest-descent images."""
+    xp = namespace(refs)
+    shape = refs.shape[1:]
+    T, d = refs.shape[0], len(shape)
+    n_in = math.prod(n - 2 for n in shape)
+    if max_points is None or n_in <= max_points or coarser is None:
+        sel, real = _top_pixels(refs, n_in if max_points is None else max_points)
+        idx = _unravel(sel, shape)
+    else:
+        csel, creal = _top_pixels(coarser, max(1, max_points >> d))
+        cidx = _unravel(csel, coarser.shape[1:])
+        n_c = csel.shape[1]
+        idx = []
+        for a, ci in enumerate(cidx):  # children 2 i + (0, 1) on every axis, child-major
+            bit = xp.reshape(
+                xp.arange(2), (1,) + tuple(2 if b == a else 1 for b in range(d)) + (1,)
+            )
+            child = 2 * xp.reshape(ci, (T,) + (1,) * d + (n_c,)) + bit
+            idx.append(xp.reshape(xp.broadcast_to(child, (T,) + (2,) * d + (n_c,)), (T, -1)))
+        real = xp.reshape(
+            xp.broadcast_to(xp.reshape(creal, (T,) + (1,) * d + (n_c,)), (T,) + (2,) * d + (n_c,)),
+            (T, -1),
+        )
+        for a in range(d):
+            real = real & (idx[a] >= 1) & (idx[a] <= shape[a] - 2)
+        idx = [xp.where(real, i, 1) for i in idx]
+    strides = _c_strides(shape)
+    sel = sum(i * st for i, st in zip(idx, strides, strict=True))
+    sel = sel + xp.reshape(xp.arange(T, dtype=xp.int64) * math.prod(shape), (T, 1))
+    flat = xp.reshape(refs, (-1,))
+    # rows x, y[, z]: image axis d - 1 - a
+    grad = xp.stack(
+        [
+            xp.astype(flat[sel + strides[d - 1 - a]] - flat[sel - strides[d - 1 - a]], xp.float64)
+            for a in range(d)
+        ],
+        axis=1,
+    )
+    grad = grad * 0.5
+    points = xp.astype(xp.stack(idx[::-1], axis=1), xp.float64)
+    center = image_center(shape)
+    sd = steepest_descent(grad, points - xp.asarray(center)[:, None], transform)
+    sd = xp.where(real[:, None, :], sd, 0.0)
+    half = (np.array(shape[::-1], dtype=np.float64) - 1.0) / 2.0
+    corners = np.array(list(itertools.product((-1.0, 1.0), repeat=d))) * half
+    values = xp.where(real, flat[sel], 0.0)
+    return Level(points, values, sd, real, xp.asarray(center), xp.asarray(corners))
+
+
+def prepare_templates(
+    refs: Any,
+    transform: str = "rigid",
+    *,
+    rotation_search: bool = True,
+    max_points: int | None = MAX_POINTS,
+) -> Templates:
+    """:func:`scalign.kernels.register.prepare_template` of every reference of a batch
+    ``(T, *shape)`` (NumPy or CuPy; ``T = 1``: one reference for every image), with its
+    default levels."""
+    xp = namespace(refs)
+    shape = refs.shape[1:]
+    d = len(shape)
+    levels = auto_levels(shape, 64 if d == 2 else 24)
+    pyramid = [xp.astype(refs, xp.float32)]
+    for _ in range(levels - 1):
+        pyramid.append(downsample(pyramid[-1], batch=1))
+    L = levels - 1
+    data = [
+        prepare_levels(pyramid[lev], transform, max_points, pyramid[lev + 1] if lev < L else None)
+        for lev in range(levels)
+    ]
+    search, k = None, L
+    if rotation_search and transform != "translation":
+        if d == 2:
+            while k > 0 and min(pyramid[k].shape[1:]) < 96:
+                k -= 1
+        search = log_polar_maps(search_image(pyramid[k], batch=1))
+    return Templates(pyramid, data, transform, windowed_spectra(pyramid[L]), search, k)
+
+
+# ----------------------------------------------------------------------------------------
 # Coarse search
 # ----------------------------------------------------------------------------------------
 
@@ -219,7 +377,8 @@ def _integer_peaks(spectrum: Any, spectra: Any, shape: tuple[int, ...]) -> Any:
 
 def _shifted_zncc(ref: Any, g: Any, valid: Any, shift: Any) -> Any:
     """:func:`scalign.kernels.register._shifted_zncc` of ``ref(p)`` and ``g_k(p + t_k)``
-    for every row ``k`` of ``g``, ``valid`` ``(K, *shape)`` and the integer ``shift``
+    for every row ``k`` of ``g``, ``valid`` ``(K, *shape)``, ``ref`` ``(K, *shape)``
+    (or one for all: ``shape``) and the integer ``shift``
     ``(K, d)`` (``x, y[, z]``); ``-inf`` where fewer than 16 points overlap or a side is
     flat."""
     xp = namespace(g)
@@ -238,7 +397,7 @@ def _shifted_zncc(ref: Any, g: Any, valid: Any, shift: Any) -> Any:
     w = xp.astype(m, xp.float64)
     count = xp.sum(w, axis=1)
     safe = xp.maximum(count, 1.0)
-    a = xp.astype(xp.reshape(ref, (1, -1)), xp.float64)
+    a = xp.astype(xp.reshape(ref, (-1, size)), xp.float64)
     b = xp.astype(xp.reshape(g, (-1,))[index], xp.float64)
     az = (a - xp.sum(a * w, axis=1, keepdims=True) / safe[:, None]) * w
     bz = (b - xp.sum(b * w, axis=1, keepdims=True) / safe[:, None]) * w
@@ -248,11 +407,11 @@ def _shifted_zncc(ref: Any, g: Any, valid: Any, shift: Any) -> Any:
     return xp.where(good, score, -xp.inf)
 
 
-def initial_motions(template: Template, coarse: Any, searched: Any = None) -> Any:
-    """:func:`scalign.kernels.register.initial_motion` of every image of a batch:
-    ``coarse`` ``(B, *shape)`` their coarsest levels, ``searched`` ``(B, h, w)`` what
-    the rotation search sees of their search levels (when the template has one). Returns
-    ``(B, d + 1, d + 1)`` motions in the coarsest level's pixels.
+def initial_motions(templates: Templates, coarse: Any, searched: Any = None) -> Any:
+    """:func:`scalign.kernels.register.initial_motion` of every image of a batch onto its
+    template: ``coarse`` ``(B, *shape)`` their coarsest levels, ``searched`` ``(B, h, w)``
+    what the rotation search sees of their search levels (when the templates have one).
+    Returns ``(B, d + 1, d + 1)`` motions in the coarsest level's pixels.
 
     The log-polar maps, all the candidates' resampled images, their phase correlations
     and ZNCC scores are batch operations; only picking each image's candidates from its
@@ -261,19 +420,18 @@ def initial_motions(template: Template, coarse: Any, searched: Any = None) -> An
     xp = namespace(coarse)
     B, shape = coarse.shape[0], coarse.shape[1:]
     d = len(shape)
-    ref = template.pyramid[-1]
     center = image_center(shape)
     owner, mats = [], []
     found: list[list[tuple[float, float, float]]] = [[] for _ in range(B)]
-    if template.search is not None:
-        k = template.search_level
-        use_scale = d == 2 and template.transform in ("similarity", "affine")
-        grid_shape = template.pyramid[k].shape[-2:]
+    if templates.search is not None:
+        k = templates.search_level
+        use_scale = d == 2 and templates.transform in ("similarity", "affine")
+        grid_shape = templates.pyramid[k].shape[-2:]
         profile, lag = mellin_profile(
-            xp.asarray(template.search), log_polar_maps(searched), grid_shape, use_scale
+            templates.search, log_polar_maps(searched), grid_shape, use_scale
         )
         profile, lag = to_numpy(profile), None if lag is None else to_numpy(lag)
-        n_radii = template.search.shape[1]
+        n_radii = templates.search.shape[-1]
         found = [
             mellin_candidates(profile[b], None if lag is None else lag[b], grid_shape, n_radii)
             for b in range(B)
@@ -305,9 +463,8 @@ def initial_motions(template: Template, coarse: Any, searched: Any = None) -> An
     g = xp.where(valid, g, xp.astype(fill, xp.float32)[:, None])
     g = xp.reshape(g, (-1, *shape))
     valid = xp.reshape(valid, (-1, *shape))
-    spectrum = xp.asarray(template.spectrum)
-    t = _integer_peaks(spectrum, windowed_spectra(g), tuple(shape))
-    score = _shifted_zncc(xp.asarray(ref), g, valid, t)
+    t = _integer_peaks(_pick(templates.spectrum, ids), windowed_spectra(g), tuple(shape))
+    score = _shifted_zncc(_pick(templates.pyramid[-1], ids), g, valid, t)
     score = to_numpy(xp.where(n_valid > 0, score, -xp.inf))
     t = to_numpy(t)
     start = np.tile(np.eye(d + 1), (B, 1, 1))
@@ -435,7 +592,7 @@ def _solve(H: Any, b: Any, ok: Any) -> tuple[Any, Any]:
 
 def refine_level(
     images: Any,
-    level: _Level,
+    level: Level,
     M: Any,
     ids: Any,
     transform: str,
@@ -445,8 +602,8 @@ def refine_level(
     spline: Any = None,
 ) -> tuple[Any, Any, Any, Any]:
     """:func:`scalign.kernels.register.refine_level` for the images ``ids`` of
-    ``images`` ``(B, *shape)`` at once, starting from their motions in ``M``
-    ``(B, d + 1, d + 1)``.
+    ``images`` ``(B, *shape)`` at once, each onto its template's ``level`` (one shared,
+    or one per image), starting from their motions in ``M`` ``(B, d + 1, d + 1)``.
 
     Each iteration works on the images still iterating; one leaves when its increment
     moves no corner of the image by more than ``tol`` (converged), when too few of its
@@ -461,7 +618,7 @@ def refine_level(
     """
     xp = namespace(images, M)
     B, d = images.shape[0], images.ndim - 1
-    P = level.sd.shape[0]
+    P = level.sd.shape[1]
     Tc = xp.eye(d + 1, dtype=xp.float64)
     Tc[:d, d] = level.center
     Tmc = xp.eye(d + 1, dtype=xp.float64)
@@ -475,11 +632,13 @@ def refine_level(
         if ids.shape[0] == 0:
             break
         Mi = M[ids]
-        coords = Mi[:, :d, :d] @ level.points + Mi[:, :d, d:]
+        sd = _pick(level.sd, ids)
+        coords = Mi[:, :d, :d] @ _pick(level.points, ids) + Mi[:, :d, d:]
         g, valid = sample(source, ids, xp.flip(coords, axis=1))
-        e, value, ok = _residuals(g, valid, level.values, loss, P)
-        b = xp.astype(e, xp.float64) @ level.sd.T
-        H = xp.reshape(xp.astype(valid, xp.float64) @ level.outer, (-1, P, P))
+        valid = valid & _pick(level.real, ids)
+        e, value, ok = _residuals(g, valid, _pick(level.values, ids), loss, P)
+        b = (sd @ xp.astype(e, xp.float64)[:, :, None])[:, :, 0]
+        H = (sd * xp.astype(valid, xp.float64)[:, None, :]) @ xp.matrix_transpose(sd)
         dp, step = _solve(H, b, ok)
         D = increment_matrices(dp, transform, d)
         moved = level.corners @ xp.matrix_transpose(D[:, :d, :d] - Tc[:d, :d]) + D[:, None, :d, d]
@@ -493,15 +652,16 @@ def refine_level(
 
 
 def estimate_motions(
-    template: Template,
+    templates: Templates,
     images: Any,
     loss: str = "mse",
     *,
     max_iterations: int = 50,
     tol: float = 1e-3,
 ) -> BatchEstimate:
-    """Motions ``M_b`` with ``images[b](M_b p) ≈ ref(p)`` for the reference of ``template``
-    and every image of ``images`` ``(B, *shape)`` (NumPy or CuPy; inputs already checked).
+    """Motions ``M_b`` with ``images[b](M_b p) ≈ ref_b(p)`` for every image of ``images``
+    ``(B, *shape)`` (NumPy or CuPy; inputs already checked) and its reference in
+    ``templates`` (:func:`prepare_templates`: one for all, or one per image).
 
     The same estimate as :func:`scalign.kernels.register.estimate_motion` with its
     defaults, per image: the coarse search, :func:`refine_level` on every level with
@@ -510,15 +670,15 @@ def estimate_motions(
     """
     xp = namespace(images)
     B, d = images.shape[0], images.ndim - 1
-    levels = len(template.pyramid)
+    levels = len(templates.pyramid)
     L = levels - 1
     pyramid = [xp.astype(images, xp.float32)]
     for _ in range(L):
         pyramid.append(downsample(pyramid[-1], batch=1))
     searched = None
-    if template.search is not None:
-        searched = search_image(pyramid[template.search_level], batch=1)
-    M = initial_motions(template, pyramid[L], searched)
+    if templates.search is not None:
+        searched = search_image(pyramid[templates.search_level], batch=1)
+    M = initial_motions(templates, pyramid[L], searched)
     up = xp.asarray(level_map(d, 1))
     up_inv = xp.asarray(np.linalg.inv(level_map(d, 1)))
     everyone = xp.arange(B, dtype=xp.int64)
@@ -527,16 +687,16 @@ def estimate_motions(
         if lev < L:
             M = up @ M @ up_inv
         tol_lev = tol if lev == 0 else max(COARSE_TOL, tol / 2.0**lev)
-        level = _on_device(xp, template.levels[lev])
+        level = templates.levels[lev]
         M, it, converged, last = refine_level(
-            pyramid[lev], level, M, everyone, template.transform, loss, max_iterations, tol_lev
+            pyramid[lev], level, M, everyone, templates.transform, loss, max_iterations, tol_lev
         )
         total = total + it
     polish = everyone[converged]
     if polish.shape[0]:
         spline = spline_coefficients(pyramid[0])
         M, it, polished, final = refine_level(
-            pyramid[0], level, M, polish, template.transform, loss, max_iterations, tol, spline
+            pyramid[0], level, M, polish, templates.transform, loss, max_iterations, tol, spline
         )
         total = total + it
         last = xp.where(converged, final, last)
