@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
+from scalign._array import to_numpy
 from scalign.kernels.affine import (
     check_matrix,
     decompose_affine,
@@ -64,7 +65,9 @@ class RegistrationInfo(NamedTuple):
 
 
 def _as_image(name: str, image: Any, d: int) -> np.ndarray:
-    arr = np.asarray(image)
+    """``image`` checked, as a float64 host array (a CuPy image is copied: one pair is
+    registered on the host; stacks go to the GPU with ``register_stack``)."""
+    arr = to_numpy(image)
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be real numbers, got dtype {arr.dtype}")
     if arr.ndim != d:

@@ -160,6 +160,23 @@ def test_warp_and_register_stack_on_the_gpu_equal_the_cpu():
         )
 
 
+def test_pair_registration_takes_cupy_images():
+    import cupy
+    from scipy import ndimage
+
+    from scalign import build_affine_matrix, register_affine_2d
+    from scalign.kernels.affine import image_center, pull_matrix
+
+    rng = np.random.default_rng(6)
+    y, x = np.mgrid[:96, :96]
+    ref = np.sin(x / 5.0) * np.cos(y / 7.0) + 0.1 * rng.standard_normal((96, 96))
+    M = build_affine_matrix(8.0, 2.5, -1.5, center=image_center(ref.shape))
+    mov = ndimage.affine_transform(ref, *pull_matrix(M), mode="nearest")
+    _, M_gpu, _ = register_affine_2d(cupy.asarray(ref), cupy.asarray(mov))
+    _, M_cpu, _ = register_affine_2d(ref, mov)
+    np.testing.assert_array_equal(M_gpu, M_cpu)
+
+
 @pytest.mark.parametrize("transform, loss", [("rigid", "mse"), ("similarity", "ncc")])
 @pytest.mark.parametrize("per_image", [False, True])
 def test_batched_registration_on_cupy_equals_numpy(transform, loss, per_image):
