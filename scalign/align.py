@@ -11,7 +11,7 @@ import xarray as xr
 
 from scalign._array import host, namespace
 from scalign.ensemble import POINT, SPACE, STRUCTURE, ensemble_variable, validate_ensemble
-from scalign.execution import DEVICES, to_device
+from scalign.execution import DEVICES, gpu_batches, to_device
 from scalign.kernels.coarsen import block_means
 from scalign.kernels.kabsch import apply_transform, rmsd, superpose
 from scalign.kernels.robust import TUNING, irls_superpose
@@ -326,7 +326,7 @@ def align(
         its chunk is unaffected.
     """
     check_option("device", device, DEVICES)
-    ds = validate_ensemble(ensemble)
+    ds = gpu_batches(validate_ensemble(ensemble), device)
     coords = to_device(ds["coords"], device)
     w = _resolve_weights(ds, weights)
     attrs = dict(ds.attrs)

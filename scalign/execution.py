@@ -22,7 +22,7 @@ import dask.array
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from scalign._array import move
+from scalign._array import is_gpu_backed, move
 from scalign.validation import check_option
 
 SCHEDULER_ENV = "SCALIGN_SCHEDULER"
@@ -38,6 +38,13 @@ WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_TRIM_THRESHOLD_":
 #: distributed's own default, replaced by :data:`WORKER_MALLOC` (a value set by the user
 #: in Dask's configuration is kept).
 _DISTRIBUTED_TRIM = 65536
+#: Bytes per chunk that an op's data moved to the GPU is merged up to, along its batch
+#: dimension (:func:`gpu_batches`). A GPU streams a 32 MiB chunk (the host default) in
+#: ~10 us, so Dask's ~1 ms per task and the kernels' launch latencies would dominate it
+#: (and a batched image registration runs ~100 iterations of ~100 small kernels per chunk
+#: whatever its size); at 256 MiB the host-to-device copy, ~10 ms at 25 GB/s, is the
+#: largest cost of a task.
+GPU_CHUNK_BYTES = 256 * 2**20
 T = TypeVar("T", xr.Dataset, xr.DataArray)
 
 
@@ -209,6 +216,36 @@ def to_device(obj: T, device: str) -> T:
     out = obj.copy()
     for name, var in obj.data_vars.items():
         out[name] = var.copy(data=move(var.data, device))
+    return out
+
+
+def gpu_batches(ds: xr.Dataset, device: str, chunk_bytes: int = GPU_CHUNK_BYTES) -> xr.Dataset:
+    """``ds`` with its host chunks merged for the GPU when ``device == "gpu"``.
+
+    The batch dimension is the first of the largest dask-backed variable; every dask
+    variable along it gets chunks of ``k`` times its current first chunk, the smallest
+    ``k`` that makes the largest variable's chunks at least ``chunk_bytes`` (so chunks
+    are only merged, never split, and the variables stay aligned). Unchanged for
+    ``"cpu"``/``"auto"``, for data already on the GPU (its chunks are the caller's
+    choice) and for chunks already that large.
+    """
+    lazy = {n: v for n, v in ds.data_vars.items() if v.chunks is not None and v.ndim}
+    if device != "gpu" or not lazy:
+        return ds
+    main = max(lazy.values(), key=lambda v: v.nbytes)
+    if is_gpu_backed(main.data):
+        return ds
+    dim = main.dims[0]
+    current = main.chunks[0][0]
+    per_item = main.nbytes // max(1, main.shape[0])
+    factor = -(-chunk_bytes // max(1, current * per_item))
+    size = min(main.shape[0], current * factor)
+    if factor <= 1 or size == current:
+        return ds
+    out = ds.copy()
+    for name, var in lazy.items():
+        if var.dims[0] == dim:
+            out[name] = var.chunk({dim: size})
     return out
 
 

@@ -22,7 +22,7 @@ import xarray as xr
 from array_api_compat import is_cupy_array
 
 from scalign._array import batch_chunked, host, to_numpy
-from scalign.execution import DEVICES, to_device
+from scalign.execution import DEVICES, gpu_batches, to_device
 from scalign.kernels.affine import check_matrix, normalized_to_pixel
 from scalign.kernels.warp import (
     check_cval,
@@ -268,6 +268,7 @@ def warp_stack(
     ds = validate_stack(stack)
     order, mode, cval = check_order(order), check_mode(mode), check_cval(cval)
     check_option("device", device, DEVICES)
+    ds = gpu_batches(ds, device)
     images = to_device(ds["images"], device)
     spatial = images.dims[1:]
     shared, per_item = _resolve_matrix(ds, matrix, from_dataset)

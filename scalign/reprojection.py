@@ -26,7 +26,7 @@ import pandas as pd
 import xarray as xr
 
 from scalign._array import host, namespace, to_numpy
-from scalign.execution import DEVICES, to_device
+from scalign.execution import DEVICES, gpu_batches, to_device
 from scalign.images import IMAGE, X, Y, check_finite, default_chunk, validate_stack
 from scalign.kernels.ctf import ctf_half_plane, fourier_crop, fourier_crop_volume
 from scalign.kernels.euler import euler_to_matrix, matrix_to_euler
@@ -324,7 +324,7 @@ def compare_reprojections(
     ``z_score_res_cov``); each score's ``attrs["better"]`` says which way is better.
     """
     check_option("device", device, DEVICES)
-    ds = validate_stack(images)
+    ds = gpu_batches(validate_stack(images), device)
     stack = to_device(ds["images"], device)
     if stack.dims != (IMAGE, Y, X):
         raise ValueError(f"images must be 2-D images (image, y, x), got dims {stack.dims}")

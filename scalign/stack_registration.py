@@ -28,7 +28,7 @@ import xarray as xr
 from array_api_compat import is_cupy_array
 from dask.array.reductions import cumreduction
 
-from scalign.execution import DEVICES, to_device
+from scalign.execution import DEVICES, gpu_batches, to_device
 from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
 from scalign.kernels.register import estimate_motion, prepare_template
 from scalign.kernels.register_batch import estimate_motions, prepare_templates
@@ -203,7 +203,7 @@ def register_stack(
         ``registered (image, y, x)``: every image pulled back onto the reference.
     """
     check_option("device", device, DEVICES)
-    ds = validate_stack(stack)
+    ds = gpu_batches(validate_stack(stack), device)
     images = to_device(ds["images"], device)
     check_option("transform", transform, TRANSFORMS)
     check_option("loss", loss, LOSSES)

@@ -11,7 +11,7 @@ import xarray as xr
 import scalign
 from scalign._array import host, is_gpu_backed
 from scalign.cli import main
-from scalign.execution import gpu_available, to_device
+from scalign.execution import gpu_available, gpu_batches, to_device
 from scalign.kernels.euler import euler_to_matrix
 from scalign.synthetic_em import blob_projections, blob_volume, random_blobs
 
@@ -139,3 +139,31 @@ def test_rmm_pool_without_a_local_gpu_cluster_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "rmm_pool_size needs gpu=True" in err and "\n" not in err
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_gpu_batches_merge_host_chunks_along_the_batch_dim():
+    rng = np.random.default_rng(2)
+    coords = da.from_array(rng.random((20_000, 64, 3)).astype(np.float32), chunks=(1000, 64, 3))
+    weights = da.from_array(rng.random((20_000, 64)), chunks=(1000, 64))
+    ds = xr.Dataset(
+        {
+            "coords": (("structure", "point", "space"), coords),
+            "weights": (("structure", "point"), weights),
+            "reference": (("point", "space"), da.zeros((64, 3), chunks=(16, 3))),
+            "label": ("structure", np.arange(20_000)),
+        }
+    )
+    # 768 kB chunks of coords: 11 of them reach 8 MiB
+    out = gpu_batches(ds, "gpu", chunk_bytes=8 * 2**20)
+    assert out["coords"].chunks[0] == (11_000, 9_000)
+    assert out["weights"].chunks[0] == out["coords"].chunks[0]
+    assert out["reference"].chunks == ds["reference"].chunks
+    assert isinstance(out["label"].data, np.ndarray)
+    xr.testing.assert_identical(out.compute(), ds.compute())
+    for device in ("cpu", "auto"):
+        assert gpu_batches(ds, device, chunk_bytes=8 * 2**20) is ds
+    assert gpu_batches(ds, "gpu", chunk_bytes=2**19) is ds  # chunks already that large
+    # whole multiples of the current chunk, never more than the batch
+    assert gpu_batches(ds, "gpu", chunk_bytes=2**40)["coords"].chunks[0] == (20_000,)
+    in_memory = ds.compute()
+    assert gpu_batches(in_memory, "gpu") is in_memory

@@ -50,6 +50,23 @@ def test_align_op_with_cupy_chunks_keeps_cupy_meta():
     )
 
 
+def test_ops_merge_small_host_chunks_for_the_gpu_and_keep_gpu_chunks():
+    from scalign import align, helix_ensemble, make_stack, warp_stack
+    from scalign.execution import to_device
+
+    ens = helix_ensemble(2_000, 20, noise=0.05, chunks=100)
+    ref = ens["reference"].values
+    out = align(ens, ref, device="gpu")
+    assert out["rmsd"].chunks[0] == (2_000,)  # 48 kB chunks merged: all of it < 256 MiB
+    np.testing.assert_allclose(
+        out["rmsd"].data.compute().get(), align(ens, ref)["rmsd"].values, rtol=1e-9
+    )
+    on_gpu = to_device(ens, "gpu")
+    assert align(on_gpu, ref, device="gpu")["rmsd"].chunks == ens["coords"].chunks[:1]
+    stack = make_stack(np.zeros((12, 16, 16), dtype=np.float32), chunks=3)
+    assert warp_stack(stack, np.eye(3), device="gpu").chunks[0] == (12,)
+
+
 def test_robust_kernel_on_cupy_matches_numpy():
     import cupy
 
