@@ -101,26 +101,22 @@ def _c_strides(shape: tuple[int, ...]) -> list[int]:
     return [math.prod(shape[a + 1 :]) for a in range(len(shape))]
 
 
-def _cell(xp: Any, images: Any, ids: Any, coords: Any) -> tuple[Any, list[Any], Any]:
-    """For points ``coords`` ``(b, d, N)`` (index order) of the images ``ids``: the flat
-    index of each point's lower grid corner in ``images`` ``(B, *shape)``, the per-axis
-    fractions, the per-axis lower indices, and the mask of points inside every axis'
-    ``[0, n - 1)`` (up to ``1e-9``; the others are clamped and must be masked out)."""
-    shape = images.shape[1:]
-    strides = _c_strides(shape)
-    base = xp.reshape(xp.astype(ids, xp.int64) * math.prod(shape), (-1, 1))
-    valid, fracs, lows = None, [], []
-    for a, n in enumerate(shape):
+def _cell(xp: Any, images: Any, ids: Any, coords: Any) -> tuple[Any, list[Any], list[Any], Any]:
+    """Where the points ``coords`` ``(b, d, N)`` (index order) of the images ``ids`` of
+    ``images`` ``(B, *shape)`` fall: each image's flat offset ``(b, 1)``, the per-axis
+    lower grid indices and fractions ``(b, N)``, and the mask of the points inside every
+    axis' ``[0, n - 1)`` (up to ``1e-9``; the others are clamped and must be masked out)."""
+    offset = xp.reshape(xp.astype(ids, xp.int64) * math.prod(images.shape[1:]), (-1, 1))
+    valid, lows, fracs = None, [], []
+    for a, n in enumerate(images.shape[1:]):
         c = coords[:, a]
         cc = xp.clip(c, 0.0, n - 1 - 1e-9)
         ok = cc == c
         valid = ok if valid is None else valid & ok
         c0 = xp.floor(cc)
+        lows.append(xp.astype(c0, xp.int64))
         fracs.append(xp.astype(cc - c0, images.dtype))
-        i0 = xp.astype(c0, xp.int64)
-        lows.append(i0)
-        base = base + i0 * strides[a]
-    return base, fracs, lows, valid
+    return offset, lows, fracs, valid
 
 
 def sample_linear(images: Any, ids: Any, coords: Any) -> tuple[Any, Any]:
@@ -131,7 +127,8 @@ def sample_linear(images: Any, ids: Any, coords: Any) -> tuple[Any, Any]:
     d = images.ndim - 1
     flat = xp.reshape(images, (-1,))
     strides = _c_strides(images.shape[1:])
-    base, fracs, _, valid = _cell(xp, images, ids, coords)
+    offset, lows, fracs, valid = _cell(xp, images, ids, coords)
+    base = offset + sum(i0 * st for i0, st in zip(lows, strides, strict=True))
     corners = {
         bits: flat[base + sum(b * s for b, s in zip(bits, strides, strict=True))]
         for bits in itertools.product((0, 1), repeat=d)
@@ -154,8 +151,7 @@ def sample_cubic(splines: Any, ids: Any, coords: Any) -> tuple[Any, Any]:
     d = len(shape)
     flat = xp.reshape(splines, (-1,))
     strides = _c_strides(shape)
-    _, fracs, lows, valid = _cell(xp, splines, ids, coords)
-    base = xp.reshape(xp.astype(ids, xp.int64) * math.prod(shape), (-1, 1))
+    offset, lows, fracs, valid = _cell(xp, splines, ids, coords)
     taps = []
     for a, i0 in enumerate(lows):
         n = shape[a]
@@ -172,7 +168,7 @@ def sample_cubic(splines: Any, ids: Any, coords: Any) -> tuple[Any, Any]:
             total = term if total is None else total + term
         return total
 
-    return along(0, base), valid
+    return along(0, offset), valid
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,6 +233,7 @@ def _top_pixels(images: Any, k: int) -> tuple[Any, Any]:
 
 
 def _unravel(flat: Any, shape: tuple[int, ...]) -> list[Any]:
+    """Per-axis indices of the C-order flat indices ``flat`` into ``shape``."""
     return [(flat // stride) % n for stride, n in zip(_c_strides(shape), shape, strict=True)]
 
 
