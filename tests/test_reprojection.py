@@ -70,6 +70,27 @@ def test_matching_recovers_orientations_and_shifts(kind):
     assert np.all(fit.score > 0.99)
 
 
+def test_matching_in_sub_batches_equals_one_batch(monkeypatch):
+    """A memory budget that fits one image of the search and three candidates of the
+    refinement at a time splits both into sub-batches; the results are the same numbers."""
+    from scalign.kernels import matching
+
+    parts = simulate_particles(BLOBS, N, 5, max_shift=2.0, ctf=True, seed=6)
+    st = parts.stack
+    H = ctf_half_plane(N, 3.0, st.defocus_u, st.defocus_v, st.defocus_angle)
+    gallery = euler_to_matrix(*orientation_grid(20.0))
+    args = (blob_volume(BLOBS, N), st.images.values, gallery)
+    whole = match_images(*args, ctf=H, step=20.0, max_shift=4)
+    # three refinement candidates at a time, one image at a time in the search
+    monkeypatch.setattr(matching, "_CORRELATION_BUDGET", 7 * matching._REFINE_BYTES * N * N * 3)
+    assert len(matching._parts(20, 7 * matching._REFINE_BYTES * N * N)) == 7
+    assert len(matching._parts(5, matching._SEARCH_BYTES * N * N * len(gallery[:256]))) == 5
+    split = match_images(*args, ctf=H, step=20.0, max_shift=4)
+    for a, b in zip(whole, split, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert symmetry_distance(split.A, parts.A, "C1").max() < 0.2
+
+
 def test_given_angles_rank_the_true_volume_first_in_both_directions(volumes):
     parts = simulate_particles(BLOBS, N, 24, noise=0.3, max_shift=2.0, ctf=True, seed=4, chunks=8)
     for gray in (False, True):
