@@ -14,6 +14,18 @@ def namespace(*arrays: Any):
     return array_namespace(*[a for a in arrays if a is not None])
 
 
+def clamp(x: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    """``x`` limited to ``[lo, hi]`` (NaN stays NaN), NumPy or CuPy, in one or two
+    elementwise passes. ``array_api_compat``'s ``clip`` copies ``x`` and assigns through
+    boolean masks: a device synchronisation and several kernels per call on CuPy."""
+    xp = namespace(x)
+    if lo is not None:
+        x = xp.maximum(x, lo)
+    if hi is not None:
+        x = xp.minimum(x, hi)
+    return x
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """Copy a NumPy or CuPy array to host memory as a NumPy array."""
     if is_cupy_array(x):

@@ -167,3 +167,15 @@ def test_gpu_batches_merge_host_chunks_along_the_batch_dim():
     assert gpu_batches(ds, "gpu", chunk_bytes=2**40)["coords"].chunks[0] == (20_000,)
     in_memory = ds.compute()
     assert gpu_batches(in_memory, "gpu") is in_memory
+
+
+def test_clamp_equals_numpy_clip_and_keeps_nan():
+    from scalign._array import clamp
+
+    x = np.array([-2.0, -0.5, 0.25, 0.7, np.nan, np.inf, -np.inf])
+    np.testing.assert_array_equal(clamp(x, -0.5, 0.5), np.clip(x, -0.5, 0.5))
+    np.testing.assert_array_equal(clamp(x, 0.0), np.clip(x, 0.0, None))
+    np.testing.assert_array_equal(clamp(x, hi=0.0), np.clip(x, None, 0.0))
+    q = np.arange(-3, 8)
+    assert clamp(q, 0, 5).dtype == q.dtype
+    np.testing.assert_array_equal(clamp(q, 0, 5), np.clip(q, 0, 5))

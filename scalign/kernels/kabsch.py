@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from array_api_compat import is_cupy_namespace, is_numpy_namespace
 
-from scalign._array import namespace
+from scalign._array import clamp, namespace
 from scalign.kernels.qcp import qcp_rotation
 
 Array = Any
@@ -253,7 +253,7 @@ def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
         e2_exact = xp.mean(sq, axis=-1) if pb is None else xp.sum(pb[idx] * sq, axis=-1)
         e2 = xp.asarray(e2, copy=True)
         e2[idx] = e2_exact
-    e2 = xp.clip(e2, 0.0, None)
+    e2 = clamp(e2, 0.0)
     t = cy - s[:, None] * (R @ cx[:, :, None])[:, :, 0]
     nan = xp.asarray(float("nan"), dtype=xp.float64)
     r2 = xp.where(gy > 0, 1.0 - e2 / xp.where(gy > 0, gy, 1.0), nan)

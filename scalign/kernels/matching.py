@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from scalign._array import namespace, to_numpy
+from scalign._array import clamp, namespace, to_numpy
 from scalign.kernels.projection import centering_phase, half_plane_frequencies, slice_spectra
 
 # Gallery projections per cross-correlation block.
@@ -100,7 +100,7 @@ def _peak(cc: np.ndarray, max_shift: float) -> tuple[np.ndarray, np.ndarray]:
         vm, vp = value(-dy, -dx), value(dy, dx)
         den = vm - 2.0 * best + vp
         frac = xp.where(den < 0, 0.5 * (vm - vp) / xp.where(den < 0, den, -1.0), 0.0)
-        shift[..., axis] += xp.clip(frac, -0.5, 0.5)
+        shift[..., axis] += clamp(frac, -0.5, 0.5)
     return shift, best
 
 
@@ -141,7 +141,7 @@ def _newton_shift(G: np.ndarray, shift: np.ndarray, n: int, steps: int = 2) -> t
         dx = (hess[..., 1, 1] * grad[..., 0] - hess[..., 0, 1] * grad[..., 1]) / safe
         dy = (hess[..., 0, 0] * grad[..., 1] - hess[..., 0, 1] * grad[..., 0]) / safe
         step = xp.where(ok[..., None], -xp.stack([dx, dy], axis=-1), 0.0)
-        s = s + xp.clip(step, -0.5, 0.5)
+        s = s + clamp(step, -0.5, 0.5)
     return s, value
 
 

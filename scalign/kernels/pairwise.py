@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from array_api_compat import is_numpy_namespace
 
-from scalign._array import namespace
+from scalign._array import clamp, namespace
 from scalign.kernels.kabsch import _svd_rotation, superpose
 from scalign.kernels.qcp import largest_eigenvalue
 
@@ -118,7 +118,7 @@ def rmsd_block(A: Centred, B: Centred | None = None) -> Array:
             pair = (slice(start, stop), cols)
             bound = xp.where(ok[pair], 0.5 * g[pair], 1.5)
             e2[pair] = g[pair] - 2.0 * _trace(xp, H[pair], bound)
-    e2 = xp.clip(e2, 0.0, None)
+    e2 = clamp(e2, 0.0)
     close = ok & (e2 < _CLOSE * g)
     if same:
         # solved below the diagonal only; a structure against itself is exactly 0

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from scalign._array import namespace, to_numpy
+from scalign._array import clamp, namespace, to_numpy
 from scalign.kernels.affine import image_center
 from scalign.kernels.register import (
     COARSE_TOL,
@@ -110,7 +110,7 @@ def _cell(xp: Any, images: Any, ids: Any, coords: Any) -> tuple[Any, list[Any], 
     valid, lows, fracs = None, [], []
     for a, n in enumerate(images.shape[1:]):
         c = coords[:, a]
-        cc = xp.clip(c, 0.0, n - 1 - 1e-9)
+        cc = clamp(c, 0.0, n - 1 - 1e-9)
         ok = cc == c
         valid = ok if valid is None else valid & ok
         c0 = xp.floor(cc)
@@ -389,7 +389,7 @@ def _shifted_zncc(ref: Any, g: Any, valid: Any, shift: Any) -> Any:
         q = xp.asarray(grid[a])[None, :] + k[:, a : a + 1]
         ok = (q >= 0) & (q < n)
         inside = ok if inside is None else inside & ok
-        index = index + xp.clip(q, 0, n - 1) * stride
+        index = index + clamp(q, 0, n - 1) * stride
     m = inside & xp.reshape(valid, (-1,))[index]
     w = xp.astype(m, xp.float64)
     count = xp.sum(w, axis=1)
