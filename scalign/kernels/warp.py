@@ -558,11 +558,13 @@ def _warp_cupy(images, M, order, mode, cval, dtype):
         )
         return out
     per_image = M.ndim == 3
+    # every matrix uploaded at once, not one host-to-device copy per image
+    on_device = cupy.asarray(mats)
     for b in range(images.shape[0]):
-        mat, off = (mats[b], offs[b]) if per_image else (mats, offs)
+        mat, off = (on_device[b], offs[b]) if per_image else (on_device, offs)
         cndi.affine_transform(
             images[b],
-            cupy.asarray(mat),
+            mat,
             offset=[float(v) for v in off],
             order=order,
             mode=mode,
