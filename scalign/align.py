@@ -309,7 +309,8 @@ def align(
         structure index or full-resolution array that is coarsened the same way; the
         output's ``reference`` (and ``robust_weights``) are over ``bead``.
     device : {"auto", "cpu", "gpu"}
-        Where the chunks are computed: ``"gpu"`` moves them to the GPU (CuPy) once, and the
+        Where the chunks are computed: ``"gpu"`` moves them to the GPU (CuPy) once (host
+        chunks merged to ~256 MiB, :func:`scalign.execution.gpu_batches`), and the
         results stay there (chain further GPU ops, or bring them back with
         :func:`scalign.execution.to_device` or by writing them with :func:`save_zarr`);
         ``"cpu"`` brings CuPy chunks back first; ``"auto"`` computes each chunk where it

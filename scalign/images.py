@@ -254,13 +254,15 @@ def warp_stack(
         Fill value for the constant modes.
     device : {"auto", "cpu", "gpu"}
         Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
-        moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
+        moves them to the GPU (CuPy) once (host chunks merged to ~256 MiB,
+        :func:`scalign.execution.gpu_batches`), ``"cpu"`` brings CuPy chunks back first,
         ``"auto"`` computes each chunk where it already is. CuPy chunks are warped
         by ``cupyx.scipy.ndimage.affine_transform`` and stay on the GPU.
 
     Returns
     -------
-    DataArray ``images`` with the stack's dims, coordinates, attributes and chunks; the
+    DataArray ``images`` with the stack's dims, coordinates, attributes and chunks (host
+    chunks moved to the GPU are merged first: :func:`scalign.execution.gpu_batches`); the
     input's float dtype (integer images: the smallest float that holds them exactly).
     Nothing is computed until the result is.
     """

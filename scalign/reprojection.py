@@ -311,7 +311,8 @@ def compare_reprojections(
     eps : accuracy of the projector's non-uniform FFT.
     device : {"auto", "cpu", "gpu"}
         Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
-        moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
+        moves them to the GPU (CuPy) once (host chunks merged to ~256 MiB,
+        :func:`scalign.execution.gpu_batches`), ``"cpu"`` brings CuPy chunks back first,
         ``"auto"`` computes each chunk where it already is. On the GPU the images are
         matched, projected (:func:`scalign.kernels.projection.project`) and scored
         there. The results come back to the host.

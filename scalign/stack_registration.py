@@ -188,7 +188,8 @@ def register_stack(
         Interpolation order of the registered stack.
     device : {"auto", "cpu", "gpu"}
         Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
-        moves them to the GPU (CuPy) once, ``"cpu"`` brings CuPy chunks back first,
+        moves them to the GPU (CuPy) once (host chunks merged to ~256 MiB,
+        :func:`scalign.execution.gpu_batches`), ``"cpu"`` brings CuPy chunks back first,
         ``"auto"`` computes each chunk where it already is. On the GPU each chunk's
         motions are estimated as one batch (the same estimate, to rounding), the
         registered stack is warped there, and the motions, losses and iterations come
