@@ -72,6 +72,9 @@ def compute_while_killing_a_worker(lazy: xr.Dataset | xr.DataArray, min_done: in
         ),
     ],
 )
+# the inputs are in memory on purpose (no store to recompute from): their chunks travel
+# in the graph, which distributed reports as a large graph
+@pytest.mark.filterwarnings("ignore:Sending large graph:UserWarning")
 def test_a_killed_worker_loses_nothing(make):
     lazy = make()
     expected = lazy.compute(scheduler="threads")
