@@ -373,11 +373,10 @@ def _integer_peaks(spectrum: Any, spectra: Any, shape: tuple[int, ...]) -> Any:
 
 
 def _shifted_zncc(ref: Any, g: Any, valid: Any, shift: Any) -> Any:
-    """:func:`scalign.kernels.register._shifted_zncc` of ``ref(p)`` and ``g_k(p + t_k)``
-    for every row ``k`` of ``g``, ``valid`` ``(K, *shape)``, ``ref`` ``(K, *shape)``
-    (or one for all: ``shape``) and the integer ``shift``
-    ``(K, d)`` (``x, y[, z]``); ``-inf`` where fewer than 16 points overlap or a side is
-    flat."""
+    """:func:`scalign.kernels.register._shifted_zncc` of ``ref_k(p)`` and ``g_k(p + t_k)``
+    for every row ``k`` of ``g`` and ``valid`` ``(K, *shape)``, with ``ref`` one per row
+    ``(K, *shape)`` or one for all ``shape``, and the integer shifts ``t`` ``(K, d)``
+    (``x, y[, z]``); ``-inf`` where fewer than 16 points overlap or a side is flat."""
     xp = namespace(g)
     K, shape = g.shape[0], g.shape[1:]
     d, size = len(shape), math.prod(shape)
