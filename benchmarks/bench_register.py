@@ -5,6 +5,9 @@ On the same pairs (``skimage.data.camera`` moved by random rigid motions up to Â
 
 * scalign ``register_affine_2d(ref, mov, "rigid")``, one pair at a time (1 thread), and
   the same loop on 2 Dask threads (``register_stack`` against a fixed reference);
+* the kernels ``register_stack`` runs on a chunk against one reference (1 thread): on the
+  CPU ``estimate_motion`` per image with one template, on the GPU the batched
+  ``register_batch.estimate_motions`` (here on NumPy, all pairs at once);
 * pystackreg ``StackReg(RIGID_BODY).register`` (1 thread);
 * scikit-image ``phase_cross_correlation`` (translation only, upsample 20, 1 thread);
 
@@ -33,6 +36,8 @@ from scalign.kernels.affine import (
     pull_matrix,
     rotation_angle,
 )
+from scalign.kernels.register import estimate_motion, prepare_template
+from scalign.kernels.register_batch import estimate_motions, prepare_templates
 
 TARGET = 50.0  # pairs/s on 2 cores
 
@@ -92,6 +97,24 @@ def main(argv=None) -> int:
             )
         )
         checks["scalign"] = accuracy(scalign_loop(), truth, ref.shape)
+
+    def per_image():
+        # what register_stack runs on a CPU chunk: one template, the estimate per image
+        template = prepare_template(ref.astype(np.float32), "rigid")
+        return [estimate_motion(template, m.astype(np.float32)).matrix for m in movs]
+
+    def batched():
+        # what it runs on a GPU chunk, here on NumPy: the reason the CPU keeps the loop
+        templates = prepare_templates(ref[None].astype(np.float32), "rigid")
+        return list(estimate_motions(templates, movs.astype(np.float32)).matrix)
+
+    with threadpool_limits(1):
+        for key, label, fn in (
+            ("per_image", "scalign register_stack's CPU chunk kernel, 1 thread", per_image),
+            ("batched", "scalign register_stack's GPU chunk kernel on NumPy, 1 thread", batched),
+        ):
+            rows.append(Row(key, label, "pairs", best_time(fn, args.repeat), n))
+            checks[key] = accuracy(fn(), truth, ref.shape)
 
     stack = scalign.make_stack(np.concatenate([ref[None], movs]), chunks=max(1, (n + 1) // 4))
 
@@ -166,6 +189,7 @@ def main(argv=None) -> int:
         [
             ("scalign op (2 threads) / pystackreg", "op", "pystackreg"),
             ("scalign loop (1 thread) / pystackreg", "scalign", "pystackreg"),
+            ("per-image / batched chunk kernel (1 thread)", "per_image", "batched"),
         ],
         "pairs/s",
         40,
