@@ -16,7 +16,8 @@ copies of the first items: a smaller batch, every figure per item):
 * registering 512 x 1,024² float32 images (smooth noise moved by random rigid motions)
   onto the unmoved one, rigid, mse: ``estimate_motions`` (the batched estimate that
   ``register_stack`` runs on CuPy chunks, the reference prepared on the GPU per chunk)
-  in chunks of 128, against the per-image
+  in chunks of 128, and the ``register_stack`` op on a CuPy stack in chunks of 128 (threaded
+  Dask), against the per-image
   ``estimate_motion`` on the CPU; images/s;
 * projection of a 256³ map at 1,000 orientations (``project(volume, A, eps=1e-3)`` with a
   CuPy volume: cufinufft where installed); projections/s;
@@ -51,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import _report as report
+import dask
 import numpy as np
 from _report import Row, best_time, fmt_rate, status, verdict
 from scipy.spatial.transform import Rotation
@@ -135,7 +137,8 @@ PAIRS = [
     ("pairwise RMSD kernel", "gpu.pairwise_kernel", "cpu.pairwise_kernel"),
     ("warp, one shared matrix", "gpu.warp_shared", "cpu.warp_shared"),
     ("warp, one matrix per image", "gpu.warp_each", "cpu.warp_each"),
-    ("stack registration, rigid", "gpu.register", "cpu.register"),
+    ("stack registration kernel, rigid", "gpu.register", "cpu.register"),
+    ("stack registration op, rigid", "gpu.register_op", "cpu.register_op"),
     ("projection", "gpu.project", "cpu.project"),
     ("residual scores compare", "gpu.compare", "cpu.compare"),
 ]
@@ -656,6 +659,25 @@ def bench_register(cfg: dict, repeat: int, res: Results) -> None:
     res.add(Row("cpu.register", "CPU estimate_motion (per image)", "register", t, m, CPU_NOTE))
     d = float(np.abs(out["matrix"][:m] - np.concatenate(cpu["cpu"])).max())
     res.check("register", d < 1e-4, f"GPU vs CPU motions, max |diff| {d:.1e}")
+
+    # the op as users call it: the reference first in the stack, chunks on the GPU
+    stack = scalign.make_stack(cupy.concatenate([ref[None], images]), chunks=chunk)
+
+    def gpu_op():
+        out["op"] = host(scalign.register_stack(stack, "first")["matrix"].data.compute())
+
+    t = gpu_time(gpu_op, repeat)
+    res.add(Row("gpu.register_op", "GPU register_stack op", "register", t, B + 1, "threaded Dask"))
+    host_stack = scalign.make_stack(np.concatenate([ref_host[None], Xc]), chunks=(m + 2) // 2)
+
+    def cpu_op():
+        out["cpu_op"] = scalign.register_stack(host_stack, "first")["matrix"].values
+
+    with dask.config.set(scheduler="threads", num_workers=CPU_THREADS), threadpool_limits(1):
+        t = best_time(cpu_op, repeat)
+    res.add(Row("cpu.register_op", "CPU register_stack op", "register", t, m + 1, CPU_NOTE))
+    d = float(np.abs(out["op"][: m + 1] - out["cpu_op"]).max())
+    res.check("register op", d < 1e-4, f"GPU vs CPU op motions, max |diff| {d:.1e}")
     E = np.einsum("bij,bjk->bik", out["matrix"], np.linalg.inv(truth))
     err = float(np.abs(E[:, :2, :2] @ c + E[:, :2, 2] - c).max())
     res.check("register truth", err < 0.05, f"centre error vs the true motions, max {err:.3f} px")
