@@ -195,6 +195,30 @@ def test_templates_equal_the_single_ones(camera, transform):
             assert not level.sd[t][:, ~real].any()
 
 
+@pytest.mark.parametrize("transform", ["rigid", "affine"])
+def test_volume_templates_equal_the_single_ones(transform):
+    """3-D: the 2 x 2 x 2 children of a coarser level's strongest voxels, and the
+    rotation-vector rows of the steepest-descent images."""
+    rng = np.random.default_rng(7)
+    vols = ndimage.gaussian_filter(rng.standard_normal((2, 48, 52, 56)), (0, 2, 2, 2))
+    vols = vols.astype(np.float32)
+    templates = batch.prepare_templates(vols, transform, max_points=2048)
+    for t, vol in enumerate(vols):
+        one = single.prepare_template(vol, transform, max_points=2048)
+        assert len(templates.levels) == len(one.levels) == 2
+        for level, data in zip(templates.levels, one.levels, strict=True):
+            real = level.real[t]
+            assert real.sum() == data.points.shape[1]
+            order = np.lexsort(level.points[t][:, real][::-1])
+            ref_order = np.lexsort(data.points[::-1])
+            np.testing.assert_array_equal(
+                level.points[t][:, real][:, order], data.points[:, ref_order]
+            )
+            np.testing.assert_allclose(
+                level.sd[t][:, real][:, order], data.sd[:, ref_order], rtol=1e-12
+            )
+
+
 def test_a_template_per_image_equals_the_single_estimates(camera):
     """reference='previous': image k onto image k - 1, each with its own template."""
     c = image_center(camera.shape)
