@@ -248,6 +248,23 @@ def auto_levels(shape: Sequence[int], min_size: int) -> int:
     return levels
 
 
+def template_levels(shape: Sequence[int]) -> int:
+    """Default pyramid levels of a template: :func:`auto_levels` with the coarsest side
+    >= 64 in 2-D, >= 24 in 3-D."""
+    return auto_levels(shape, 64 if len(shape) == 2 else 24)
+
+
+def search_level(shapes: Sequence[Sequence[int]]) -> int:
+    """The pyramid level (of ``shapes``, finest first) the rotation search looks at: in
+    2-D the coarsest one of >= 96 px (more angular detail than a smaller one), else the
+    finest; in 3-D the coarsest."""
+    k = len(shapes) - 1
+    if len(shapes[0]) == 2:
+        while k > 0 and min(shapes[k]) < 96:
+            k -= 1
+    return k
+
+
 def build_pyramid(img: np.ndarray, levels: int) -> list[np.ndarray]:
     """``[img, downsample(img), ...]`` (finest first), ``levels`` arrays, float32."""
     pyr = [np.ascontiguousarray(img, dtype=np.float32)]
@@ -860,16 +877,13 @@ def prepare_template(
 ) -> Template:
     """Everything :func:`estimate_motion` needs from the reference, computed once.
 
-    Levels: ``levels`` pyramid levels (default :func:`auto_levels`, coarsest side >= 64
-    in 2-D, >= 24 in 3-D) with each level's points and steepest-descent images
-    (:func:`prepare_level`); the coarsest level's windowed spectrum; for the rotation
-    search (``rotation_search`` and a transform beyond ``translation``), the log-polar map
-    of the finest level of >= 96 px (2-D) below the coarsest, which has more angular
-    detail than the coarsest.
+    Levels: ``levels`` pyramid levels (default :func:`template_levels`) with each level's
+    points and steepest-descent images (:func:`prepare_level`); the coarsest level's
+    windowed spectrum; for the rotation search (``rotation_search`` and a transform
+    beyond ``translation``), the log-polar map of the :func:`search_level`.
     """
-    d = ref.ndim
     if levels is None:
-        levels = auto_levels(ref.shape, 64 if d == 2 else 24)
+        levels = template_levels(ref.shape)
     pyramid = build_pyramid(ref, levels)
     L = levels - 1
     data = [
@@ -878,9 +892,7 @@ def prepare_template(
     ]
     search, k = None, L
     if rotation_search and transform != "translation":
-        if d == 2:
-            while k > 0 and min(pyramid[k].shape) < 96:
-                k -= 1
+        k = search_level([p.shape for p in pyramid])
         search = log_polar_map(search_image(pyramid[k]), workers=workers)
     spectrum = _windowed_spectrum(pyramid[L], True, workers)
     return Template(pyramid, data, transform, spectrum, search, k)

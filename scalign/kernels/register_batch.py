@@ -47,14 +47,15 @@ from scalign.kernels.register import (
     _log_polar_coords,
     _log_polar_radii,
     _translation,
-    auto_levels,
     downsample,
     hann_window,
     level_map,
     mellin_candidates,
     mellin_profile,
     search_image,
+    search_level,
     steepest_descent,
+    template_levels,
 )
 
 
@@ -289,6 +290,14 @@ def prepare_levels(refs: Any, transform: str, max_points: int | None, coarser: A
     return Level(points, values, sd, real, xp.asarray(center), xp.asarray(corners))
 
 
+def _pyramid(images: Any, levels: int) -> list[Any]:
+    """:func:`scalign.kernels.register.build_pyramid` of every image of a batch."""
+    pyramid = [namespace(images).astype(images, np.float32)]
+    for _ in range(levels - 1):
+        pyramid.append(downsample(pyramid[-1], batch=1))
+    return pyramid
+
+
 def prepare_templates(
     refs: Any,
     transform: str = "rigid",
@@ -299,13 +308,8 @@ def prepare_templates(
     """:func:`scalign.kernels.register.prepare_template` of every reference of a batch
     ``(T, *shape)`` (NumPy or CuPy; ``T = 1``: one reference for every image), with its
     default levels."""
-    xp = namespace(refs)
-    shape = refs.shape[1:]
-    d = len(shape)
-    levels = auto_levels(shape, 64 if d == 2 else 24)
-    pyramid = [xp.astype(refs, xp.float32)]
-    for _ in range(levels - 1):
-        pyramid.append(downsample(pyramid[-1], batch=1))
+    levels = template_levels(refs.shape[1:])
+    pyramid = _pyramid(refs, levels)
     L = levels - 1
     data = [
         prepare_levels(pyramid[lev], transform, max_points, pyramid[lev + 1] if lev < L else None)
@@ -313,9 +317,7 @@ def prepare_templates(
     ]
     search, k = None, L
     if rotation_search and transform != "translation":
-        if d == 2:
-            while k > 0 and min(pyramid[k].shape[1:]) < 96:
-                k -= 1
+        k = search_level([p.shape[1:] for p in pyramid])
         search = log_polar_maps(search_image(pyramid[k], batch=1))
     return Templates(pyramid, data, transform, windowed_spectra(pyramid[L]), search, k)
 
@@ -443,14 +445,15 @@ def initial_motions(templates: Templates, coarse: Any, searched: Any = None) -> 
             owner.append(b)
             mats.append(_coarse_matrix(d, center, theta, s))
     owner_np = np.asarray(owner)
-    C = xp.asarray(np.stack(mats))
+    mats = np.stack(mats)
+    C = xp.asarray(mats)
     ids = xp.asarray(owner_np)
     points = xp.asarray(np.indices(shape).reshape(d, -1)[::-1].astype(np.float64))
     coords = xp.flip(C[:, :d, :d] @ points + C[:, :d, d:], axis=1)
     g, valid = sample_linear(coarse, ids, coords)
     # the identity candidate is the image itself, every pixel valid (sampling would drop
     # the last row and column)
-    identity = xp.asarray(np.all(np.stack(mats) == np.eye(d + 1), axis=(1, 2)))
+    identity = xp.asarray(np.all(mats == np.eye(d + 1), axis=(1, 2)))
     g = xp.where(identity[:, None], xp.reshape(coarse, (B, -1))[ids], g)
     valid = valid | identity[:, None]
     w = xp.astype(valid, xp.float64)
@@ -668,9 +671,7 @@ def estimate_motions(
     B, d = images.shape[0], images.ndim - 1
     levels = len(templates.pyramid)
     L = levels - 1
-    pyramid = [xp.astype(images, xp.float32)]
-    for _ in range(L):
-        pyramid.append(downsample(pyramid[-1], batch=1))
+    pyramid = _pyramid(images, levels)
     searched = None
     if templates.search is not None:
         searched = search_image(pyramid[templates.search_level], batch=1)
