@@ -7,9 +7,12 @@ Conventions (those of RELION, Xmipp and SPIDER):
   ``rot, tilt, psi`` (ZYZ Euler angles, degrees), ``shift_x, shift_y`` (pixels),
   ``defocus_u, defocus_v`` (Å) and ``defocus_angle`` (degrees); attrs ``pixel_size``
   (Å/px), ``voltage`` (kV), ``cs`` (mm), ``amplitude_contrast`` (fraction).
-* Shifts: an image is its projection moved by ``(+shift_x, +shift_y)`` pixels, so
-  ``shift_x = rlnOriginXAngst / pixel_size`` (RELION ≥ 3.1) or ``rlnOriginX`` (older
-  files, already in pixels). The image centre is pixel ``(N//2, N//2)``.
+* Shifts: an image is its projection moved by ``(+shift_x, +shift_y)`` pixels: where
+  the particle's centre lies relative to the box centre, pixel ``(N//2, N//2)``.
+  RELION's origin offsets are the opposite, the shift that brings the image back onto
+  the projection (``relion_project`` moves each projection by ``-rlnOriginX``), so
+  ``shift_x = -rlnOriginXAngst / pixel_size`` (RELION ≥ 3.1) or ``-rlnOriginX`` (older
+  files, in pixels).
 * A volume is a DataArray over ``(z, y, x)`` with attr ``pixel_size``.
 * ``rlnImageName`` entries are ``INDEX@STACK``: a 1-based index into an MRC stack whose
   path is relative to the STAR file's folder (or ``root``).
@@ -708,7 +711,8 @@ def import_star(
         now, pixels when computed: one task per chunk of rows, reading only that chunk's
         images from each stack it draws on). Per-image float64 variables, each only when
         its columns exist: ``rot, tilt, psi`` (degrees), ``shift_x, shift_y`` (pixels:
-        ``rlnOriginX/YAngst / pixel_size``, or older ``rlnOriginX/Y``), ``defocus_u,
+        ``-rlnOriginX/YAngst / pixel_size``, or older ``-rlnOriginX/Y``; module
+        docstring), ``defocus_u,
         defocus_v`` (Å), ``defocus_angle`` (degrees). Attrs: ``pixel_size`` (from the
         STAR file, else the stacks' headers), ``voltage``, ``cs``,
         ``amplitude_contrast`` where given; ``source`` (the STAR file's name) and
@@ -752,11 +756,11 @@ def import_star(
             )
         for var, col in SHIFTS_ANGST.items():
             if col in particles:
-                variables[var] = _numeric(particles, col, row) / attrs["pixel_size"]
+                variables[var] = -_numeric(particles, col, row) / attrs["pixel_size"]
     else:
         for var, col in SHIFTS_PIXELS.items():
             if col in particles:
-                variables[var] = _numeric(particles, col, row)
+                variables[var] = -_numeric(particles, col, row)
     for var, col in CTF.items():
         if col in particles:
             variables[var] = _numeric(particles, col, row)
@@ -823,7 +827,7 @@ def export_star(
     -------
     pathlib.Path
         ``star_path``. ``import_star`` of it gives back ``ds``: images bit for bit (as
-        float32), origins as ``rlnOriginX/YAngst = shift × pixel_size``, and floats to
+        float32), origins as ``rlnOriginX/YAngst = -shift × pixel_size``, and floats to
         9 significant digits.
     """
     if not isinstance(ds, xr.Dataset) or "images" not in ds.data_vars:
@@ -863,7 +867,7 @@ def export_star(
             particles[col] = _metadata(ds, var)
     for var, col in SHIFTS_ANGST.items():
         if var in ds:
-            particles[col] = _metadata(ds, var) * pixel_size
+            particles[col] = -_metadata(ds, var) * pixel_size
     for var, col in CTF.items():
         if var in ds:
             particles[col] = _metadata(ds, var)

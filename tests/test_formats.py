@@ -11,7 +11,15 @@ import pandas as pd
 import pytest
 import starfile
 import xarray as xr
+from scipy import ndimage
 
+from scalign import (
+    blob_projections,
+    blob_volume,
+    compare_reprojections,
+    euler_to_matrix,
+    random_blobs,
+)
 from scalign.cli import main
 from scalign.formats import (
     export_star,
@@ -204,7 +212,7 @@ def test_star_round_trip_is_exact(tmp_path):
     assert list(blocks) == ["optics", "particles"]
     assert blocks["particles"]["rlnImageName"].iloc[2] == "000003@particles.mrcs"
     np.testing.assert_allclose(
-        blocks["particles"]["rlnOriginXAngst"], ds["shift_x"].values * 1.3, rtol=1e-8
+        blocks["particles"]["rlnOriginXAngst"], -ds["shift_x"].values * 1.3, rtol=1e-8
     )
     back = import_star(star, chunks=5)
     assert isinstance(back["images"].data, da.Array)
@@ -288,8 +296,8 @@ def test_legacy_star_with_pixel_origins_and_no_optics_block(tmp_path):
     assert list(starfile.read(star, always_dict=True)) == [""]  # one unnamed block
     ds = import_star(star, require_angles=True)
     np.testing.assert_array_equal(ds["images"].values[:, 0, 0], [3, 2, 1, 0])
-    np.testing.assert_array_equal(ds["shift_x"].values, [1.5, -2.0, 0.0, 3.25])  # pixels
-    np.testing.assert_array_equal(ds["shift_y"].values, [0.5, 0.0, -1.0, 2.0])
+    np.testing.assert_array_equal(ds["shift_x"].values, [-1.5, 2.0, 0.0, -3.25])  # pixels
+    np.testing.assert_array_equal(ds["shift_y"].values, [-0.5, 0.0, 1.0, -2.0])
     np.testing.assert_array_equal(ds["rot"].values, [10.0, 20.0, 30.0, 40.0])
     assert ds.attrs["pixel_size"] == pytest.approx(1.4)
     assert (ds.attrs["voltage"], ds.attrs["cs"], ds.attrs["amplitude_contrast"]) == (
@@ -312,8 +320,50 @@ def test_angstrom_origins_are_divided_by_the_pixel_size(tmp_path):
         OPTICS_31,
     )
     ds = import_star(star)
-    np.testing.assert_allclose(ds["shift_x"].values, [2.0, -1.0])
-    np.testing.assert_allclose(ds["shift_y"].values, [0.0, 4.0])
+    np.testing.assert_allclose(ds["shift_x"].values, [-2.0, 1.0])  # RELION's sign flipped
+    np.testing.assert_allclose(ds["shift_y"].values, [0.0, -4.0])
+
+
+def test_relion_origins_bring_the_image_back_onto_its_projection(tmp_path):
+    """RELION's convention, independently of scalign's projector shifts: the image is the
+    centred projection moved by ``-rlnOriginX/YAngst / pixel size`` (``relion_project``),
+    done here with scipy's Fourier shift. The imported shifts reproduce the images; the
+    opposite sign does not."""
+    rng = np.random.default_rng(3)
+    n, px, b = 32, 2.0, 5
+    blobs = random_blobs(10, radius=8.0, seed=1)
+    rot, tilt, psi = rng.uniform(-180, 180, b), rng.uniform(10, 170, b), rng.uniform(-180, 180, b)
+    origin = rng.uniform(-3, 3, (b, 2))  # rlnOriginX/Y in pixels
+    centred = blob_projections(blobs, n, euler_to_matrix(rot, tilt, psi))
+    images = np.stack(
+        [
+            np.fft.ifft2(ndimage.fourier_shift(np.fft.fft2(p), (-oy, -ox))).real
+            for p, (ox, oy) in zip(centred, origin, strict=True)
+        ]
+    ).astype(np.float32)
+    _mrcs(tmp_path / "p.mrcs", images, voxel_size=px)
+    star = _star(
+        tmp_path / "p.star",
+        {
+            "rlnImageName": [f"{i + 1:06d}@p.mrcs" for i in range(b)],
+            "rlnOpticsGroup": [1] * b,
+            "rlnAngleRot": rot,
+            "rlnAngleTilt": tilt,
+            "rlnAnglePsi": psi,
+            "rlnOriginXAngst": origin[:, 0] * px,
+            "rlnOriginYAngst": origin[:, 1] * px,
+        },
+        {**OPTICS_31, "rlnImagePixelSize": [px]},
+    )
+    ds = import_star(star)
+    np.testing.assert_allclose(ds["shift_x"].values, -origin[:, 0], rtol=1e-5)
+    volume = blob_volume(blobs, n)
+    options = {"angles": "stack", "downsample_to": None, "covariance": False}
+    r = compare_reprojections(ds, volume, **options).compute()["correlation"].values
+    assert r.min() > 0.999
+    flipped = ds.assign(shift_x=-ds["shift_x"], shift_y=-ds["shift_y"])
+    r = compare_reprojections(flipped, volume, **options).compute()["correlation"].values
+    assert r.max() < 0.95
 
 
 def test_missing_angle_columns(tmp_path):
