@@ -21,7 +21,7 @@ from scalign.images import validate_stack, warp_stack
 from scalign.io import load_ensemble, load_points, open_ensemble, open_store, save_zarr
 from scalign.pairwise import pairwise_rmsd
 from scalign.procrustes import ROBUST_LOSSES, rotation_angle
-from scalign.reprojection import DIRECTIONS, compare_reprojections, rank_volumes
+from scalign.reprojection import RANKING_SCORES, compare_reprojections, rank_volumes
 from scalign.stack_registration import LOSSES as REGISTRATION_LOSSES
 from scalign.stack_registration import TRANSFORMS as REGISTRATION_TRANSFORMS
 from scalign.stack_registration import register_stack
@@ -495,7 +495,13 @@ def cmd_rank(args) -> int:
     table = rank_volumes(result, args.score)
     print(
         f"ranking by {table.attrs['score']} ({table.attrs['better']} is better) over "
-        f"{result.sizes['image']:,} images; best volume: {table.attrs['best']}"
+        f"{table.attrs['images']:,} images"
+        + (
+            f" ({table.attrs['excluded']:,} without a finite score left out)"
+            if table.attrs["excluded"]
+            else ""
+        )
+        + f"; best volume: {table.attrs['best']}"
     )
     print(table.to_string(index=False))
     return 0
@@ -673,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rk = sub.add_parser("rank", help="rank the volumes of a compare result")
     rk.add_argument("result", metavar="OUT.zarr")
-    rk.add_argument("--score", default="cost", choices=tuple(DIRECTIONS))
+    rk.add_argument("--score", default="cost", choices=RANKING_SCORES)
     rk.set_defaults(func=cmd_rank)
 
     info = sub.add_parser("info", help="describe a zarr store or a .npy/.npz file")

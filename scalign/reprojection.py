@@ -56,6 +56,8 @@ DIRECTIONS = {
     "z_score_res_std": "lower",
     "z_score_res_cov": "lower",
 }
+#: The scores that can rank volumes: each image's fit to each map on the same footing.
+RANKING_SCORES = ("correlation", "cost")
 _PER_IMAGE = (
     "rot",
     "tilt",
@@ -351,10 +353,7 @@ def compare_reprojections(
         gallery = np.eye(3)[None]  # unused: the angles are given
     shift_limit = n / 4 if max_shift is None else float(max_shift)
     zeros = xr.zeros_like(stack.isel({Y: 0, X: 0}), dtype=np.float64)
-    per_image = given if given is not None else xr.Dataset({a: zeros for a in ANGLES})
     defocus = [ds[v] if ctf else zeros for v in CTF_VARIABLES]
-    inputs = [stack, *(per_image[a] for a in ANGLES), *defocus]
-    core = [[Y, X]] + [[]] * (len(inputs) - 1) + [list(VOLUME_DIMS), list(GALLERY_DIMS)]
     gallery = _shared(gallery, GALLERY_DIMS)
     outputs = {name: ((), np.float64) for name in _PER_IMAGE}
     sizes = {}
@@ -373,19 +372,45 @@ def compare_reprojections(
         "pixel_size": None if pixel is None else float(pixel) * n / size,
         "eps": eps,
     }
-    results = []
-    for volume in small:
-        out = map_batch(
-            _compare_chunk,
-            [*inputs, _shared(volume, VOLUME_DIMS), gallery],
-            core,
-            outputs,
-            sizes=sizes,
-            kwargs=options | {"reprojections": reprojections},
-        )
-        results.append(xr.Dataset(out))
+
+    def compared(per_volume: list[xr.Dataset], search: bool, out: dict) -> xr.Dataset:
+        """The per-image outputs for every volume, lazily: one map over the chunks per
+        volume, with that volume's angles (searched for when ``search``)."""
+        results = []
+        for volume, per in zip(small, per_volume, strict=True):
+            inputs = [stack, *(per[a] for a in ANGLES), *defocus]
+            mapped = map_batch(
+                _compare_chunk,
+                [*inputs, _shared(volume, VOLUME_DIMS), gallery],
+                [[Y, X]] + [[]] * (len(inputs) - 1) + [list(VOLUME_DIMS), list(GALLERY_DIMS)],
+                out,
+                sizes=sizes if "reprojection" in out else {},
+                kwargs=options | {"search": search, "reprojections": "reprojection" in out},
+            )
+            results.append(xr.Dataset(mapped))
+        return xr.concat(results, dim=VOLUME)
+
+    if given is not None:
+        result = compared([given] * len(small), False, outputs)
+    elif not covariance:
+        result = compared([xr.Dataset({a: zeros for a in ANGLES})] * len(small), True, outputs)
+    else:
+        # the JBLD passes need every image's angles: match once, then score (and reproject)
+        # at the matched angles, so that computing the result does not match again
+        matched = compared(
+            [xr.Dataset({a: zeros for a in ANGLES})] * len(small),
+            True,
+            {a: ((), np.float64) for a in _PER_IMAGE},
+        )[list(ANGLES)].compute()
+        chunked = [
+            matched.isel({VOLUME: j})
+            .drop_vars(VOLUME, errors="ignore")
+            .chunk({IMAGE: stack.chunks[0]})
+            for j in range(len(small))
+        ]
+        result = compared(chunked, False, outputs)
     # names as an attr: zarr v3 has no stable fixed-width string type for a coordinate
-    result = xr.concat(results, dim=VOLUME).assign_coords({VOLUME: np.arange(len(names))})
+    result = result.assign_coords({VOLUME: np.arange(len(names))})
     if IMAGE in stack.coords:
         result = result.assign_coords({IMAGE: stack[IMAGE].values})
     # global scores: reductions over all the images of each volume
@@ -394,8 +419,9 @@ def compare_reprojections(
         sd = v.std(IMAGE)
         result[f"z_score_res_{name}"] = abs(v - v.mean(IMAGE)) / sd.where(sd > 0)
     if covariance:
+        angles_used = matched if given is None else given.compute()
         result = result.assign(
-            z_score_res_cov=_covariance_scores(stack, defocus, result, small, options)
+            z_score_res_cov=_covariance_scores(stack, defocus, angles_used, small, options)
         )
     for name, better in DIRECTIONS.items():
         if name in result:
@@ -413,16 +439,17 @@ def compare_reprojections(
     return to_device(result, "cpu")
 
 
-def _covariance_scores(stack, defocus, result, volumes, options) -> xr.DataArray:
+def _covariance_scores(stack, defocus, angles, volumes, options) -> xr.DataArray:
     """``z_score_res_cov`` per (volume, image): the JBLD divergence of each residual
-    covariance from the JBLD centroid of the volume's images (a few passes over them)."""
-    angles = result[list(ANGLES)].compute()
+    covariance from the JBLD centroid of the volume's images (a few passes over them).
+    ``angles``: in memory, over ``image`` (the same for every volume) or ``(volume,
+    image)``."""
     keep = ("size", "gray", "ctf", "pixel_size", "eps")
     base = {k: options[k] for k in keep}
     size = options["size"]
     scores = []
     for j, volume in enumerate(volumes):
-        per = angles.isel({VOLUME: j})
+        per = angles.isel({VOLUME: j}) if VOLUME in angles.dims else angles
         inputs = [stack, *(per[a].chunk({IMAGE: stack.chunks[0]}) for a in ANGLES), *defocus]
         inputs.append(_shared(volume, VOLUME_DIMS))
         core = [[Y, X]] + [[]] * (len(inputs) - 2) + [list(VOLUME_DIMS)]
@@ -547,42 +574,78 @@ def reproject(
 # --------------------------------------------------------------------------------------
 
 
+def _ranking_scores(result: xr.Dataset, score: str) -> xr.DataArray:
+    """``result[score]`` over ``(volume, image)``, computed once, for a score that can rank
+    volumes."""
+    if not isinstance(result, xr.Dataset) or VOLUME not in result.dims:
+        raise TypeError("result must be the Dataset returned by compare_reprojections")
+    if score in DIRECTIONS and score not in RANKING_SCORES:
+        raise ValueError(
+            f"score {score!r} cannot rank volumes: each volume's z-scores are normalised over "
+            "its own images, so they flag outlier images within a volume and their means "
+            f"are alike for every map; rank by one of {RANKING_SCORES}"
+        )
+    check_option("score", score, tuple(k for k in RANKING_SCORES if k in result))
+    return result[score].transpose(VOLUME, IMAGE).compute()
+
+
+def _assign(values: np.ndarray, higher: bool) -> np.ndarray:
+    """Per image (column), the row of the best value; -1 where any value is not finite."""
+    valid = np.all(np.isfinite(values), axis=0)
+    pick = np.argmax(values, axis=0) if higher else np.argmin(values, axis=0)
+    return np.where(valid, pick, -1)
+
+
 def rank_volumes(result: xr.Dataset, score: str = "correlation") -> pd.DataFrame:
     """Rank the volumes of :func:`compare_reprojections` by one score, best first.
 
-    Every volume is scored on the same images (all of them). The table has, per volume,
-    its name (``attrs["volume_names"]``), the score's mean, standard deviation and standard
-    error over the images, its rank,
-    and how many images it explains best (``assigned``: the images whose best score over
-    the volumes is this volume's, as for 3-D classes; see :func:`assign_images`).
-    ``table.attrs["best"]`` names the best volume.
+    Every volume is scored on the same images: all of them but those whose score is not
+    finite for some volume (e.g. a flat image has no correlation), which are left out for
+    every volume. The table has, per volume, its name (``attrs["volume_names"]``), the
+    score's mean, standard deviation and standard error over those images, its rank, and
+    how many images it explains best (``assigned``: the images whose best score over the
+    volumes is this volume's, as for 3-D classes; see :func:`assign_images`).
+    ``table.attrs`` holds ``best`` (the best volume's name), ``images`` (how many images
+    were ranked on) and ``excluded`` (how many were left out).
+
+    Only the scores that compare volumes on the same footing rank them
+    (``RANKING_SCORES``: ``correlation``, ``cost``); the z-scores are normalised per
+    volume, so asking for one raises ``ValueError``. A lazy ``result`` is computed once.
     """
-    if not isinstance(result, xr.Dataset) or VOLUME not in result.dims:
-        raise TypeError("result must be the Dataset returned by compare_reprojections")
-    check_option("score", score, tuple(k for k in DIRECTIONS if k in result))
-    values = result[score].compute()
+    values = _ranking_scores(result, score)
     higher = DIRECTIONS[score] == "higher"
-    mean = values.mean(IMAGE).values
-    std = values.std(IMAGE).values
-    assigned = np.bincount(assign_images(result, score).values, minlength=result.sizes[VOLUME])
+    v = np.asarray(values.values, dtype=np.float64)
+    valid = np.all(np.isfinite(v), axis=0)
+    used = v[:, valid]
+    count = int(valid.sum())
+    if count == 0:
+        raise ValueError(f"no image has a finite {score} for every volume: nothing to rank")
+    std = used.std(axis=1)
     table = pd.DataFrame(
         {
             "volume": result.attrs.get("volume_names", list(result[VOLUME].values)),
-            "mean": mean,
+            "mean": used.mean(axis=1),
             "std": std,
-            "sem": std / math.sqrt(max(1, result.sizes[IMAGE])),
-            "assigned": assigned,
+            "sem": std / math.sqrt(count),
+            "assigned": np.bincount(_assign(used, higher), minlength=v.shape[0]),
         }
     )
     table = table.sort_values("mean", ascending=not higher, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
-    table.attrs = {"score": score, "better": DIRECTIONS[score], "best": table["volume"][0]}
+    table.attrs = {
+        "score": score,
+        "better": DIRECTIONS[score],
+        "best": table["volume"][0],
+        "images": count,
+        "excluded": v.shape[1] - count,
+    }
     return table
 
 
 def assign_images(result: xr.Dataset, score: str = "correlation") -> xr.DataArray:
-    """Per image, the index of the volume with the best ``score`` (3-D classification)."""
-    check_option("score", score, tuple(k for k in DIRECTIONS if k in result))
-    values = np.asarray(result[score].transpose(VOLUME, IMAGE).values)
-    pick = np.argmax(values, axis=0) if DIRECTIONS[score] == "higher" else np.argmin(values, 0)
+    """Per image, the index of the volume with the best ``score`` (3-D classification);
+    -1 for an image whose score is not finite for some volume. ``score`` as for
+    :func:`rank_volumes`."""
+    values = _ranking_scores(result, score)
+    pick = _assign(np.asarray(values.values, dtype=np.float64), DIRECTIONS[score] == "higher")
     return xr.DataArray(pick, dims=(IMAGE,), name="volume_index")

@@ -101,13 +101,72 @@ def test_given_angles_rank_the_true_volume_first_in_both_directions(volumes):
         by_cost = rank_volumes(result, "cost")  # lower is better
         assert list(by_correlation["volume"]) == ["0", "1", "2"]
         assert list(by_cost["volume"]) == ["0", "1", "2"]
-        assert by_cost.attrs == {"score": "cost", "better": "lower", "best": "0"}
+        assert by_cost.attrs == {
+            "score": "cost",
+            "better": "lower",
+            "best": "0",
+            "images": 24,
+            "excluded": 0,
+        }
         assert by_correlation["assigned"][0] == 24
         # the cost is maximal... at the wrong volumes: every image prefers the true one
         cost = result["cost"].values
         assert np.all(cost[0] < cost[1]) and np.all(cost[0] < cost[2])
         assert result["cost"].attrs["better"] == "lower"
         assert np.all(assign_images(result, "cost").values == 0)
+
+
+def test_z_scores_cannot_rank_and_non_finite_images_are_left_out_for_every_volume(volumes):
+    """z-scores are normalised per volume (their means are alike for every map); an image
+    without a finite score for one map is ranked for none and assigned to none."""
+    parts = simulate_particles(BLOBS, N, 12, noise=0.3, ctf=False, seed=4, chunks=6)
+    result = compare_reprojections(parts.stack, volumes, angles="stack").compute()
+    for score in ("z_score_res_mean", "z_score_res_std", "z_score_res_cov"):
+        with pytest.raises(ValueError, match=f"{score}' cannot rank volumes"):
+            rank_volumes(result, score)
+        with pytest.raises(ValueError, match="cannot rank volumes"):
+            assign_images(result, score)
+    with pytest.raises(ValueError, match="unknown score"):
+        rank_volumes(result, "residual_std")
+    full = rank_volumes(result, "correlation")
+    correlation = result["correlation"].values.copy()
+    correlation[1, 3] = np.nan  # image 3 has no correlation with volume 1
+    holed = result.assign(correlation=(("volume", "image"), correlation))
+    table = rank_volumes(holed, "correlation")
+    assert (table.attrs["images"], table.attrs["excluded"]) == (11, 1)
+    assert table["assigned"].sum() == 11
+    kept = np.delete(result["correlation"].values, 3, axis=1)
+    np.testing.assert_allclose(table.set_index("volume")["mean"].values, kept.mean(axis=1))
+    assert list(table["volume"]) == list(full["volume"])
+    assert assign_images(holed, "correlation").values[3] == -1
+    with pytest.raises(ValueError, match="no image has a finite correlation"):
+        rank_volumes(holed.assign(correlation=holed["correlation"] * np.nan), "correlation")
+
+
+def test_a_lazy_result_is_matched_and_ranked_in_one_pass():
+    """With the JBLD score the op matches once (the result is scored at the matched
+    angles), and ranking a lazy result computes it once."""
+    calls = []
+
+    def counted(key, dsk, state):
+        name = key[0] if isinstance(key, tuple) else key
+        if name.startswith("compare_chunk-"):  # the chunk kernel, not its output getters
+            calls.append(name)
+
+    parts = simulate_particles(BLOBS, N, 8, noise=0.2, seed=5, chunks=4)
+    V = blob_volume(BLOBS, N)
+    with dask.callbacks.Callback(pretask=counted):
+        result = compare_reprojections(parts.stack, V, angular_sampling=20.0)
+    assert len(calls) == 2  # the matching: one task per chunk
+    calls.clear()
+    with dask.callbacks.Callback(pretask=counted):
+        computed = result.compute()
+        table = rank_volumes(result, "cost")
+    assert len(calls) == 4  # result.compute() and rank_volumes: one task per chunk each
+    assert table["mean"][0] == pytest.approx(float(computed["cost"].mean()))
+    fresh = compare_reprojections(parts.stack, V, angular_sampling=20.0, covariance=False)
+    np.testing.assert_allclose(computed["rot"].values, fresh["rot"].values, atol=1e-9)
+    np.testing.assert_allclose(computed["cost"].values, fresh["cost"].values, atol=1e-9)
 
 
 def test_unknown_angles_are_found_within_the_step_then_refined_below_a_degree():
