@@ -394,7 +394,7 @@ def _found(ds: xr.Dataset, names: tuple[str, ...]) -> str:
 
 def cmd_import_star(args) -> int:
     out = _check_output(args.output, args.overwrite)
-    ds = import_star(args.star, chunks=args.chunks)
+    ds = import_star(args.star, chunks=args.chunks, root=args.root)
     save_zarr(ds, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=True))
     n, ny, nx = ds["images"].shape
     attrs = ds.attrs
@@ -428,8 +428,9 @@ def cmd_import_star(args) -> int:
 
 
 def _read_volumes(paths: list[str]) -> xr.DataArray:
-    """MRC volumes (or zarr stores holding ``volume``/``volumes``), stacked along volume."""
-    arrays, names = [], []
+    """MRC volumes (or zarr stores holding ``volume``/``volumes``), stacked along volume,
+    with the pixel size their headers or attrs give (they must agree)."""
+    arrays, names, pixels = [], [], {}
     for path in paths:
         if Path(path).suffix == ".zarr":
             ds = open_store(path)
@@ -437,16 +438,26 @@ def _read_volumes(paths: list[str]) -> xr.DataArray:
             if name is None:
                 raise ValueError(f"{path} has no 'volume' or 'volumes' variable")
             data = ds[name].values
+            pixel = ds[name].attrs.get("pixel_size", ds.attrs.get("pixel_size"))
             for k, vol in enumerate(data if data.ndim == 4 else data[None]):
                 arrays.append(vol)
                 names.append(Path(path).stem if data.ndim == 3 else f"{Path(path).stem}[{k}]")
         else:
-            arrays.append(read_volume(path).values)
+            volume = read_volume(path)
+            arrays.append(volume.values)
             names.append(Path(path).stem)
+            pixel = volume.attrs.get("pixel_size")
+        if pixel is not None:
+            pixels[path] = float(pixel)
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"the volumes differ in shape: {sorted(shapes)}")
-    return xr.DataArray(np.stack(arrays), dims=("volume", "z", "y", "x"), coords={"volume": names})
+    if len({round(p, 4) for p in pixels.values()}) > 1:
+        raise ValueError(f"the volumes differ in pixel size (Å): {pixels}")
+    attrs = {"pixel_size": next(iter(pixels.values()))} if pixels else {}
+    return xr.DataArray(
+        np.stack(arrays), dims=("volume", "z", "y", "x"), coords={"volume": names}, attrs=attrs
+    )
 
 
 def cmd_compare(args) -> int:
@@ -655,6 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
     ist.add_argument("star", metavar="particles.star")
     ist.add_argument("output", metavar="OUT.zarr")
     ist.add_argument("--chunks", type=int, metavar="K", help="images per chunk")
+    ist.add_argument(
+        "--root",
+        metavar="DIR",
+        help="folder the rlnImageName stack paths are relative to (the RELION project "
+        "folder; default the STAR file's folder)",
+    )
     ist.add_argument("--overwrite", action="store_true", help="replace OUT.zarr if it exists")
     ist.set_defaults(func=cmd_import_star)
 

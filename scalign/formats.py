@@ -5,7 +5,8 @@ Conventions (those of RELION, Xmipp and SPIDER):
 * A particle stack is a stack Dataset (:func:`scalign.images.make_stack`): ``images``
   float32 over ``(image, y, x)``, chunked along ``image``; optional per-image variables
   ``rot, tilt, psi`` (ZYZ Euler angles, degrees), ``shift_x, shift_y`` (pixels),
-  ``defocus_u, defocus_v`` (Å) and ``defocus_angle`` (degrees); attrs ``pixel_size``
+  ``defocus_u, defocus_v`` (Å), ``defocus_angle`` (degrees) and, where given,
+  ``phase_shift`` (degrees), ``bfactor`` (Å²) and ``ctf_scale``; attrs ``pixel_size``
   (Å/px), ``voltage`` (kV), ``cs`` (mm), ``amplitude_contrast`` (fraction).
 * Shifts: an image is its projection moved by ``(+shift_x, +shift_y)`` pixels: where
   the particle's centre lies relative to the box centre, pixel ``(N//2, N//2)``.
@@ -48,7 +49,14 @@ from scalign.images import IMAGE, STACK_DIMS, X, Y, Z, default_chunk, make_stack
 from scalign.validation import check_chunks
 
 ANGLES = {"rot": "rlnAngleRot", "tilt": "rlnAngleTilt", "psi": "rlnAnglePsi"}
-CTF = {"defocus_u": "rlnDefocusU", "defocus_v": "rlnDefocusV", "defocus_angle": "rlnDefocusAngle"}
+CTF = {
+    "defocus_u": "rlnDefocusU",
+    "defocus_v": "rlnDefocusV",
+    "defocus_angle": "rlnDefocusAngle",
+    "phase_shift": "rlnPhaseShift",
+    "bfactor": "rlnCtfBfactor",
+    "ctf_scale": "rlnCtfScalefactor",
+}
 SHIFTS_ANGST = {"shift_x": "rlnOriginXAngst", "shift_y": "rlnOriginYAngst"}
 SHIFTS_PIXELS = {"shift_x": "rlnOriginX", "shift_y": "rlnOriginY"}
 # dataset attr -> STAR column, in the optics block (RELION >= 3.1) or per particle (older)
@@ -265,7 +273,9 @@ def read_volume(path: str | os.PathLike) -> xr.DataArray:
     Returns
     -------
     xarray.DataArray
-        float32 over ``(z, y, x)``, named ``volume``; attrs ``pixel_size`` (Å, from the
+        float32 over ``(z, y, x)`` (whatever the header's axis order ``mapc, mapr,
+        maps``: the file's axes are transposed to it), named ``volume``; attrs
+        ``pixel_size`` (Å, from the
         header's ``voxel_size.x``; absent when the header leaves it unset, rather than a
         misleading 0) and ``source`` (the file name).
 
@@ -285,6 +295,7 @@ def read_volume(path: str | os.PathLike) -> xr.DataArray:
             data = mrc.data
             stack = mrc.is_image_stack()
             voxel_size = _header_float(mrc.voxel_size.x)
+            axes = tuple(int(a) for a in (mrc.header.mapc, mrc.header.mapr, mrc.header.maps))
     except ValueError as exc:  # mrcfile raises ValueError on a short data block, bad ID
         raise ValueError(f"{path} is truncated or not a valid MRC file: {exc}") from exc
     if data is None or data.ndim != 3:
@@ -297,6 +308,10 @@ def read_volume(path: str | os.PathLike) -> xr.DataArray:
         )
     if data.dtype.kind not in "iuf":
         raise ValueError(f"{path} has {data.dtype} voxels: only real voxels are supported")
+    if sorted(axes) != [1, 2, 3]:
+        raise ValueError(f"{path} has axis order (mapc, mapr, maps) = {axes}: not a permutation")
+    # the file's (sections, rows, columns) hold the axes (maps, mapr, mapc); 3 = z, 1 = x
+    data = data.transpose([2 - axes.index(a) for a in (3, 2, 1)])
     attrs: dict[str, Any] = {"source": path.name}
     if voxel_size > 0:
         attrs["pixel_size"] = voxel_size
@@ -586,7 +601,13 @@ def _open_stacks(
         try:
             header = _probe_mrc(path)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{where}: the stack {path} does not exist") from exc
+            hint = (
+                f" (stack paths are resolved from {root}; for a STAR file inside a RELION "
+                "project, pass the project folder as root / --root)"
+                if not Path(name).is_absolute()
+                else ""
+            )
+            raise FileNotFoundError(f"{where}: the stack {path} does not exist{hint}") from exc
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from exc
         if header.ndim == 4:
@@ -712,8 +733,9 @@ def import_star(
         images from each stack it draws on). Per-image float64 variables, each only when
         its columns exist: ``rot, tilt, psi`` (degrees), ``shift_x, shift_y`` (pixels:
         ``-rlnOriginX/YAngst / pixel_size``, or older ``-rlnOriginX/Y``; module
-        docstring), ``defocus_u,
-        defocus_v`` (Å), ``defocus_angle`` (degrees). Attrs: ``pixel_size`` (from the
+        docstring), ``defocus_u, defocus_v`` (Å), ``defocus_angle`` (degrees),
+        ``phase_shift`` (degrees, ``rlnPhaseShift``), ``bfactor`` (Å², ``rlnCtfBfactor``),
+        ``ctf_scale`` (``rlnCtfScalefactor``). Attrs: ``pixel_size`` (from the
         STAR file, else the stacks' headers), ``voltage``, ``cs``,
         ``amplitude_contrast`` where given; ``source`` (the STAR file's name) and
         ``n_stacks``.
@@ -813,8 +835,8 @@ def export_star(
     ds : xarray.Dataset
         A stack: ``images (image, y, x)`` and attr ``pixel_size``; the per-image
         variables ``rot, tilt, psi, shift_x, shift_y, defocus_u, defocus_v,
-        defocus_angle`` and attrs ``voltage, cs, amplitude_contrast`` are written where
-        present.
+        defocus_angle, phase_shift, bfactor, ctf_scale`` and attrs ``voltage, cs,
+        amplitude_contrast`` are written where present.
     star_path : str or path-like
         The STAR file to write (``optics`` and ``particles`` blocks, one optics group).
     stack_path : str or path-like, optional

@@ -28,7 +28,12 @@ import xarray as xr
 from scalign._array import host, namespace, to_numpy
 from scalign.execution import DEVICES, gpu_batches, to_device
 from scalign.images import IMAGE, X, Y, check_finite, default_chunk, validate_stack
-from scalign.kernels.ctf import ctf_half_plane, fourier_crop, fourier_crop_volume
+from scalign.kernels.ctf import (
+    check_ctf_constants,
+    ctf_half_plane,
+    fourier_crop,
+    fourier_crop_volume,
+)
 from scalign.kernels.euler import euler_to_matrix, matrix_to_euler
 from scalign.kernels.matching import match_images
 from scalign.kernels.orientations import orientation_grid
@@ -47,6 +52,9 @@ from scalign.validation import check_chunks, check_option
 VOLUME = "volume"
 ANGLES = ("rot", "tilt", "psi", "shift_x", "shift_y")
 CTF_VARIABLES = ("defocus_u", "defocus_v", "defocus_angle")
+#: Optional per-image CTF variables (RELION's rlnPhaseShift, rlnCtfBfactor,
+#: rlnCtfScalefactor) and their values when a stack has none.
+CTF_OPTIONAL = {"phase_shift": 0.0, "bfactor": 0.0, "ctf_scale": 1.0}
 CTF_ATTRS = ("voltage", "cs", "amplitude_contrast")
 #: Each score's direction: which way is better.
 DIRECTIONS = {
@@ -135,6 +143,28 @@ def _volumes(volumes: Any) -> tuple[np.ndarray, list[str], float | None]:
     return V.astype(np.float32), names, pixel
 
 
+def _pixel_size(images: Any, volumes: Any) -> float | None:
+    """The pixel size (Å) the images and the volumes share: either one where the other
+    is not known; an error where they differ (a map must be resampled to the images'
+    pixel size before its projections can be compared with them)."""
+    sizes = {}
+    for name, value in (("images", images), ("volumes", volumes)):
+        if value is None:
+            continue
+        try:
+            sizes[name] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"the {name}' pixel_size must be a number, got {value!r}") from None
+        if not (math.isfinite(sizes[name]) and sizes[name] > 0):
+            raise ValueError(f"the {name}' pixel_size must be positive (Å/px), got {value}")
+    if len(sizes) == 2 and not math.isclose(sizes["images"], sizes["volumes"], rel_tol=1e-3):
+        raise ValueError(
+            f"the volumes' pixel size ({sizes['volumes']:g} Å) differs from the images' "
+            f"({sizes['images']:g} Å): resample the volumes to the images' pixel size first"
+        )
+    return sizes.get("images", sizes.get("volumes"))
+
+
 def _angles(ds: xr.Dataset, angles: Any) -> xr.Dataset | None:
     """The given angles as a Dataset over ``image`` (or None: search)."""
     if angles is None:
@@ -168,14 +198,40 @@ def _angles(ds: xr.Dataset, angles: Any) -> xr.Dataset | None:
     return xr.Dataset(out)
 
 
-def _ctf_inputs(ds: xr.Dataset, ctf: bool) -> dict | None:
+def _ctf_inputs(ds: xr.Dataset, ctf: bool, like: xr.DataArray) -> tuple[dict | None, list]:
+    """The CTF's constants (None without ``ctf``) and its per-image variables, in memory
+    and chunked like ``like`` (``CTF_VARIABLES`` then ``CTF_OPTIONAL``; placeholders
+    without ``ctf``), every value checked."""
+    chunks = {IMAGE: like.chunks[0]}
     if not ctf:
-        return None
+        zeros = xr.DataArray(np.zeros(like.shape[0]), dims=(IMAGE,)).chunk(chunks)
+        return None, [zeros] * (len(CTF_VARIABLES) + len(CTF_OPTIONAL))
     missing = [v for v in CTF_VARIABLES if v not in ds.variables]
     missing += [a for a in (*CTF_ATTRS, "pixel_size") if a not in ds.attrs]
     if missing:
         raise ValueError(f"ctf=True needs the stack's {missing} (variables over image / attrs)")
-    return {a: float(ds.attrs[a]) for a in CTF_ATTRS}
+    constants = {}
+    for a in (*CTF_ATTRS, "pixel_size"):
+        try:
+            constants[a] = float(ds.attrs[a])
+        except (TypeError, ValueError):
+            raise TypeError(f"the stack's {a} attr must be a number, got {ds.attrs[a]!r}") from None
+    check_ctf_constants(**constants)
+    del constants["pixel_size"]
+    values = []
+    for name in (*CTF_VARIABLES, *CTF_OPTIONAL):
+        if name not in ds.variables:
+            values.append(xr.DataArray(np.full(like.shape[0], CTF_OPTIONAL[name]), dims=(IMAGE,)))
+            continue
+        var = ds[name]
+        if var.dims != (IMAGE,):
+            raise ValueError(f"{name} must be a per-image variable over ('image',), got {var.dims}")
+        v = np.asarray(to_numpy(var.values), dtype=np.float64)
+        if not np.all(np.isfinite(v)):
+            bad = np.flatnonzero(~np.isfinite(v))
+            raise ValueError(f"{name} is not finite for {bad.size} image(s), e.g. image {bad[0]}")
+        values.append(xr.DataArray(v, dims=(IMAGE,)))
+    return constants, [v.chunk(chunks) for v in values]
 
 
 def _target_size(n: int, pixel_size: float | None, downsample_to: float | None) -> int:
@@ -191,7 +247,7 @@ def _target_size(n: int, pixel_size: float | None, downsample_to: float | None) 
 # --------------------------------------------------------------------------------------
 
 
-def _prepared(images, size, ctf, pixel_size, defocus) -> tuple[Any, Any]:
+def _prepared(images, size, ctf, pixel_size, ctf_values) -> tuple[Any, Any]:
     """A chunk's images, checked and Fourier-cropped to ``size``, and their CTFs, on the
     images' device (the CTFs are computed on the host, then moved)."""
     xp = namespace(images)
@@ -201,8 +257,11 @@ def _prepared(images, size, ctf, pixel_size, defocus) -> tuple[Any, Any]:
         images = fourier_crop(images, size)
     if ctf is None:
         return images, None
-    defocus = [to_numpy(d) for d in defocus]
-    return images, xp.asarray(ctf_half_plane(size, pixel_size, *defocus, **ctf))
+    du, dv, dang, phase, bfactor, scale = (to_numpy(v) for v in ctf_values)
+    H = ctf_half_plane(
+        size, pixel_size, du, dv, dang, phase_shift=phase, bfactor=bfactor, scale=scale, **ctf
+    )
+    return images, xp.asarray(H)
 
 
 def _compare_chunk(
@@ -215,6 +274,9 @@ def _compare_chunk(
     defocus_u,
     defocus_v,
     defocus_angle,
+    phase_shift,
+    bfactor,
+    ctf_scale,
     volume,
     gallery,
     *,
@@ -234,7 +296,8 @@ def _compare_chunk(
     compared on the GPU (the search's bookkeeping stays on the host)."""
     xp = namespace(images)
     scale = size / images.shape[-1]
-    images, H = _prepared(images, size, ctf, pixel_size, (defocus_u, defocus_v, defocus_angle))
+    ctf_values = (defocus_u, defocus_v, defocus_angle, phase_shift, bfactor, ctf_scale)
+    images, H = _prepared(images, size, ctf, pixel_size, ctf_values)
     if search:
         match = match_images(
             volume,
@@ -290,7 +353,9 @@ def compare_reprojections(
     ----------
     images : stack Dataset ``images (image, y, x)`` (square images), chunked along
         ``image``; its attrs ``pixel_size`` and, for ``ctf=True``, ``voltage``, ``cs``,
-        ``amplitude_contrast`` and variables ``defocus_u, defocus_v, defocus_angle``.
+        ``amplitude_contrast`` and variables ``defocus_u, defocus_v, defocus_angle``
+        (optional: ``phase_shift`` (degrees), ``bfactor`` (Å²), ``ctf_scale``; RELION's
+        ``rlnPhaseShift``, ``rlnCtfBfactor``, ``rlnCtfScalefactor``).
     volumes : ``(z, y, x)`` / ``(volume, z, y, x)`` array or DataArray, a list of
         volumes, or a Dataset with ``volumes``/``volume``; cubic, the images' box size.
     angles : None (find them by projection matching), ``"stack"`` (the stack's ``rot,
@@ -300,8 +365,10 @@ def compare_reprojections(
     angular_sampling : grid step of the search, degrees.
     refine : refine the matched angles and shifts locally (to < 0.1° steps).
     ctf : apply each image's CTF to its reprojections.
-    downsample_to : Fourier-crop images and volumes to this pixel size (Å/px) first
+    downsample_to : Fourier-crop images and volumes to this pixel size (Å/px, > 0) first
         when they are finer (None: never); shifts are reported in the input's pixels.
+        The images' and the volumes' pixel sizes (attrs ``pixel_size``) must agree where
+        both are given.
     gray : fit a gray-level gain and offset; the cost is then the mean L1 residual.
     max_shift : largest shift searched (input pixels; default a quarter of the box).
     covariance : compute ``z_score_res_cov`` (the JBLD score). It needs every image's
@@ -337,13 +404,20 @@ def compare_reprojections(
     V, names, volume_pixel = _volumes(volumes)
     if V.shape[-1] != n:
         raise ValueError(f"volumes have box size {V.shape[-1]} but the images {n}: they must match")
-    pixel = ds.attrs.get("pixel_size", volume_pixel)
+    pixel = _pixel_size(ds.attrs.get("pixel_size"), volume_pixel)
     if isinstance(angular_sampling, bool) or not isinstance(angular_sampling, numbers.Real):
         raise TypeError(f"angular_sampling must be a number of degrees, got {angular_sampling!r}")
     if not 0 < angular_sampling <= 90:
         raise ValueError(f"angular_sampling must be in (0, 90] degrees, got {angular_sampling}")
+    for name, value in (("downsample_to", downsample_to), ("max_shift", max_shift)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number or None, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be positive (or None), got {value}")
     given = _angles(ds, angles)
-    ctf_params = _ctf_inputs(ds, ctf)
+    ctf_params, ctf_values = _ctf_inputs(ds, ctf, stack)
     size = _target_size(n, pixel, downsample_to)
     small = V if size == n else fourier_crop_volume(V, size).astype(np.float32)
     if given is None:
@@ -353,7 +427,6 @@ def compare_reprojections(
         gallery = np.eye(3)[None]  # unused: the angles are given
     shift_limit = n / 4 if max_shift is None else float(max_shift)
     zeros = xr.zeros_like(stack.isel({Y: 0, X: 0}), dtype=np.float64)
-    defocus = [ds[v] if ctf else zeros for v in CTF_VARIABLES]
     gallery = _shared(gallery, GALLERY_DIMS)
     outputs = {name: ((), np.float64) for name in _PER_IMAGE}
     sizes = {}
@@ -378,7 +451,7 @@ def compare_reprojections(
         volume, with that volume's angles (searched for when ``search``)."""
         results = []
         for volume, per in zip(small, per_volume, strict=True):
-            inputs = [stack, *(per[a] for a in ANGLES), *defocus]
+            inputs = [stack, *(per[a] for a in ANGLES), *ctf_values]
             mapped = map_batch(
                 _compare_chunk,
                 [*inputs, _shared(volume, VOLUME_DIMS), gallery],
@@ -421,7 +494,7 @@ def compare_reprojections(
     if covariance:
         angles_used = matched if given is None else given.compute()
         result = result.assign(
-            z_score_res_cov=_covariance_scores(stack, defocus, angles_used, small, options)
+            z_score_res_cov=_covariance_scores(stack, ctf_values, angles_used, small, options)
         )
     for name, better in DIRECTIONS.items():
         if name in result:
@@ -439,7 +512,7 @@ def compare_reprojections(
     return to_device(result, "cpu")
 
 
-def _covariance_scores(stack, defocus, angles, volumes, options) -> xr.DataArray:
+def _covariance_scores(stack, ctf_values, angles, volumes, options) -> xr.DataArray:
     """``z_score_res_cov`` per (volume, image): the JBLD divergence of each residual
     covariance from the JBLD centroid of the volume's images (a few passes over them).
     ``angles``: in memory, over ``image`` (the same for every volume) or ``(volume,
@@ -450,7 +523,7 @@ def _covariance_scores(stack, defocus, angles, volumes, options) -> xr.DataArray
     scores = []
     for j, volume in enumerate(volumes):
         per = angles.isel({VOLUME: j}) if VOLUME in angles.dims else angles
-        inputs = [stack, *(per[a].chunk({IMAGE: stack.chunks[0]}) for a in ANGLES), *defocus]
+        inputs = [stack, *(per[a].chunk({IMAGE: stack.chunks[0]}) for a in ANGLES), *ctf_values]
         inputs.append(_shared(volume, VOLUME_DIMS))
         core = [[Y, X]] + [[]] * (len(inputs) - 2) + [list(VOLUME_DIMS)]
 
@@ -493,6 +566,9 @@ def _covariance_chunk(
     du,
     dv,
     dang,
+    phase_shift,
+    bfactor,
+    ctf_scale,
     volume,
     *,
     size,
@@ -507,7 +583,8 @@ def _covariance_chunk(
     """Residual covariances of a chunk (``R is None``), ``((C + R)/2)^-1`` (``inverse``)
     or the JBLD divergence ``J(C, R)`` (``jbld``), with the ridge ``delta``."""
     scale = size / images.shape[-1]
-    images, H = _prepared(images, size, ctf, pixel_size, (du, dv, dang))
+    ctf_values = (du, dv, dang, phase_shift, bfactor, ctf_scale)
+    images, H = _prepared(images, size, ctf, pixel_size, ctf_values)
     P = _project_chunk(rot, tilt, psi, shift_x, shift_y, volume, eps=eps, scale=scale, ctf=H)
     C = residual_covariance(compare(P, images, circular_mask(size), gray=gray).residual)
     if R is None:

@@ -50,6 +50,7 @@ def files(tmp_path_factory):
     scalign.save_zarr(parts.stack, d / "particles.zarr")
     scalign.write_volume(d / "map.mrc", scalign.blob_volume(blobs, 32), pixel_size=3.0)
     scalign.write_volume(d / "small.mrc", np.zeros((24, 24, 24), np.float32), pixel_size=3.0)
+    scalign.write_volume(d / "finer.mrc", scalign.blob_volume(blobs, 32), pixel_size=2.0)
     (d / "truncated.mrc").write_bytes((d / "map.mrc").read_bytes()[:2000])
     import starfile
 
@@ -89,6 +90,10 @@ CASES = [
     (["compare", "{d}/particles.zarr", "{d}/map.mrc", "{out}", "--symmetry", "D1"], "symmetry"),
     (["compare", "{d}/particles.zarr", "{d}/map.mrc", "{out}", "--sampling", "0"], "sampling"),
     (["compare", "{d}/stack.zarr", "{d}/map.mrc", "{out}", "--angles"], "rot"),
+    (["compare", "{d}/particles.zarr", "{d}/finer.mrc", "{out}", "--angles"], "resample"),
+    (["compare", "{d}/particles.zarr", "{d}/map.mrc", "{d}/finer.mrc", "{out}"], "pixel size"),
+    (["compare", "{d}/particles.zarr", "{d}/map.mrc", "{out}", "--downsample", "0"], "downsample"),
+    (["rank", "{d}/ens.zarr", "--score", "z_score_res_mean"], "invalid choice"),
     (["rank", "{d}/ens.zarr"], "compare_reprojections"),
     (["info", "{d}/missing.zarr"], "no file or zarr store"),
 ]

@@ -30,6 +30,7 @@ from scalign.formats import (
     write_volume,
 )
 from scalign.images import make_stack
+from scalign.kernels.ctf import ctf_half_plane
 
 PER_IMAGE = ("rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u", "defocus_v", "defocus_angle")
 
@@ -139,6 +140,18 @@ def test_read_volume_rejects_bad_files_naming_them(tmp_path):
 # --------------------------------------------------------------------------------------
 # stacks
 # --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [(3, 2, 1), (1, 3, 2), (2, 3, 1)])
+def test_volumes_in_another_axis_order_are_read_as_z_y_x(tmp_path, order):
+    """The header's (mapc, mapr, maps) say which of x, y, z (1, 2, 3) the file's columns,
+    rows and sections hold; the volume comes back over (z, y, x) whatever they are."""
+    vol = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)  # (z, y, x)
+    on_disk = vol.transpose([3 - a for a in order[::-1]])  # (sections, rows, columns)
+    with mrcfile.new(tmp_path / "v.mrc") as mrc:
+        mrc.set_data(np.ascontiguousarray(on_disk))
+        mrc.header.mapc, mrc.header.mapr, mrc.header.maps = order
+    np.testing.assert_array_equal(read_volume(tmp_path / "v.mrc").values, vol)
 
 
 def test_stack_round_trip_from_numpy_and_dask(tmp_path):
@@ -253,7 +266,7 @@ def test_rows_from_two_interleaved_stacks_keep_the_star_order(tmp_path):
     assert not set(PER_IMAGE) & set(ds.data_vars)  # no such columns: no variables
 
 
-def test_star_stacks_relative_to_another_root_and_pickled_tasks(tmp_path):
+def test_star_stacks_relative_to_another_root_and_pickled_tasks(tmp_path, capsys):
     """``root`` resolves RELION project paths; the hand-built tasks survive pickling (as
     they must to reach distributed workers)."""
     (tmp_path / "Extract").mkdir()
@@ -264,11 +277,19 @@ def test_star_stacks_relative_to_another_root_and_pickled_tasks(tmp_path):
         {"rlnImageName": ["3@Extract/m1.mrcs", "1@Extract/m1.mrcs"], "rlnOpticsGroup": [1, 1]},
         OPTICS_31,
     )
-    with pytest.raises(FileNotFoundError, match="Select/Extract/m1.mrcs does not exist"):
+    with pytest.raises(FileNotFoundError, match="Select/Extract/m1.mrcs does not exist.*--root"):
         import_star(star)
     ds = import_star(star, root=tmp_path)
     shipped = pickle.loads(pickle.dumps(ds["images"].data))
     np.testing.assert_array_equal(shipped.compute()[:, 0, 0], [12.0, 10.0])
+    # the CLI: the error says how, and --root does it
+    out = tmp_path / "p.zarr"
+    assert main(["import-star", str(star), str(out)]) == 2
+    assert "--root" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["import-star", str(star), str(out), "--root", str(tmp_path)]) == 0
+    images = xr.open_zarr(out, consolidated=False)["images"].values
+    np.testing.assert_array_equal(images[:, 0, 0], [12.0, 10.0])
 
 
 def test_legacy_star_with_pixel_origins_and_no_optics_block(tmp_path):
@@ -364,6 +385,50 @@ def test_relion_origins_bring_the_image_back_onto_its_projection(tmp_path):
     flipped = ds.assign(shift_x=-ds["shift_x"], shift_y=-ds["shift_y"])
     r = compare_reprojections(flipped, volume, **options).compute()["correlation"].values
     assert r.max() < 0.95
+
+
+def test_phase_plate_and_envelope_columns_reach_the_ctf(tmp_path):
+    """rlnPhaseShift, rlnCtfBfactor and rlnCtfScalefactor are imported, exported and
+    applied: images made with them are explained by the true map only with them."""
+    rng = np.random.default_rng(0)
+    n, px, b = 32, 3.0, 6
+    blobs = random_blobs(10, radius=8.0, seed=1)
+    rot, tilt, psi = rng.uniform(-180, 180, b), rng.uniform(10, 170, b), rng.uniform(-180, 180, b)
+    du = rng.uniform(8000, 12000, b)
+    dv, angle = du - 300, rng.uniform(-90, 90, b)
+    phase, bfactor, scale = np.full(b, 90.0), rng.uniform(50, 150, b), rng.uniform(0.5, 1, b)
+    P = blob_projections(blobs, n, euler_to_matrix(rot, tilt, psi))
+    H = ctf_half_plane(n, px, du, dv, angle, phase_shift=phase, bfactor=bfactor, scale=scale)
+    _mrcs(tmp_path / "p.mrcs", np.fft.irfft2(np.fft.rfft2(P) * H, s=(n, n)).astype(np.float32))
+    columns = {
+        "rlnImageName": [f"{i + 1}@p.mrcs" for i in range(b)],
+        "rlnOpticsGroup": [1] * b,
+        "rlnAngleRot": rot,
+        "rlnAngleTilt": tilt,
+        "rlnAnglePsi": psi,
+        "rlnDefocusU": du,
+        "rlnDefocusV": dv,
+        "rlnDefocusAngle": angle,
+        "rlnPhaseShift": phase,
+        "rlnCtfBfactor": bfactor,
+        "rlnCtfScalefactor": scale,
+    }
+    star = _star(tmp_path / "p.star", columns, {**OPTICS_31, "rlnImagePixelSize": [px]})
+    ds = import_star(star)
+    np.testing.assert_allclose(ds["bfactor"].values, bfactor, rtol=1e-5)
+    np.testing.assert_allclose(ds["ctf_scale"].values, scale, rtol=1e-5)
+    V = blob_volume(blobs, n)
+    options = {"angles": "stack", "ctf": True, "downsample_to": None, "covariance": False}
+    r = compare_reprojections(ds, V, **options).compute()
+    assert r["correlation"].values.min() > 0.999
+    # gray-level fit: the scale factor is then matched too (gain = 1 where it is applied)
+    gray = compare_reprojections(ds, V, gray=True, **options).compute()
+    np.testing.assert_allclose(gray["gain"].values[0], 1.0, rtol=2e-3)
+    without = compare_reprojections(ds.drop_vars("phase_shift"), V, **options).compute()
+    assert without["correlation"].values.max() < 0.9
+    back = import_star(export_star(ds, tmp_path / "out.star"))
+    for var in ("phase_shift", "bfactor", "ctf_scale"):
+        np.testing.assert_allclose(back[var].values, ds[var].values, rtol=1e-7, err_msg=var)
 
 
 def test_missing_angle_columns(tmp_path):

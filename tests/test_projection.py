@@ -146,6 +146,47 @@ def test_ctf_formula_first_zero_and_astigmatism():
     np.testing.assert_allclose(H, expected, atol=1e-12)
 
 
+def test_ctf_phase_shift_bfactor_and_scale_per_image_as_relion_writes_them():
+    """RELION's ctf.h: ``scale · exp(-B u²/4) · sin χ`` with the phase shift inside χ,
+    written out here per pixel, each parameter one per image."""
+    n, px = 32, 1.5
+    lam = electron_wavelength(200.0)
+    du, dv, angle = [12000.0, 9000.0], [11000.0, 9500.0], [10.0, -40.0]
+    phase, bfactor, scale = [0.0, 90.0], [0.0, 120.0], [1.0, 0.6]
+    H = ctf_half_plane(
+        n, px, du, dv, angle, voltage=200.0, cs=2.0, amplitude_contrast=0.07,
+        phase_shift=phase, bfactor=bfactor, scale=scale,
+    )  # fmt: skip
+    ky, kx = half_plane_frequencies(n)
+    for i in range(2):
+        ux, uy = kx / (n * px), ky / (n * px)
+        q = ux * ux + uy * uy
+        azimuth = np.arctan2(uy, ux) - np.radians(angle[i])
+        d = 0.5 * (du[i] + dv[i]) + 0.5 * (du[i] - dv[i]) * np.cos(2 * azimuth)
+        chi = np.pi * lam * d * q - 0.5 * np.pi * 2e7 * lam**3 * q * q
+        chi += np.radians(phase[i]) + np.arctan(0.07 / np.sqrt(1 - 0.07**2))
+        expected = scale[i] * np.exp(-bfactor[i] / 4 * q) * np.sin(chi)
+        np.testing.assert_allclose(H[i], expected, atol=1e-12)
+    assert H[1, 0, 0] == pytest.approx(0.6 * np.cos(np.arcsin(0.07)))  # 90°: sin → cos
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("voltage", 0.0, "voltage must be positive"),
+        ("amplitude_contrast", 10.0, r"amplitude_contrast must be a fraction in \[0, 1\)"),
+        ("amplitude_contrast", 1.0, "amplitude_contrast must be a fraction"),
+        ("pixel_size", 0.0, "pixel_size must be positive"),
+        ("cs", float("nan"), "cs must be finite"),
+    ],
+)
+def test_ctf_constants_no_microscope_has_are_errors(name, value, message):
+    kwargs = {"voltage": 300.0, "cs": 2.7, "amplitude_contrast": 0.1} | {name: value}
+    px = kwargs.pop("pixel_size", 1.0)
+    with pytest.raises(ValueError, match=message):
+        ctf_half_plane(16, px, [1e4], [1e4], [0.0], **kwargs)
+
+
 @pytest.mark.parametrize(("n", "m"), [(64, 32), (63, 21), (48, 40)])
 def test_fourier_crop_samples_the_band_limited_image(n, m):
     y, x = np.indices((n, n)) - n // 2

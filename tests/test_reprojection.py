@@ -271,11 +271,24 @@ def test_lazy_and_identical_on_a_cluster(volumes, client):
         ("ctf", ValueError, "ctf=True needs"),
         ("angles", ValueError, "unknown angles option"),
         ("nan_volume", ValueError, "non-finite"),
+        ("nan_defocus", ValueError, "defocus_v is not finite for 1 image"),
+        ("voltage", ValueError, "voltage must be positive"),
+        ("percent", ValueError, "amplitude_contrast must be a fraction in"),
+        ("pixel_size", ValueError, "images' pixel_size must be positive"),
+        ("pixel_text", TypeError, "images' pixel_size must be a number"),
+        (
+            "volume_pixel",
+            ValueError,
+            "volumes' pixel size \\(2.5 Å\\) differs from the images' \\(3 Å",
+        ),
+        ("downsample", ValueError, "downsample_to must be positive"),
+        ("downsample_text", TypeError, "downsample_to must be a number"),
+        ("max_shift", TypeError, "max_shift must be a number"),
     ],
 )
 def test_bad_input_gets_a_clear_error(volumes, change, exc, message):
-    st = simulate_particles(BLOBS, N, 4, seed=11).stack
-    V, kwargs = volumes[0], {"angles": "stack"}
+    st = simulate_particles(BLOBS, N, 4, ctf=True, seed=11).stack
+    V, kwargs = volumes[0], {"angles": "stack", "ctf": change != "ctf"}
     if change == "nan_angle":
         st["tilt"][2] = np.nan
     elif change == "no_psi":
@@ -288,11 +301,30 @@ def test_bad_input_gets_a_clear_error(volumes, change, exc, message):
         kwargs["angular_sampling"] = 0
     elif change == "ctf":
         kwargs["ctf"] = True
+        st = st.drop_vars("defocus_u")
     elif change == "angles":
         kwargs["angles"] = "header"
     elif change == "nan_volume":
         V = V.copy()
         V[1, 2, 3] = np.nan
+    elif change == "nan_defocus":
+        st["defocus_v"][1] = np.nan
+    elif change in ("voltage", "percent", "pixel_size", "pixel_text"):
+        attr, value = {
+            "voltage": ("voltage", 0.0),
+            "percent": ("amplitude_contrast", 10.0),
+            "pixel_size": ("pixel_size", 0.0),
+            "pixel_text": ("pixel_size", "3 A"),
+        }[change]
+        st.attrs[attr] = value
+    elif change == "volume_pixel":
+        V = xr.DataArray(V, dims=("z", "y", "x"), attrs={"pixel_size": 2.5})
+    elif change == "downsample":
+        kwargs["downsample_to"] = 0
+    elif change == "downsample_text":
+        kwargs["downsample_to"] = "3"
+    elif change == "max_shift":
+        kwargs["max_shift"] = "a"
     with pytest.raises(exc, match=message):
         compare_reprojections(st, V, covariance=False, **kwargs)
 

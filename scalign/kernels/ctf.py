@@ -14,8 +14,10 @@ astigmatism angle ``α_ast`` (degrees),
 
 with the relativistic electron wavelength ``λ = 12.2643247 / sqrt(V (1 + 0.978466e-6 V))``
 Å (``V`` in volts), ``C_s`` in Å (mm × 1e7), the amplitude contrast ``w`` and a phase
-shift ``φ``. (RELION writes ``-sin(-χ)`` with a negated ``Δf``: the same function; at
-``u = 0`` it is ``+w``, so density keeps its sign.)
+shift ``φ`` (phase plates). (RELION writes ``-sin(-χ)`` with a negated ``Δf``: the same
+function; at ``u = 0`` it is ``+w``, so density keeps its sign.) RELION's per-particle
+envelope and scale multiply it: ``s · exp(-B u² / 4) · sin χ(u)``, with the B-factor
+``B`` in Å² (``rlnCtfBfactor``) and ``s`` the ``rlnCtfScalefactor``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def ctf_half_plane(
     voltage: float = 300.0,
     cs: float = 2.7,
     amplitude_contrast: float = 0.1,
-    phase_shift: float = 0.0,
+    phase_shift: ArrayLike = 0.0,
+    bfactor: ArrayLike = 0.0,
+    scale: ArrayLike = 1.0,
 ) -> np.ndarray:
     """The CTF (module docstring) on the half plane of ``numpy.fft.rfft2`` of ``n × n``
     images, one per defocus triple: ``(B, n, n // 2 + 1)``.
@@ -54,11 +58,19 @@ def ctf_half_plane(
     ----------
     n : box size (pixels); pixel_size : Å per pixel.
     defocus_u, defocus_v : (B,) Å; defocus_angle : (B,) degrees.
-    voltage : kV; cs : mm; amplitude_contrast : fraction; phase_shift : degrees.
+    voltage : kV; cs : mm; amplitude_contrast : fraction in [0, 1).
+    phase_shift : degrees; bfactor : Å²; scale : the envelope's factor. Each a number or
+        one per image, (B,).
     """
+    check_ctf_constants(pixel_size, voltage, cs, amplitude_contrast)
     du = np.atleast_1d(np.asarray(defocus_u, dtype=np.float64))
     dv = np.atleast_1d(np.asarray(defocus_v, dtype=np.float64))
     da = np.radians(np.atleast_1d(np.asarray(defocus_angle, dtype=np.float64)))
+    per_image = [
+        np.atleast_1d(np.asarray(v, dtype=np.float64))[:, None, None]
+        for v in (phase_shift, bfactor, scale)
+    ]
+    phase, b, s = np.broadcast_arrays(*per_image, du[:, None, None])[:3]
     lam = electron_wavelength(voltage)
     ky, kx = half_plane_frequencies(n)
     fx, fy = kx / (n * pixel_size), ky / (n * pixel_size)
@@ -71,10 +83,29 @@ def ctf_half_plane(
     chi = (
         math.pi * lam * defocus * u2
         - 0.5 * math.pi * cs * 1e7 * lam**3 * u2 * u2
-        + math.radians(phase_shift)
+        + np.radians(phase)
         + math.atan(w / math.sqrt(1.0 - w * w))
     )
-    return np.sin(chi)
+    return s * np.exp(-0.25 * b * u2) * np.sin(chi)
+
+
+def check_ctf_constants(
+    pixel_size: float, voltage: float, cs: float, amplitude_contrast: float
+) -> None:
+    """Raise ``ValueError`` naming the constant that no microscope has: a pixel size or
+    voltage that is not positive, a non-finite Cs, an amplitude contrast outside [0, 1)
+    (a percentage passed as 10 rather than 0.1, say)."""
+    for name, value in (("pixel_size", pixel_size), ("voltage", voltage), ("cs", cs)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if pixel_size <= 0:
+        raise ValueError(f"pixel_size must be positive (Å/px), got {pixel_size}")
+    if voltage <= 0:
+        raise ValueError(f"voltage must be positive (kV), got {voltage}")
+    if not 0 <= amplitude_contrast < 1:
+        raise ValueError(
+            f"amplitude_contrast must be a fraction in [0, 1), got {amplitude_contrast}"
+        )
 
 
 def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
