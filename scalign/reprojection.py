@@ -202,9 +202,8 @@ def _ctf_inputs(ds: xr.Dataset, ctf: bool, like: xr.DataArray) -> tuple[dict | N
     """The CTF's constants (None without ``ctf``) and its per-image variables, in memory
     and chunked like ``like`` (``CTF_VARIABLES`` then ``CTF_OPTIONAL``; placeholders
     without ``ctf``), every value checked."""
-    chunks = {IMAGE: like.chunks[0]}
     if not ctf:
-        zeros = xr.DataArray(np.zeros(like.shape[0]), dims=(IMAGE,)).chunk(chunks)
+        zeros = _chunked_like(xr.DataArray(np.zeros(like.shape[0]), dims=(IMAGE,)), like)
         return None, [zeros] * (len(CTF_VARIABLES) + len(CTF_OPTIONAL))
     missing = [v for v in CTF_VARIABLES if v not in ds.variables]
     missing += [a for a in (*CTF_ATTRS, "pixel_size") if a not in ds.attrs]
@@ -226,12 +225,18 @@ def _ctf_inputs(ds: xr.Dataset, ctf: bool, like: xr.DataArray) -> tuple[dict | N
         var = ds[name]
         if var.dims != (IMAGE,):
             raise ValueError(f"{name} must be a per-image variable over ('image',), got {var.dims}")
-        v = np.asarray(to_numpy(var.values), dtype=np.float64)
+        v = host(var).astype(np.float64)
         if not np.all(np.isfinite(v)):
             bad = np.flatnonzero(~np.isfinite(v))
             raise ValueError(f"{name} is not finite for {bad.size} image(s), e.g. image {bad[0]}")
         values.append(xr.DataArray(v, dims=(IMAGE,)))
-    return constants, [v.chunk(chunks) for v in values]
+    return constants, [_chunked_like(v, like) for v in values]
+
+
+def _chunked_like(values: Any, like: xr.DataArray) -> Any:
+    """Per-image ``values`` (a DataArray or Dataset over ``image``) in the chunks of the
+    stack ``like`` (in memory where it is)."""
+    return values.chunk({IMAGE: like.chunks[0]}) if like.chunks else values
 
 
 def _target_size(n: int, pixel_size: float | None, downsample_to: float | None) -> int:
@@ -476,9 +481,7 @@ def compare_reprojections(
             {a: ((), np.float64) for a in _PER_IMAGE},
         )[list(ANGLES)].compute()
         chunked = [
-            matched.isel({VOLUME: j})
-            .drop_vars(VOLUME, errors="ignore")
-            .chunk({IMAGE: stack.chunks[0]})
+            matched.isel({VOLUME: j}).drop_vars(VOLUME, errors="ignore").pipe(_chunked_like, stack)
             for j in range(len(small))
         ]
         result = compared(chunked, False, outputs)
@@ -523,7 +526,7 @@ def _covariance_scores(stack, ctf_values, angles, volumes, options) -> xr.DataAr
     scores = []
     for j, volume in enumerate(volumes):
         per = angles.isel({VOLUME: j}) if VOLUME in angles.dims else angles
-        inputs = [stack, *(per[a].chunk({IMAGE: stack.chunks[0]}) for a in ANGLES), *ctf_values]
+        inputs = [stack, *(_chunked_like(per[a], stack) for a in ANGLES), *ctf_values]
         inputs.append(_shared(volume, VOLUME_DIMS))
         core = [[Y, X]] + [[]] * (len(inputs) - 2) + [list(VOLUME_DIMS)]
 

@@ -167,6 +167,8 @@ def test_a_lazy_result_is_matched_and_ranked_in_one_pass():
     fresh = compare_reprojections(parts.stack, V, angular_sampling=20.0, covariance=False)
     np.testing.assert_allclose(computed["rot"].values, fresh["rot"].values, atol=1e-9)
     np.testing.assert_allclose(computed["cost"].values, fresh["cost"].values, atol=1e-9)
+    in_memory = compare_reprojections(parts.stack.compute(), V, angular_sampling=20.0)
+    xr.testing.assert_allclose(in_memory.compute(), computed)
 
 
 def test_unknown_angles_are_found_within_the_step_then_refined_below_a_degree():
