@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +94,15 @@ def _zarr_output_args(parser: argparse.ArgumentParser, func) -> None:
 
 
 def _scheduler(args, local_default: bool):
-    local = (not args.threads) if local_default else args.local
+    threads = local_default and args.threads
+    # demo's LocalCluster default gives way to --scheduler, --gpu and $SCALIGN_SCHEDULER
+    chosen = threads or args.scheduler or args.gpu or os.environ.get(SCHEDULER_ENV)
+    local = not chosen if local_default else args.local
     return scheduler(
         args.scheduler,
         local=local,
         gpu=args.gpu,
+        threads=threads,
         n_workers=args.workers,
         rmm_pool_size=args.rmm_pool,
     )
@@ -713,18 +719,25 @@ def main(argv: list[str] | None = None) -> int:
     logger = logging.getLogger("scalign")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    if getattr(args, "quiet", False):
+        logger.setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (
         ValueError,
         TypeError,
-        FileNotFoundError,
-        FileExistsError,
+        OSError,  # missing, unreadable or unwritable files; a scheduler that does not answer
+        EOFError,  # np.load of an empty file
+        zipfile.BadZipFile,  # a corrupt .npz
         RuntimeError,
         KeyError,
     ) as exc:
         print(f"scalign: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # outputs are renamed into place only when complete: nothing half-written is left
+        print("scalign: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

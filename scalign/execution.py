@@ -1,10 +1,12 @@
 """Where the work runs: always Dask's schedulers, never one of our own.
 
 * no argument: the embedded default, Dask's threaded scheduler (or a Client the caller
-  already made);
+  already made), unless ``$SCALIGN_SCHEDULER`` names a scheduler;
+* ``threads=True``: the threaded scheduler, whatever ``$SCALIGN_SCHEDULER`` says;
 * ``local=True``: a ``distributed.LocalCluster`` on this machine;
 * ``address`` or ``$SCALIGN_SCHEDULER``: any running Dask scheduler (dask-jobqueue,
-  dask-kubernetes, dask-gateway, ``dask scheduler`` ...);
+  dask-kubernetes, dask-gateway, ``dask scheduler`` ...); an explicit choice (``local``,
+  ``gpu``, ``threads``) wins over the environment variable;
 * ``gpu=True``: a ``dask_cuda.LocalCUDACluster`` (one worker per GPU), or, with an
   ``address``, that scheduler's workers, which must have GPUs; the ops then take
   ``device="gpu"`` (CuPy chunks).
@@ -26,6 +28,9 @@ from scalign._array import is_gpu_backed, move
 from scalign.validation import check_option
 
 SCHEDULER_ENV = "SCALIGN_SCHEDULER"
+#: Seconds to wait for a scheduler named by address to answer (distributed waits 30 s and
+#: retries; a wrong address should fail fast).
+CONNECT_TIMEOUT = 10
 #: glibc malloc settings for the worker processes of the clusters started here.
 #: distributed sets ``MALLOC_TRIM_THRESHOLD_=65536`` so that workers hand freed memory back
 #: to the OS; setting it also fixes glibc's mmap threshold at 128 KiB, so every NumPy
@@ -76,6 +81,7 @@ def scheduler(
     *,
     local: bool = False,
     gpu: bool = False,
+    threads: bool = False,
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     rmm_pool_size: str | None = None,
@@ -90,8 +96,21 @@ def scheduler(
     ``MALLOC_TRIM_THRESHOLD_`` in their environment the same way. ``rmm_pool_size``
     (e.g. ``"24GB"``) gives each worker of a local CUDA cluster an RMM memory pool of that
     size (fewer ``cudaMalloc`` calls when chunks come and go).
+
+    ``$SCALIGN_SCHEDULER`` is the address only when none of ``address``, ``local``,
+    ``gpu`` and ``threads`` is given (``threads=True``: the threaded scheduler whatever it
+    says). A scheduler that does not answer within :data:`CONNECT_TIMEOUT` seconds is a
+    ``ConnectionError``; ``n_workers`` and ``threads_per_worker`` must be positive.
     """
-    address = address or os.environ.get(SCHEDULER_ENV) or None
+    if threads and (address or local or gpu):
+        raise ValueError("threads=True (--threads) excludes a scheduler address, local and gpu")
+    if not (address or local or gpu or threads):
+        address = os.environ.get(SCHEDULER_ENV) or None
+    for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be a positive integer, got {value!r}")
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
     if rmm_pool_size is not None and not (gpu and not address):
         raise ValueError("rmm_pool_size needs gpu=True without a scheduler address (--gpu)")
     if gpu and address:
@@ -123,8 +142,23 @@ def scheduler(
                     dashboard_address=":0",
                 )
             )
-        client = stack.enter_context(Client(target, set_as_default=True))
+        if address:
+            client = stack.enter_context(_connect(Client, address))
+        else:
+            client = stack.enter_context(Client(target, set_as_default=True))
         yield client
+
+
+def _connect(client_type: Any, address: str) -> Any:
+    """A client of the scheduler at ``address``, or ``ConnectionError`` naming it after
+    :data:`CONNECT_TIMEOUT` seconds without an answer."""
+    try:
+        return client_type(address, set_as_default=True, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(
+            f"no Dask scheduler answered at {address} within {CONNECT_TIMEOUT} s"
+            + (f" (from ${SCHEDULER_ENV})" if os.environ.get(SCHEDULER_ENV) == address else "")
+        ) from exc
 
 
 @contextlib.contextmanager
