@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import ndimage
 
 from scalign._array import to_numpy
 from scalign.kernels.affine import (
@@ -26,7 +25,6 @@ from scalign.kernels.affine import (
     decompose_affine_3d,
     image_center,
     invert,
-    pull_matrix,
 )
 from scalign.kernels.register import (
     LOSSES,
@@ -35,6 +33,7 @@ from scalign.kernels.register import (
     estimate_motion,
     prepare_template,
 )
+from scalign.kernels.warp import warp_images
 from scalign.validation import check_iterations, check_option
 
 # Fewer pixels than this along an axis leave no room for a pyramid or a rotation search.
@@ -109,7 +108,8 @@ def _register(
         template, mov, loss, max_iterations=max_iterations, tol=tol, initial=initial
     )
     M = fit.matrix
-    warped = ndimage.affine_transform(mov, *pull_matrix(invert(M)), order=order)
+    # warped(p) = mov(M p): warped by M^-1 (an exact identity copies mov)
+    warped = warp_images(mov[None], invert(M), order=order)[0]
     decompose = decompose_affine if d == 2 else decompose_affine_3d
     parameters = dict(decompose(M, center=image_center(ref.shape)))
     info = RegistrationInfo(
@@ -149,7 +149,8 @@ def register_affine_2d(
 
     Returns
     -------
-    warped : ``mov`` pulled back onto ``ref``, ``warped(p) = mov(M p)``.
+    warped : ``mov`` pulled back onto ``ref``, ``warped(p) = mov(M p)`` (``mov`` itself
+        when ``M`` is exactly the identity).
     matrix : (3, 3) forward motion ``M`` with ``mov(M p) ≈ ref(p)``.
     info : :class:`RegistrationInfo`.
     """

@@ -100,6 +100,21 @@ def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> d
     return {name: to_device(value, "cpu") for name, value in fit.items()}
 
 
+def _pin_reference(fit: dict, index: int) -> dict:
+    """The reference's own motion set to exactly the identity (loss 0, no iterations):
+    fitted onto itself it comes out ~1e-7 off, enough to move its edge pixels outside
+    and zero-fill them when it is pulled back."""
+    matrix = fit["matrix"]
+    dim = matrix.dims[0]
+    other = xr.DataArray(np.arange(matrix.sizes[dim]) != index, dims=(dim,))
+    eye = xr.DataArray(np.eye(matrix.sizes[ROW]), dims=(ROW, COL))
+    return {
+        "matrix": matrix.where(other, eye),
+        "loss": fit["loss"].where(other, 0.0),
+        "iterations": fit["iterations"].where(other, 0),
+    }
+
+
 def _chain_block(block: np.ndarray, axis: int = 0) -> np.ndarray:
     """Within a block of relative motions ``R_k``: ``C_k = R_k C_{k-1}``, ``C_{-1} = I``."""
     out = np.empty_like(block)
@@ -199,9 +214,11 @@ def register_stack(
     -------
     Dataset
         ``matrix (image, row, col)``: each image's forward motion relative to the
-        reference, ``I_k(M_k p) ≈ R(p)``; ``loss (image)`` (MSE, or 1 − NCC, of the final
-        fit; 0 for the first image with ``"previous"``); ``iterations (image)``;
-        ``registered (image, y, x)``: every image pulled back onto the reference.
+        reference, ``I_k(M_k p) ≈ R(p)`` (exactly the identity for the reference image
+        itself, and for the first image with ``"previous"``); ``loss (image)`` (MSE, or
+        1 − NCC, of the final fit; 0 for those images); ``iterations (image)`` (0 for
+        them); ``registered (image, y, x)``: every image pulled back onto the reference
+        (the reference image unchanged).
     """
     check_option("device", device, DEVICES)
     ds = gpu_batches(validate_stack(stack), device)
@@ -224,8 +241,8 @@ def register_stack(
     if reference == "previous" and n > 1:
         fit = _previous(images, options)
     else:
-        index = 0 if isinstance(reference, str) else int(reference)
-        fit = _register(images, images.isel({dim: index}), options)
+        index = 0 if isinstance(reference, str) else int(reference) % n
+        fit = _pin_reference(_register(images, images.isel({dim: index}), options), index)
         if reference == "mean":
             check_iterations(mean_iterations, 1.0)
             for _ in range(mean_iterations):

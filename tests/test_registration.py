@@ -118,6 +118,16 @@ def test_phase_correlation_agrees_with_skimage(camera):
     np.testing.assert_allclose(shift, -theirs[::-1], atol=0.02)
 
 
+@pytest.mark.parametrize("order", [1, 3])
+def test_an_exact_identity_estimate_returns_mov_itself(order):
+    """A ramp registered onto itself gives exactly the identity: ``warped`` is ``mov``,
+    not a spline resampling of it (off by ~1e-14 at order 3)."""
+    ramp = np.add.outer(np.arange(48.0) ** 2 / 7, np.zeros(40))
+    warped, M, _ = register_affine_2d(ramp, ramp, order=order)
+    np.testing.assert_array_equal(M, np.eye(3))
+    np.testing.assert_array_equal(warped, ramp)
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "exc", "message"),
     [
