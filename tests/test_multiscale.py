@@ -154,6 +154,13 @@ def test_align_coarsen_to_a_structure_index_with_robust_weights(ens):
         ({"reference": np.zeros((25, 3)), "coarsen": 4}, ValueError, r"\(26, 3\) beads or"),
         ({"reference": 0, "coarsen": 0}, ValueError, "coarsen must be a positive integer"),
         ({"reference": 0, "coarsen": 1.5}, TypeError, "coarsen must be a positive integer"),
+        # too few beads for a 3-D fit (fitted anyway before: one bead gave I and RMSD 0)
+        (
+            {"reference": 0, "coarsen": 52},
+            ValueError,
+            r"coarsen=52 has 2 point\(s\) in 3 dimensions: at least 3 are needed",
+        ),
+        ({"reference": 0, "coarsen": 500}, ValueError, "coarsen=500 has 1 point"),
     ],
 )
 def test_align_coarsen_bad_input(ens, kwargs, exc, message):
