@@ -21,6 +21,7 @@ from scalign.validation import (
     as_weights,
     check_enough_points,
     check_factor,
+    check_iterations,
     check_option,
 )
 
@@ -355,6 +356,7 @@ def align(
             )
         ref = _coarse_reference(coords, reference, coarsen, w)
     elif isinstance(reference, str) and reference == "mean":
+        check_iterations(max_iterations, tol)
         ref, report = _generalized_reference(
             coords, w, scale, reflection, tol, max_iterations, robust
         )

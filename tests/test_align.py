@@ -218,6 +218,11 @@ def test_adk_mass_weighted_all_atom_alignment(adk):
         ({"weights": np.zeros(24)}, ValueError, "all zero"),
         ({"weights": -np.ones(24)}, ValueError, "negative"),
         ({"weights": np.ones(23)}, ValueError, "one per point"),
+        # generalized Procrustes' budget and tolerance (IndexError / silently kept before)
+        ({"reference": "mean", "max_iterations": 0}, ValueError, "max_iterations must be"),
+        ({"reference": "mean", "max_iterations": 2.5}, TypeError, "max_iterations must be"),
+        ({"reference": "mean", "tol": -1.0}, ValueError, "tol must be a positive"),
+        ({"reference": "mean", "tol": float("nan")}, ValueError, "tol must be a positive"),
     ],
 )
 def test_bad_arguments_get_clear_errors(ens, kwargs, exc, message):
