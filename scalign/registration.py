@@ -13,6 +13,7 @@ sampling.
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,10 +31,11 @@ from scalign.kernels.register import (
     LOSSES,
     TRANSFORMS_2D,
     TRANSFORMS_3D,
+    auto_levels,
     estimate_motion,
     prepare_template,
 )
-from scalign.kernels.warp import warp_images
+from scalign.kernels.warp import check_invertible, check_order, warp_images
 from scalign.validation import check_iterations, check_option
 
 # Fewer pixels than this along an axis leave no room for a pyramid or a rotation search.
@@ -79,6 +81,19 @@ def _as_image(name: str, image: Any, d: int) -> np.ndarray:
     return arr.astype(np.float64, copy=False)
 
 
+def _check_levels(levels: Any, shape: tuple[int, ...]) -> None:
+    """Pyramid levels: a positive integer, at most as many as halving the smallest side
+    down to 2 px allows."""
+    if isinstance(levels, bool) or not isinstance(levels, Integral):
+        raise TypeError(f"levels must be a positive integer, got {levels!r}")
+    most = auto_levels(shape, 2)
+    if not 1 <= levels <= most:
+        raise ValueError(
+            f"levels must be an integer from 1 to {most} for shape {shape} (each level "
+            f"halves the image down to at least 2 px), got {levels}"
+        )
+
+
 def _register(
     ref,
     mov,
@@ -100,7 +115,12 @@ def _register(
     check_option("transform", transform, transforms)
     check_option("loss", loss, LOSSES)
     check_iterations(max_iterations, tol)
-    initial = None if initial is None else check_matrix("initial", initial, d)
+    order = check_order(order)
+    if levels is not None:
+        _check_levels(levels, ref.shape)
+    if initial is not None:
+        initial = check_matrix("initial", initial, d)
+        check_invertible("initial", initial)
     template = prepare_template(
         ref, transform, levels=levels, rotation_search=rotation_search and initial is None
     )
@@ -142,8 +162,9 @@ def register_affine_2d(
         and an offset of the intensities).
     max_iterations : Gauss–Newton iterations per pyramid level at most.
     tol : convergence on the finest level: no image corner moves by more than ``tol`` px.
-    levels : pyramid levels (default: halve until the coarsest side is about 64 px).
-    initial : (3, 3) starting motion, optional (then no global search).
+    levels : pyramid levels (default: halve until the coarsest side is about 64 px; at
+        most as many as halving the smallest side down to 2 px allows).
+    initial : (3, 3) invertible starting motion, optional (then no global search).
     rotation_search : search every rotation angle (log-polar) before refining.
     order : interpolation order of ``warped``.
 
