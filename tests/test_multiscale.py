@@ -94,6 +94,7 @@ def test_robust_method_ignores_outlying_beads():
         ((chain(50), chain(200), 2.0), {}, TypeError, "scale_factor must be a positive"),
         ((chain(50)[:, :2], chain(200), 4), {}, ValueError, "2-dimensional"),
         ((np.full((50, 3), np.nan), chain(200), 4), {}, ValueError, "low_res has 150 non-finite"),
+        ((np.ones((50, 3)), chain(200), 4), {}, ValueError, "low_res is degenerate"),
         (
             (chain(50), chain(200), 4),
             {"robust_loss": "l1", "method": "robust"},
