@@ -46,6 +46,10 @@ def _checked(X, Y, weights=None):
     check_spread("X", X)
     check_spread("Y", Y)
     w = None if weights is None else as_weights("weights", weights, X.shape[-2])
+    if w is not None and w.ndim > 1 and w.shape[:-1] != X.shape[:-2]:
+        n, batch = X.shape[-2], X.shape[:-2]
+        rows = f" or {batch + (n,)} (one row per set of X)" if batch else ""
+        raise ValueError(f"weights must have shape ({n},) (one per point){rows}, got {w.shape}")
     return X, Y, w
 
 

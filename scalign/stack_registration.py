@@ -33,7 +33,7 @@ from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
 from scalign.kernels.register import estimate_motion, prepare_template
 from scalign.kernels.register_batch import estimate_motions, prepare_templates
 from scalign.mapping import map_batch
-from scalign.validation import check_iterations, check_option
+from scalign.validation import check_count, check_iterations, check_option
 
 REFERENCES = ("first", "previous", "mean")
 TRANSFORMS = ("translation", "rigid", "similarity", "affine")
@@ -236,6 +236,8 @@ def register_stack(
         )
     if isinstance(reference, str):
         check_option("reference", reference, REFERENCES)
+        if reference == "mean":
+            check_count("mean_iterations", mean_iterations)
     elif not -n <= reference < n:
         raise ValueError(f"reference index {reference} is out of range for {n} images")
     if reference == "previous" and n > 1:
@@ -244,7 +246,6 @@ def register_stack(
         index = 0 if isinstance(reference, str) else int(reference) % n
         fit = _pin_reference(_register(images, images.isel({dim: index}), options), index)
         if reference == "mean":
-            check_iterations(mean_iterations, 1.0)
             for _ in range(mean_iterations):
                 # Edge-extended warps: zero-filled corners would drag the mean and bias
                 # every fit near the border.

@@ -252,6 +252,10 @@ def test_make_ensemble_rejects_bad_input():
         make_ensemble(np.zeros((0, 5, 3)))
     with pytest.raises(ValueError, match=r"shape \(structure, point, space\)"):
         make_ensemble(np.zeros((4, 5, 3, 1)))
+    # one structure: the dims it needs, not "(..., n_points, d)"
+    for one in (np.ones((5, 3)), da.ones((5, 3))):
+        with pytest.raises(ValueError, match=r"\(structure, point, space\), got \(5, 3\) \(one"):
+            make_ensemble(one)
     with pytest.raises(ValueError, match="weights.*all zero"):
         make_ensemble(np.ones((2, 5, 3)), np.zeros(5))
 

@@ -151,6 +151,8 @@ def test_bad_input_gets_a_clear_error(case, make, exc, message):
         (-np.ones(10), "negative"),
         (np.r_[np.nan, np.ones(9)], "non-finite"),
         (np.ones(9), r"shape \(\.\.\., 10\)"),
+        # a broadcasting error from numpy before
+        (np.ones((2, 10)), r"weights must have shape \(10,\) \(one per point\), got \(2, 10\)"),
     ],
 )
 def test_bad_weights_get_a_clear_error(weights, message):

@@ -166,6 +166,9 @@ def test_threaded_and_cluster_agree(drift, client):
         ({"transform": "projective"}, ValueError, "unknown transform 'projective'"),
         ({"loss": "mi"}, ValueError, "unknown loss 'mi'"),
         ({"max_iterations": 0}, ValueError, "max_iterations"),
+        # named max_iterations before
+        ({"reference": "mean", "mean_iterations": 0}, ValueError, "mean_iterations must be"),
+        ({"reference": "mean", "mean_iterations": 1.5}, TypeError, "mean_iterations must be"),
     ],
 )
 def test_bad_input_gets_clear_errors(drift, kwargs, exc, message):
