@@ -114,6 +114,12 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     store at ``path`` is always complete. If the computation fails with an error, call
     ``commit(success=False)`` to remove the partial store.
     """
+    if isinstance(ds, xr.DataArray):
+        raise TypeError(
+            "ds must be an xarray Dataset, got a DataArray: write da.to_dataset(name=...)"
+        )
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"ds must be an xarray Dataset, got {type(ds).__name__}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     ds = ds.copy()

@@ -33,6 +33,16 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.zarr"]
 
 
+def test_saving_a_dataarray_asks_for_a_dataset(tmp_path):
+    """An AttributeError ('DataArray' object has no attribute 'variables') before."""
+    coords = helix_ensemble(10, 5)["coords"]
+    with pytest.raises(TypeError, match=r"Dataset, got a DataArray: .*to_dataset\(name="):
+        save_zarr(coords, tmp_path / "c.zarr")
+    with pytest.raises(TypeError, match="ds must be an xarray Dataset, got dict"):
+        save_zarr({"coords": coords}, tmp_path / "c.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_write_leaves_the_previous_output_and_no_partial_store(tmp_path):
     ens = helix_ensemble(50, 8, chunks=10)
     save_zarr(ens, tmp_path / "out.zarr")
