@@ -186,8 +186,13 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
+        if old is None:
+            return
+        # what was replaced may be a store (a directory) or a plain file or link
+        if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
     return delayed, commit
 
