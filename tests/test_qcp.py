@@ -91,13 +91,16 @@ def test_identity_and_tiny_residuals():
     assert fit.rmsd[0] < 1e-12 and fit.rmsd[1] < 1e-8
 
 
-def test_vectorised_determinants_match_lapack():
-    from scalign.kernels.qcp import _det3, _det4
+def test_vectorised_invariants_match_lapack():
+    """|S|², det S, and det K = |S|⁴ - 4 |cof S|² (Horn's matrix) against LAPACK."""
+    from scalign.kernels.qcp import _invariants
 
-    rng = np.random.default_rng(5)
-    m3, m4 = rng.standard_normal((50, 3, 3)), rng.standard_normal((50, 4, 4))
-    np.testing.assert_allclose(_det3(m3), np.linalg.det(m3), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(_det4(np, m4), np.linalg.det(m4), rtol=1e-12, atol=1e-14)
+    m = np.random.default_rng(5).standard_normal((50, 3, 3))
+    norm2, det, cof2 = _invariants(m)
+    np.testing.assert_allclose(norm2, np.sum(m * m, axis=(1, 2)), rtol=1e-14)
+    np.testing.assert_allclose(det, np.linalg.det(m), rtol=1e-12, atol=1e-14)
+    det_k = np.linalg.det(horn_matrix(np, m))
+    np.testing.assert_allclose(norm2 * norm2 - 4.0 * cof2, det_k, rtol=1e-11, atol=1e-12)
 
 
 def test_vectorised_adjugate_matches_lapack():
