@@ -16,7 +16,14 @@ from scalign.kernels.coarsen import block_means
 from scalign.kernels.kabsch import apply_transform, rmsd, superpose
 from scalign.kernels.robust import TUNING, irls_superpose
 from scalign.mapping import map_batch
-from scalign.validation import as_points, as_weights, check_factor, check_option
+from scalign.validation import (
+    as_points,
+    as_weights,
+    check_enough_points,
+    check_factor,
+    check_iterations,
+    check_option,
+)
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +344,11 @@ def align(
         check_option("robust", robust, ROBUST_LOSSES)
     if coarsen is not None:
         check_factor(coarsen, "coarsen")
+        check_enough_points(
+            f"each structure coarsened by coarsen={coarsen}",
+            -(-coords.sizes[POINT] // coarsen),
+            coords.sizes[SPACE],
+        )
         if isinstance(reference, str) and reference == "mean":
             raise ValueError(
                 "reference='mean' cannot be combined with coarsen: give a low-resolution "
@@ -344,6 +356,7 @@ def align(
             )
         ref = _coarse_reference(coords, reference, coarsen, w)
     elif isinstance(reference, str) and reference == "mean":
+        check_iterations(max_iterations, tol)
         ref, report = _generalized_reference(
             coords, w, scale, reflection, tol, max_iterations, robust
         )

@@ -28,6 +28,7 @@ from scalign.stack_registration import LOSSES as REGISTRATION_LOSSES
 from scalign.stack_registration import TRANSFORMS as REGISTRATION_TRANSFORMS
 from scalign.stack_registration import register_stack
 from scalign.synthetic import helix_ensemble
+from scalign.validation import check_chunks
 
 # Matrices up to this many entries are read back for the summary's statistics.
 _SUMMARY_ENTRIES = 25_000_000
@@ -332,6 +333,7 @@ def cmd_warp(args) -> int:
 
 
 def cmd_register(args) -> int:
+    check_chunks(args.chunks)
     out = _check_output(args.output, args.overwrite)
     ds = _open_stack(args.input)
     if args.chunks is not None:

@@ -49,16 +49,10 @@ def make_ensemble(
     attrs : dict, optional
         Dataset attributes (JSON-serialisable to survive zarr).
     """
-    if isinstance(coords, da.Array):
-        if coords.ndim != 3:
-            raise ValueError(
-                f"coords must have shape (structure, point, space), got {coords.shape}"
-            )
-        arr = coords
-    else:
-        arr = as_points("coords", coords, min_ndim=3)
-        if arr.ndim != 3:
-            raise ValueError(f"coords must have shape (structure, point, space), got {arr.shape}")
+    arr = coords if isinstance(coords, da.Array) else as_points("coords", coords, min_ndim=0)
+    if arr.ndim != 3:
+        one = " (one structure? pass coords[None])" if arr.ndim == 2 else ""
+        raise ValueError(f"coords must have shape (structure, point, space), got {arr.shape}{one}")
     check_chunks(chunks)
     n_structures, n, d = arr.shape
     if n_structures == 0:

@@ -114,6 +114,12 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     store at ``path`` is always complete. If the computation fails with an error, call
     ``commit(success=False)`` to remove the partial store.
     """
+    if isinstance(ds, xr.DataArray):
+        raise TypeError(
+            "ds must be an xarray Dataset, got a DataArray: write da.to_dataset(name=...)"
+        )
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"ds must be an xarray Dataset, got {type(ds).__name__}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     ds = ds.copy()
@@ -180,8 +186,13 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
+        if old is None:
+            return
+        # what was replaced may be a store (a directory) or a plain file or link
+        if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
     return delayed, commit
 

@@ -44,7 +44,12 @@ def _checked(X, Y, weights=None):
     Y = as_points("Y", Y)
     check_pair(X, Y)
     check_spread("X", X)
+    check_spread("Y", Y)
     w = None if weights is None else as_weights("weights", weights, X.shape[-2])
+    if w is not None and w.ndim > 1 and w.shape[:-1] != X.shape[:-2]:
+        n, batch = X.shape[-2], X.shape[:-2]
+        rows = f" or {batch + (n,)} (one row per set of X)" if batch else ""
+        raise ValueError(f"weights must have shape ({n},) (one per point){rows}, got {w.shape}")
     return X, Y, w
 
 
@@ -243,6 +248,7 @@ def multiscale_procrustes(
             f"{scale_factor} it needs ceil({n}/{scale_factor}) = {blocks}"
         )
     check_enough_points("low_res", blocks, d)
+    check_spread("low_res", low)
     beads, block_weights = block_means(high, scale_factor, w)
     check_spread("coarsened high_res", beads)
     if method == "robust":

@@ -13,11 +13,11 @@ sampling.
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import ndimage
 
 from scalign._array import to_numpy
 from scalign.kernels.affine import (
@@ -26,15 +26,16 @@ from scalign.kernels.affine import (
     decompose_affine_3d,
     image_center,
     invert,
-    pull_matrix,
 )
 from scalign.kernels.register import (
     LOSSES,
     TRANSFORMS_2D,
     TRANSFORMS_3D,
+    auto_levels,
     estimate_motion,
     prepare_template,
 )
+from scalign.kernels.warp import check_invertible, check_order, warp_images
 from scalign.validation import check_iterations, check_option
 
 # Fewer pixels than this along an axis leave no room for a pyramid or a rotation search.
@@ -80,6 +81,19 @@ def _as_image(name: str, image: Any, d: int) -> np.ndarray:
     return arr.astype(np.float64, copy=False)
 
 
+def _check_levels(levels: Any, shape: tuple[int, ...]) -> None:
+    """Pyramid levels: a positive integer, at most as many as halving the smallest side
+    down to 2 px allows."""
+    if isinstance(levels, bool) or not isinstance(levels, Integral):
+        raise TypeError(f"levels must be a positive integer, got {levels!r}")
+    most = auto_levels(shape, 2)
+    if not 1 <= levels <= most:
+        raise ValueError(
+            f"levels must be an integer from 1 to {most} for shape {shape} (each level "
+            f"halves the image down to at least 2 px), got {levels}"
+        )
+
+
 def _register(
     ref,
     mov,
@@ -101,7 +115,12 @@ def _register(
     check_option("transform", transform, transforms)
     check_option("loss", loss, LOSSES)
     check_iterations(max_iterations, tol)
-    initial = None if initial is None else check_matrix("initial", initial, d)
+    order = check_order(order)
+    if levels is not None:
+        _check_levels(levels, ref.shape)
+    if initial is not None:
+        initial = check_matrix("initial", initial, d)
+        check_invertible("initial", initial)
     template = prepare_template(
         ref, transform, levels=levels, rotation_search=rotation_search and initial is None
     )
@@ -109,7 +128,8 @@ def _register(
         template, mov, loss, max_iterations=max_iterations, tol=tol, initial=initial
     )
     M = fit.matrix
-    warped = ndimage.affine_transform(mov, *pull_matrix(invert(M)), order=order)
+    # warped(p) = mov(M p): warped by M^-1 (an exact identity copies mov)
+    warped = warp_images(mov[None], invert(M), order=order)[0]
     decompose = decompose_affine if d == 2 else decompose_affine_3d
     parameters = dict(decompose(M, center=image_center(ref.shape)))
     info = RegistrationInfo(
@@ -142,14 +162,16 @@ def register_affine_2d(
         and an offset of the intensities).
     max_iterations : Gauss–Newton iterations per pyramid level at most.
     tol : convergence on the finest level: no image corner moves by more than ``tol`` px.
-    levels : pyramid levels (default: halve until the coarsest side is about 64 px).
-    initial : (3, 3) starting motion, optional (then no global search).
+    levels : pyramid levels (default: halve until the coarsest side is about 64 px; at
+        most as many as halving the smallest side down to 2 px allows).
+    initial : (3, 3) invertible starting motion, optional (then no global search).
     rotation_search : search every rotation angle (log-polar) before refining.
     order : interpolation order of ``warped``.
 
     Returns
     -------
-    warped : ``mov`` pulled back onto ``ref``, ``warped(p) = mov(M p)``.
+    warped : ``mov`` pulled back onto ``ref``, ``warped(p) = mov(M p)`` (``mov`` itself
+        when ``M`` is exactly the identity).
     matrix : (3, 3) forward motion ``M`` with ``mov(M p) ≈ ref(p)``.
     info : :class:`RegistrationInfo`.
     """

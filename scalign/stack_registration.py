@@ -33,7 +33,7 @@ from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
 from scalign.kernels.register import estimate_motion, prepare_template
 from scalign.kernels.register_batch import estimate_motions, prepare_templates
 from scalign.mapping import map_batch
-from scalign.validation import check_iterations, check_option
+from scalign.validation import check_count, check_iterations, check_option
 
 REFERENCES = ("first", "previous", "mean")
 TRANSFORMS = ("translation", "rigid", "similarity", "affine")
@@ -98,6 +98,21 @@ def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> d
         kwargs=options,
     )
     return {name: to_device(value, "cpu") for name, value in fit.items()}
+
+
+def _pin_reference(fit: dict, index: int) -> dict:
+    """The reference's own motion set to exactly the identity (loss 0, no iterations):
+    fitted onto itself it comes out ~1e-7 off, enough to move its edge pixels outside
+    and zero-fill them when it is pulled back."""
+    matrix = fit["matrix"]
+    dim = matrix.dims[0]
+    other = xr.DataArray(np.arange(matrix.sizes[dim]) != index, dims=(dim,))
+    eye = xr.DataArray(np.eye(matrix.sizes[ROW]), dims=(ROW, COL))
+    return {
+        "matrix": matrix.where(other, eye),
+        "loss": fit["loss"].where(other, 0.0),
+        "iterations": fit["iterations"].where(other, 0),
+    }
 
 
 def _chain_block(block: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -199,9 +214,11 @@ def register_stack(
     -------
     Dataset
         ``matrix (image, row, col)``: each image's forward motion relative to the
-        reference, ``I_k(M_k p) ≈ R(p)``; ``loss (image)`` (MSE, or 1 − NCC, of the final
-        fit; 0 for the first image with ``"previous"``); ``iterations (image)``;
-        ``registered (image, y, x)``: every image pulled back onto the reference.
+        reference, ``I_k(M_k p) ≈ R(p)`` (exactly the identity for the reference image
+        itself, and for the first image with ``"previous"``); ``loss (image)`` (MSE, or
+        1 − NCC, of the final fit; 0 for those images); ``iterations (image)`` (0 for
+        them); ``registered (image, y, x)``: every image pulled back onto the reference
+        (the reference image unchanged).
     """
     check_option("device", device, DEVICES)
     ds = gpu_batches(validate_stack(stack), device)
@@ -219,15 +236,16 @@ def register_stack(
         )
     if isinstance(reference, str):
         check_option("reference", reference, REFERENCES)
+        if reference == "mean":
+            check_count("mean_iterations", mean_iterations)
     elif not -n <= reference < n:
         raise ValueError(f"reference index {reference} is out of range for {n} images")
     if reference == "previous" and n > 1:
         fit = _previous(images, options)
     else:
-        index = 0 if isinstance(reference, str) else int(reference)
-        fit = _register(images, images.isel({dim: index}), options)
+        index = 0 if isinstance(reference, str) else int(reference) % n
+        fit = _pin_reference(_register(images, images.isel({dim: index}), options), index)
         if reference == "mean":
-            check_iterations(mean_iterations, 1.0)
             for _ in range(mean_iterations):
                 # Edge-extended warps: zero-filled corners would drag the mean and bias
                 # every fit near the border.

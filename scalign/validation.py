@@ -100,12 +100,17 @@ def check_chunks(chunks: int | None) -> None:
         raise ValueError(f"chunks must be a positive integer, got {chunks}")
 
 
+def check_count(name: str, value: int) -> None:
+    """A count such as an iteration budget: a positive integer (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
 def check_iterations(max_iterations: int, tol: float, tol_name: str = "tol") -> None:
     """An iteration budget (a positive integer) and a tolerance (positive, finite)."""
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int | np.integer):
-        raise TypeError(f"max_iterations must be a positive integer, got {max_iterations!r}")
-    if max_iterations < 1:
-        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}")
+    check_count("max_iterations", max_iterations)
     if isinstance(tol, bool | np.bool_) or not isinstance(tol, Real):
         raise TypeError(f"{tol_name} must be a positive number, got {tol!r}")
     if not (math.isfinite(tol) and tol > 0):

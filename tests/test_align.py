@@ -218,6 +218,11 @@ def test_adk_mass_weighted_all_atom_alignment(adk):
         ({"weights": np.zeros(24)}, ValueError, "all zero"),
         ({"weights": -np.ones(24)}, ValueError, "negative"),
         ({"weights": np.ones(23)}, ValueError, "one per point"),
+        # generalized Procrustes' budget and tolerance (IndexError / silently kept before)
+        ({"reference": "mean", "max_iterations": 0}, ValueError, "max_iterations must be"),
+        ({"reference": "mean", "max_iterations": 2.5}, TypeError, "max_iterations must be"),
+        ({"reference": "mean", "tol": -1.0}, ValueError, "tol must be a positive"),
+        ({"reference": "mean", "tol": float("nan")}, ValueError, "tol must be a positive"),
     ],
 )
 def test_bad_arguments_get_clear_errors(ens, kwargs, exc, message):
@@ -247,6 +252,10 @@ def test_make_ensemble_rejects_bad_input():
         make_ensemble(np.zeros((0, 5, 3)))
     with pytest.raises(ValueError, match=r"shape \(structure, point, space\)"):
         make_ensemble(np.zeros((4, 5, 3, 1)))
+    # one structure: the dims it needs, not "(..., n_points, d)"
+    for one in (np.ones((5, 3)), da.ones((5, 3))):
+        with pytest.raises(ValueError, match=r"\(structure, point, space\), got \(5, 3\) \(one"):
+            make_ensemble(one)
     with pytest.raises(ValueError, match="weights.*all zero"):
         make_ensemble(np.ones((2, 5, 3)), np.zeros(5))
 

@@ -272,6 +272,20 @@ def test_warp_and_register_stacks(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("chunks", ["0", "-1"])
+def test_register_rejects_chunks_below_one(tmp_path, capsys, chunks):
+    """--chunks 0 was a ZeroDivisionError traceback, -1 was accepted."""
+    from scalign.images import make_stack
+
+    source = tmp_path / "stack.zarr"
+    save_zarr(make_stack(np.random.default_rng(0).random((4, 32, 32)).astype("f4")), source)
+    out = tmp_path / "o.zarr"
+    assert main(["register", str(source), str(out), "--chunks", chunks, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"scalign: error: chunks must be a positive integer, got {chunks}"
+    assert not out.exists()
+
+
 def test_compare_and_rank_candidate_volumes(tmp_path, capsys):
     from scalign.formats import export_star, write_volume
     from scalign.synthetic_em import blob_volume, random_blobs, simulate_particles

@@ -33,6 +33,35 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.zarr"]
 
 
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_overwriting_a_plain_file_leaves_nothing_behind(tmp_path, kind):
+    """The replaced file was renamed to .NAME.old-XXXX and never removed (rmtree of a
+    file fails, silently)."""
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("kept")
+    path = tmp_path / "out.zarr"
+    if kind == "file":
+        path.write_text("not a store")
+    else:
+        path.symlink_to(target)
+    ens = helix_ensemble(4, 5)
+    save_zarr(ens, path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.txt", "out.zarr"]
+    assert path.is_dir() and not path.is_symlink()
+    assert target.read_text() == "kept"  # a link is replaced, not what it points to
+    np.testing.assert_array_equal(open_ensemble(path)["coords"].values, ens["coords"].values)
+
+
+def test_saving_a_dataarray_asks_for_a_dataset(tmp_path):
+    """An AttributeError ('DataArray' object has no attribute 'variables') before."""
+    coords = helix_ensemble(10, 5)["coords"]
+    with pytest.raises(TypeError, match=r"Dataset, got a DataArray: .*to_dataset\(name="):
+        save_zarr(coords, tmp_path / "c.zarr")
+    with pytest.raises(TypeError, match="ds must be an xarray Dataset, got dict"):
+        save_zarr({"coords": coords}, tmp_path / "c.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_write_leaves_the_previous_output_and_no_partial_store(tmp_path):
     ens = helix_ensemble(50, 8, chunks=10)
     save_zarr(ens, tmp_path / "out.zarr")

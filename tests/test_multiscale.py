@@ -94,6 +94,7 @@ def test_robust_method_ignores_outlying_beads():
         ((chain(50), chain(200), 2.0), {}, TypeError, "scale_factor must be a positive"),
         ((chain(50)[:, :2], chain(200), 4), {}, ValueError, "2-dimensional"),
         ((np.full((50, 3), np.nan), chain(200), 4), {}, ValueError, "low_res has 150 non-finite"),
+        ((np.ones((50, 3)), chain(200), 4), {}, ValueError, "low_res is degenerate"),
         (
             (chain(50), chain(200), 4),
             {"robust_loss": "l1", "method": "robust"},
@@ -154,6 +155,13 @@ def test_align_coarsen_to_a_structure_index_with_robust_weights(ens):
         ({"reference": np.zeros((25, 3)), "coarsen": 4}, ValueError, r"\(26, 3\) beads or"),
         ({"reference": 0, "coarsen": 0}, ValueError, "coarsen must be a positive integer"),
         ({"reference": 0, "coarsen": 1.5}, TypeError, "coarsen must be a positive integer"),
+        # too few beads for a 3-D fit (fitted anyway before: one bead gave I and RMSD 0)
+        (
+            {"reference": 0, "coarsen": 52},
+            ValueError,
+            r"coarsen=52 has 2 point\(s\) in 3 dimensions: at least 3 are needed",
+        ),
+        ({"reference": 0, "coarsen": 500}, ValueError, "coarsen=500 has 1 point"),
     ],
 )
 def test_align_coarsen_bad_input(ens, kwargs, exc, message):

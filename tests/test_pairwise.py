@@ -52,6 +52,46 @@ def test_kernel_handles_near_duplicates_and_2d():
     np.testing.assert_allclose(pairwise_kernel(P), expected, atol=1e-12)
 
 
+def svd_kabsch_rmsd(A, B):
+    """float64 SVD Kabsch (proper rotations) for every pair, explicit residual."""
+    out = np.empty((len(A), len(B)))
+    for i, a in enumerate(A):
+        for j, b in enumerate(B):
+            ac, bc = a - a.mean(0), b - b.mean(0)
+            U, _, Vt = np.linalg.svd(ac.T @ bc)
+            D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+            out[i, j] = np.sqrt(np.mean(np.sum((ac @ U @ D @ Vt - bc) ** 2, axis=1)))
+    return out
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-9, 1e-6, 1e-4, 1e-2, 1.0])
+@pytest.mark.parametrize("shape", ["line", "plane"])
+def test_kernel_matches_svd_for_collinear_and_planar_sets(shape, noise):
+    """For collinear sets λmax is a (nearly) repeated root of the QCP quartic: Newton pins
+    it down to ~sqrt(eps) only (RMSD 3e-3 instead of 0 for a rod against itself moved),
+    and rounding can throw it onto the smallest root (a rod against its mirror image: 43
+    instead of 0). Mirror images are in the batch. Tolerance 2e-9 of the size: with an
+    RMSD ~1e-7 of the size (noise 1e-6), rounding of H alone moves any float64 fit, the
+    SVD reference included, by ~1e-9 of the size (both checked against 50-digit mpmath)."""
+    rng = np.random.default_rng(3)
+    if shape == "line":
+        base = np.outer(np.arange(20.0), [1.0, 2.0, 3.0])
+    else:
+        base = np.c_[rng.normal(size=(20, 2)) * 5, np.zeros(20)]
+    X = np.stack([base @ Rotation.random(random_state=s).as_matrix().T + s for s in range(6)])
+    X = np.concatenate([X, X[:, ::-1] * [1.0, 1.0, -1.0]])
+    X = X + rng.normal(scale=noise, size=X.shape)
+    c = X - X.mean(1, keepdims=True)
+    g = np.mean(np.sum(c * c, axis=2), axis=1)
+    size = np.sqrt(g[:, None] + g[None, :])
+    D = pairwise_kernel(X)
+    np.testing.assert_array_less(np.abs(D - svd_kabsch_rmsd(X, X)), 2e-9 * size)
+    if shape == "line" and noise == 0.0:
+        np.testing.assert_array_less(D, 1e-13 * size)  # every pair superposes exactly
+    D_other = pairwise_kernel(X[:5], X)
+    np.testing.assert_array_less(np.abs(D_other - svd_kabsch_rmsd(X[:5], X)), 2e-9 * size[:5])
+
+
 def test_op_equals_brute_force_and_computes_one_triangle(ens):
     D = pairwise_rmsd(ens, chunks=10)
     assert D.dims == ("structure", "structure_other") and D.chunks == ((10,) * 4 + (5,),) * 2

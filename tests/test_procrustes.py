@@ -116,6 +116,26 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize(
+    "fit",
+    [
+        scalign.procrustes_align,
+        scalign.kabsch,
+        scalign.umeyama,
+        scalign.procrustes_rmse,
+        scalign.procrustes_distance,
+        scalign.procrustes_r2,
+        lambda X, Y: weighted_procrustes(X, Y, np.ones(len(X))),
+        lambda X, Y: scalign.iteratively_reweighted_procrustes(X, Y, "tukey"),
+    ],
+)
+def test_a_target_whose_points_coincide_is_an_error(fit):
+    """Before: an arbitrary rotation, r2 NaN, an Umeyama scale of 0, no error."""
+    X = np.random.default_rng(0).normal(size=(5, 3))
+    with pytest.raises(ValueError, match="Y is degenerate: all of its points coincide"):
+        fit(X, np.ones((5, 3)))
+
+
 @pytest.mark.parametrize(("case", "make", "exc", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_a_clear_error(case, make, exc, message):
     rng = np.random.default_rng(0)
@@ -131,6 +151,8 @@ def test_bad_input_gets_a_clear_error(case, make, exc, message):
         (-np.ones(10), "negative"),
         (np.r_[np.nan, np.ones(9)], "non-finite"),
         (np.ones(9), r"shape \(\.\.\., 10\)"),
+        # a broadcasting error from numpy before
+        (np.ones((2, 10)), r"weights must have shape \(10,\) \(one per point\), got \(2, 10\)"),
     ],
 )
 def test_bad_weights_get_a_clear_error(weights, message):

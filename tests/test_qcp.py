@@ -58,6 +58,30 @@ def test_repeated_eigenvalue_is_flagged_and_solved_by_svd():
     np.testing.assert_allclose(moved @ fit.rotation[0].T + fit.translation[0], line, atol=1e-10)
 
 
+@pytest.mark.parametrize("noise", [0.0, 1e-6, 1e-3, 1.0])
+def test_newton_error_bound_holds_near_repeated_roots(noise):
+    """Near-collinear pairs, mirror images included: Newton stays on λmax (rounding threw
+    it onto the smallest root), its error bound covers the distance to the SVD's λmax,
+    and the items it cannot pin down are flagged for the SVD."""
+    from scalign.kernels.qcp import largest_eigenvalue
+
+    rng = np.random.default_rng(7)
+    line = np.outer(np.arange(20.0), [1.0, 2.0, 3.0])
+    X = np.stack([line @ Rotation.random(random_state=s).as_matrix() + s for s in range(8)])
+    X = np.concatenate([X, X[:, ::-1] * [1.0, 1.0, -1.0]])
+    X = X + noise * rng.standard_normal(X.shape)
+    i, j = np.triu_indices(len(X))
+    S, bound = covariances(X[i], X[j])
+    lam, error = largest_eigenvalue(np, S, bound)
+    trace = _svd_rotation(np, S, reflection=False)[1]
+    np.testing.assert_array_less(np.abs(lam - trace), error + 1e-14 * trace)
+    _, _, unsure = qcp_rotation(np, S, bound)
+    assert np.all(unsure[error > 1e-10 * 2 * bound])
+    if noise == 0.0:  # every pair is one rod: RMSD 0 (43 on the mirror images before)
+        assert np.all(superpose(X[i], X[j]).rmsd < 1e-12 * bound)
+        assert all(superpose(x[None], x).rmsd[0] < 1e-12 * bound[0] for x in X)
+
+
 def test_identity_and_tiny_residuals():
     rng = np.random.default_rng(4)
     Y = rng.standard_normal((50, 3)) * 10
@@ -67,13 +91,16 @@ def test_identity_and_tiny_residuals():
     assert fit.rmsd[0] < 1e-12 and fit.rmsd[1] < 1e-8
 
 
-def test_vectorised_determinants_match_lapack():
-    from scalign.kernels.qcp import _det3, _det4
+def test_vectorised_invariants_match_lapack():
+    """|S|², det S, and det K = |S|⁴ - 4 |cof S|² (Horn's matrix) against LAPACK."""
+    from scalign.kernels.qcp import _invariants
 
-    rng = np.random.default_rng(5)
-    m3, m4 = rng.standard_normal((50, 3, 3)), rng.standard_normal((50, 4, 4))
-    np.testing.assert_allclose(_det3(m3), np.linalg.det(m3), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(_det4(np, m4), np.linalg.det(m4), rtol=1e-12, atol=1e-14)
+    m = np.random.default_rng(5).standard_normal((50, 3, 3))
+    norm2, det, cof2 = _invariants(m)
+    np.testing.assert_allclose(norm2, np.sum(m * m, axis=(1, 2)), rtol=1e-14)
+    np.testing.assert_allclose(det, np.linalg.det(m), rtol=1e-12, atol=1e-14)
+    det_k = np.linalg.det(horn_matrix(np, m))
+    np.testing.assert_allclose(norm2 * norm2 - 4.0 * cof2, det_k, rtol=1e-11, atol=1e-12)
 
 
 def test_vectorised_adjugate_matches_lapack():

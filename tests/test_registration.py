@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from scalign import registration
 from scalign.kernels.affine import (
     build_affine_matrix,
     build_affine_matrix_3d,
@@ -118,6 +119,16 @@ def test_phase_correlation_agrees_with_skimage(camera):
     np.testing.assert_allclose(shift, -theirs[::-1], atol=0.02)
 
 
+@pytest.mark.parametrize("order", [1, 3])
+def test_an_exact_identity_estimate_returns_mov_itself(order):
+    """A ramp registered onto itself gives exactly the identity: ``warped`` is ``mov``,
+    not a spline resampling of it (off by ~1e-14 at order 3)."""
+    ramp = np.add.outer(np.arange(48.0) ** 2 / 7, np.zeros(40))
+    warped, M, _ = register_affine_2d(ramp, ramp, order=order)
+    np.testing.assert_array_equal(M, np.eye(3))
+    np.testing.assert_array_equal(warped, ramp)
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "exc", "message"),
     [
@@ -133,6 +144,38 @@ def test_phase_correlation_agrees_with_skimage(camera):
 def test_bad_input_gets_clear_errors(args, kwargs, exc, message):
     with pytest.raises(exc, match=message):
         register_affine_2d(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"levels": 0}, ValueError, r"levels must be an integer from 1 to 5 for shape \(40, 36"),
+        ({"levels": -1}, ValueError, "levels must be an integer from 1 to 5"),
+        ({"levels": 6}, ValueError, "levels must be an integer from 1 to 5"),
+        ({"levels": 1.5}, TypeError, "levels must be a positive integer"),
+        ({"levels": True}, TypeError, "levels must be a positive integer"),
+        ({"order": 9}, ValueError, "order must be an integer 0..5"),
+        ({"order": 1.0}, TypeError, "order must be an integer 0..5"),
+        ({"initial": "singular"}, ValueError, "initial is not invertible"),
+    ],
+)
+@pytest.mark.parametrize("register", [register_affine_2d, register_affine_3d])
+def test_levels_order_and_initial_are_checked_before_any_work(
+    monkeypatch, register, kwargs, exc, message
+):
+    """Before: IndexError (levels 0), TypeError from range() (1.5), 'cannot halve an axis'
+    (too many), the order only after the whole fit, a singular initial named 'M'."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the registration ran")
+
+    monkeypatch.setattr(registration, "prepare_template", refuse)
+    shape = (40, 36) if register is register_affine_2d else (40, 36, 36)
+    img = np.random.default_rng(0).random(shape)
+    if "initial" in kwargs:
+        kwargs = {"initial": np.diag([1.0, 0.0] + [1.0] * (len(shape) - 1))}
+    with pytest.raises(exc, match=message):
+        register(img, img, **kwargs)
 
 
 def test_similarity_is_2d_only():

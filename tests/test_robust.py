@@ -80,6 +80,20 @@ def test_matches_an_independent_scipy_irls(loss):
     np.testing.assert_allclose(weights, w_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_fit_does_not_depend_on_where_the_sets_sit(loss):
+    """The sigma floor scales with the target's size about its centroid: moved 1e6 or 1e7
+    away (georeferenced coordinates), the outliers are down-weighted as at the origin."""
+    X, Y, _, outlier = corrupted_pair(seed=5)
+    kw = {"max_iterations": 200, "tol": 1e-12}
+    _, R0, _, w0 = iteratively_reweighted_procrustes(X, Y, loss, **kw)
+    for offset in (1e6, 1e7):  # coordinates keep ~1e-9 of their digits at 1e7
+        _, R, _, w = iteratively_reweighted_procrustes(X + offset, Y + offset, loss, **kw)
+        np.testing.assert_allclose(R, R0, atol=1e-9)
+        np.testing.assert_allclose(w, w0, atol=1e-7)
+    assert w0[outlier].mean() < 0.2
+
+
 def test_weight_functions_match_their_formulas():
     u = np.array([0.0, 0.5, 1.345, 2.0, 4.685, 10.0])
     np.testing.assert_allclose(

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from scalign import stack_registration
 from scalign.images import make_stack
 from scalign.kernels.affine import build_affine_matrix, image_center, invert, pull_matrix
+from scalign.kernels.register_batch import estimate_motions, prepare_templates
 from scalign.stack_registration import chain_motions, register_stack
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -89,6 +91,40 @@ def test_recovers_the_drift_of_100_slices(reference):
     assert err[:, 0].max() < angle_bound and err[:, 1].max() < 0.05, err.max(axis=0)
 
 
+def batched_chunk(images, reference, *, transform, loss, max_iterations, tol):
+    """The GPU path's chunk function (one batched estimate per chunk), run on NumPy."""
+    refs = np.reshape(reference, (-1, *images.shape[1:]))
+    fit = estimate_motions(
+        prepare_templates(refs, transform),
+        images,
+        loss,
+        max_iterations=max_iterations,
+        tol=tol,
+    )
+    return fit.matrix, fit.loss, fit.iterations
+
+
+@pytest.mark.parametrize("path", ["per-image", "batched"])
+@pytest.mark.parametrize(("reference", "index"), [("first", 0), (6, 6), (-2, 10)])
+def test_the_reference_gets_the_identity_and_keeps_its_pixels(
+    drift, monkeypatch, path, reference, index
+):
+    """Fitted onto itself the reference came out ~1e-7 off the identity: pulled back with
+    zero fill, ~128 of its edge pixels became 0."""
+    if path == "batched":
+        monkeypatch.setattr(stack_registration, "_register_chunk", batched_chunk)
+    ds, _ = drift
+    small = ds.isel(image=slice(12))
+    for order in (1, 3):
+        out = register_stack(small, reference, order=order).compute()
+        np.testing.assert_array_equal(out["matrix"].values[index], np.eye(3))
+        assert out["loss"].values[index] == 0 and out["iterations"].values[index] == 0
+        np.testing.assert_array_equal(
+            out["registered"].values[index], small["images"].values[index]
+        )
+        assert np.all(out["iterations"].values[np.arange(12) != index] > 0)
+
+
 def test_is_lazy_for_fixed_and_previous_references(drift):
     ds, _ = drift
 
@@ -130,6 +166,9 @@ def test_threaded_and_cluster_agree(drift, client):
         ({"transform": "projective"}, ValueError, "unknown transform 'projective'"),
         ({"loss": "mi"}, ValueError, "unknown loss 'mi'"),
         ({"max_iterations": 0}, ValueError, "max_iterations"),
+        # named max_iterations before
+        ({"reference": "mean", "mean_iterations": 0}, ValueError, "mean_iterations must be"),
+        ({"reference": "mean", "mean_iterations": 1.5}, TypeError, "mean_iterations must be"),
     ],
 )
 def test_bad_input_gets_clear_errors(drift, kwargs, exc, message):

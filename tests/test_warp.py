@@ -199,6 +199,25 @@ def test_operator_equals_scipy_every_mode_and_fill(shape, order):
                 np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("order", [0, 1, 3, 5])
+def test_an_identity_matrix_returns_the_images_exactly(order):
+    """scipy's spline prefilter returns a float64 image only to rounding (order >= 2):
+    an image whose motion is exactly the identity is copied, on every path."""
+    X = np.random.default_rng(3).random((5, 13, 21))
+    M = np.stack([np.eye(3), build_affine_matrix(0.5, 1.0), np.eye(3), np.eye(3), np.eye(3)])
+    for mode in MODES:
+        if mode == "grid-constant":  # scipy reads cval at weight-0 taps beyond the edge
+            continue
+        methods = ("auto", "scipy", "operator") if order <= 1 else ("auto", "scipy")
+        for method in methods:
+            np.testing.assert_array_equal(
+                warp_images(X, np.eye(3), order=order, mode=mode, method=method), X
+            )
+        out = warp_images(X, M, order=order, mode=mode)
+        np.testing.assert_array_equal(out[[0, 2, 3, 4]], X[[0, 2, 3, 4]])
+        np.testing.assert_array_equal(out[1], scipy_warp(X[1:2], M[1], order, mode)[0])
+
+
 def test_operator_equals_scipy_in_float64_to_rounding():
     rng = np.random.default_rng(1)
     X = rng.random((4, 13, 21))

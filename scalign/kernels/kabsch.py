@@ -170,12 +170,26 @@ def _rotation(xp, H: Array, ok: Array, reflection: bool, bound: Array):
     if d != 3 or reflection:
         return _svd_rotation(xp, H, reflection)
     R, lam, unsure = qcp_rotation(xp, H, xp.where(ok, bound, 1.5))
-    if bool(xp.any(unsure)):
-        idx = xp.nonzero(unsure)[0]
-        R_svd, lam_svd = _svd_rotation(xp, H[idx], reflection=False)
-        R[idx] = R_svd
-        lam[idx] = lam_svd
+    resolve_by_svd(xp, H, unsure, lam, R)
     return R, lam
+
+
+def resolve_by_svd(xp, H: Array, unsure: Array, lam: Array, R: Array | None = None) -> None:
+    """Overwrite, in place, the QCP solutions ``lam`` (and ``R``) of the items flagged
+    ``unsure`` with the SVD's proper rotation and :math:`\\mathrm{tr}(\\Sigma D)`.
+
+    Parameters
+    ----------
+    H : (..., 3, 3) cross-covariances.
+    unsure : (...) bool, over ``H``'s leading axes.
+    lam : (...) :math:`\\lambda_{max}` to correct.
+    R : (..., 3, 3) rotations to correct, optional.
+    """
+    if bool(xp.any(unsure)):
+        R_svd, lam_svd = _svd_rotation(xp, H[unsure], reflection=False)
+        lam[unsure] = lam_svd
+        if R is not None:
+            R[unsure] = R_svd
 
 
 def superpose(

@@ -10,9 +10,12 @@ RMSD after the best proper rotation is
 (Theobald 2005). All :math:`H_{ij}` of a block come from one GEMM,
 ``(A * p).transpose(0, 2, 1).reshape(a*d, n) @ B.transpose(1, 0, 2).reshape(n, b*d)``, in
 float64; :math:`\\lambda_{max}` from the vectorised QCP Newton solve (d = 3) or the batched
-SVD (other d), in cache-sized blocks of pairs. Pairs whose :math:`e^2` is below ``1e-9``
-of :math:`g_i + g_j` (where the closed form has lost digits to cancellation) are refitted
-explicitly by :func:`scalign.kernels.kabsch.superpose`; a structure against itself is 0.
+SVD (other d), in cache-sized blocks of pairs. Pairs whose :math:`\\lambda_{max}` Newton
+cannot pin down well enough (a nearly repeated root: collinear and near-collinear
+structures) take the SVD's instead, as :func:`scalign.kernels.kabsch.superpose` does.
+Pairs whose :math:`e^2` is below ``1e-9`` of :math:`g_i + g_j` (where the closed form has
+lost digits to cancellation) are refitted explicitly by
+:func:`scalign.kernels.kabsch.superpose`; a structure against itself is 0.
 A structure with a NaN/inf coordinate gets NaN in its row (or column) only.
 """
 
@@ -24,7 +27,7 @@ import numpy as np
 from array_api_compat import is_numpy_namespace
 
 from scalign._array import clamp, namespace
-from scalign.kernels.kabsch import _svd_rotation, superpose
+from scalign.kernels.kabsch import _svd_rotation, resolve_by_svd, superpose
 from scalign.kernels.qcp import largest_eigenvalue
 
 Array = Any
@@ -33,6 +36,10 @@ Array = Any
 # (measured: relative RMSD error ~2.5e-16 g / e^2); below 1e-9 g that exceeds ~1e-7
 # relative, and the pair is refitted explicitly.
 _CLOSE = 1e-9
+# A pair whose lambda_max is uncertain enough to move its RMSD by more than this fraction of
+# the structures' size gets the SVD's lambda_max (ten times below the 1e-9 the kernel is
+# tested to against a float64 SVD Kabsch).
+_RESOLVE = 1e-10
 _SOLVE_BLOCK = 32768
 
 
@@ -42,13 +49,25 @@ def _block_pairs(xp, n_pairs: int) -> int:
     return _SOLVE_BLOCK if is_numpy_namespace(xp) else max(n_pairs, 1)
 
 
-def _trace(xp, H: Array, bound: Array) -> Array:
-    """:math:`\\mathrm{tr}(\\Sigma D) = \\lambda_{max}` for proper rotations, any ``d``."""
+def _trace(xp, H: Array, bound: Array, g: Array) -> Array:
+    """:math:`\\mathrm{tr}(\\Sigma D) = \\lambda_{max}` for proper rotations, any ``d``.
+
+    For ``d = 3`` the QCP Newton solve; near a repeated root (collinear and near-collinear
+    structures) it pins :math:`\\lambda_{max}` down only to about
+    :math:`\\sqrt{\\epsilon}\\,\\lambda`, and :math:`e = \\sqrt{g - 2\\lambda}` moves by
+    :math:`\\delta\\lambda / e`: pairs where that could exceed ``_RESOLVE`` of the
+    structures' size :math:`\\sqrt{g}` get the SVD's trace instead (pairs below ``_CLOSE``
+    are refitted whole by the caller). Other ``d``: the SVD.
+    """
     d = H.shape[-1]
-    if d == 3:
-        return largest_eigenvalue(xp, H, bound)
-    trace = _svd_rotation(xp, xp.reshape(H, (-1, d, d)), reflection=False)[1]
-    return xp.reshape(trace, H.shape[:-2])
+    if d != 3:
+        trace = _svd_rotation(xp, xp.reshape(H, (-1, d, d)), reflection=False)[1]
+        return xp.reshape(trace, H.shape[:-2])
+    lam, error = largest_eigenvalue(xp, H, bound)
+    e2 = g - 2.0 * lam
+    unsure = (e2 >= _CLOSE * g) & (error * error > _RESOLVE * _RESOLVE * e2 * g)
+    resolve_by_svd(xp, H, unsure, lam)
+    return lam
 
 
 class Centred(NamedTuple):
@@ -117,7 +136,7 @@ def rmsd_block(A: Centred, B: Centred | None = None) -> Array:
             cols = slice(0, stop if same else b)
             pair = (slice(start, stop), cols)
             bound = xp.where(ok[pair], 0.5 * g[pair], 1.5)
-            e2[pair] = g[pair] - 2.0 * _trace(xp, H[pair], bound)
+            e2[pair] = g[pair] - 2.0 * _trace(xp, H[pair], bound, g[pair])
     e2 = clamp(e2, 0.0)
     close = ok & (e2 < _CLOSE * g)
     if same:

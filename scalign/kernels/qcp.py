@@ -13,8 +13,9 @@ Newton's method from the upper bound :math:`(\\sigma_x^2 + \\sigma_y^2)/2`; Liu,
 & Theobald (2010) take the eigenvector from a column of :math:`\\mathrm{adj}(K - \\lambda
 I)`. Here both steps are vectorised over the batch (no Python loop over items); the
 column of largest norm is used, and items whose best column is tiny (a nearly repeated
-:math:`\\lambda_{max}`, where the rotation is ill-determined) are flagged so the caller
-can solve them by SVD instead.
+:math:`\\lambda_{max}`, where the rotation is ill-determined) or whose
+:math:`\\lambda_{max}` Newton could not pin down (see :func:`largest_eigenvalue`) are
+flagged so the caller can solve them by SVD instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ _NEWTON_MAX_ITERATIONS = 50
 # adj(K - lambda I) scales as the product of the three eigen-gaps; below this fraction of
 # lambda^3 the quaternion has lost too many digits and the item is re-solved by SVD.
 _ADJUGATE_RTOL = 1e-6
+# Rounding of the quartic's value, in ulps of its largest term (measured: up to ~2 on
+# collinear, near-collinear, planar and random sets).
+_ROUNDING_ULPS = 8.0
+# A converged Newton pins lambda_max down to ~1e-15 of it unless the root is nearly
+# repeated; a larger error bound means Newton stalled or cycled there, and the item is
+# re-solved by SVD.
+_EIGENVALUE_RTOL = 1e-10
 
 
 def _horn_entries(S: Array) -> list[list[Array]]:
@@ -74,22 +82,36 @@ def _pair_minors(m: list[list[Array]]):
     return top, bottom
 
 
-def _det4_entries(m: list[list[Array]]) -> Array:
-    (s0, s1, s2, s3, s4, s5), (c0, c1, c2, c3, c4, c5) = _pair_minors(m)
-    return s0 * c5 - s1 * c4 + s2 * c3 + s3 * c2 - s4 * c1 + s5 * c0
+def _invariants(S: Array) -> tuple[Array, Array, Array]:
+    """:math:`\\lVert S\\rVert_F^2`, :math:`\\det S` and :math:`\\lVert \\mathrm{cof}\\,
+    S\\rVert_F^2` of ``(..., 3, 3)`` arrays, from the nine cofactors (vectorised).
 
-
-def _det4(xp, m: Array) -> Array:
-    """Determinants of ``(..., 4, 4)`` arrays (vectorised, no LAPACK loop)."""
-    return _det4_entries([[m[..., i, j] for j in range(4)] for i in range(4)])
-
-
-def _det3(m: Array) -> Array:
-    """Determinants of ``(..., 3, 3)`` by the rule of Sarrus (vectorised, no LAPACK loop)."""
-    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
-    d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
-    g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    With :math:`a^2, b^2, c^2` the eigenvalues of :math:`S^T S`, the first is their sum
+    and the last the sum of their pairwise products; Horn's matrix has the eigenvalues
+    :math:`\\pm a \\pm b \\pm c` (an even number of minus signs when
+    :math:`\\det S > 0`), so :math:`\\det K = (a^2 + b^2 + c^2)^2 - 4 (a^2 b^2 + b^2 c^2 +
+    c^2 a^2)`: the QCP coefficient :math:`c_0` without the 4×4 determinant.
+    """
+    a, b, c = S[..., 0, 0], S[..., 0, 1], S[..., 0, 2]
+    d, e, f = S[..., 1, 0], S[..., 1, 1], S[..., 1, 2]
+    g, h, i = S[..., 2, 0], S[..., 2, 1], S[..., 2, 2]
+    cofactors = (
+        e * i - f * h,
+        f * g - d * i,
+        d * h - e * g,
+        c * h - b * i,
+        a * i - c * g,
+        b * g - a * h,
+        b * f - c * e,
+        c * d - a * f,
+        a * e - b * d,
+    )
+    det = a * cofactors[0] + b * cofactors[1] + c * cofactors[2]
+    norm2 = a * a + b * b + c * c + d * d + e * e + f * f + g * g + h * h + i * i
+    cof2 = cofactors[0] * cofactors[0]
+    for x in cofactors[1:]:
+        cof2 = cof2 + x * x
+    return norm2, det, cof2
 
 
 def _adjugate(m: list[list[Array]]) -> list[list[Array]]:
@@ -124,27 +146,59 @@ def _adjugate(m: list[list[Array]]) -> list[list[Array]]:
     ]
 
 
-def largest_eigenvalue(xp, S: Array, bound: Array) -> Array:
-    """:math:`\\lambda_{max}` of Horn's matrix by Newton on the QCP polynomial.
+def largest_eigenvalue(xp, S: Array, bound: Array):
+    """:math:`\\lambda_{max}` of Horn's matrix by Newton on the QCP polynomial, with a
+    bound on its error.
+
+    The quartic :math:`P` is evaluated to a few ulps of its largest term,
+    :math:`m = \\lambda^4 + |c_2| \\lambda^2 + |c_1 \\lambda| + |c_0|`, so an iterate
+    :math:`\\lambda` lies within :math:`2 (|P| + \\epsilon m) / |P'|` of the root (the 2
+    covers a double root, where a Newton step only halves the distance); the returned
+    bound is that of the last iterate plus the last step. As
+    :math:`P'(\\lambda_{max}) = \\prod_k (\\lambda_{max} - \\lambda_k)` over the other
+    eigenvalues, it grows as :math:`\\lambda_{max}` nears a repeated root (collinear and
+    near-collinear sets), where Newton reaches only about :math:`\\sqrt{\\epsilon}\\,
+    \\lambda`; callers re-solve such items by SVD.
 
     Parameters
     ----------
     S : (B, 3, 3) cross-covariances (finite).
     bound : (B,) upper bound to start from, :math:`(\\sigma_x^2 + \\sigma_y^2) / 2`.
+
+    Returns
+    -------
+    lam : (B,) :math:`\\lambda_{max}`.
+    error : (B,) bound on :math:`|\\lambda - \\lambda_{max}|` (inf where :math:`P' = 0`).
     """
-    c2 = -2.0 * xp.sum(S * S, axis=(-2, -1))
-    c1 = -8.0 * _det3(S)
-    c0 = _det4_entries(_horn_entries(S))
+    norm2, det, cof2 = _invariants(S)
+    c2 = -2.0 * norm2
+    c1 = -8.0 * det
+    c0 = norm2 * norm2 - 4.0 * cof2
+    two_c2 = 2.0 * c2
+    # lambda_max = sigma_1 + sigma_2 -+ sigma_3 >= sigma_1 >= |S|_F / sqrt(3), and no other
+    # root but a near-repeated lambda_2 lies above that. From the upper bound Newton
+    # descends monotonically onto lambda_max, but near a repeated root rounding can give
+    # P' the wrong sign and throw a step far below, onto the smallest root (a rod against
+    # its mirror image: RMSD 43 instead of 0); the floor keeps it on lambda_max.
+    floor = xp.sqrt(-c2 / 6.0)
     lam = xp.asarray(bound, copy=True)
     for _ in range(_NEWTON_MAX_ITERATIONS):
         lam2 = lam * lam
         p = (lam2 + c2) * lam2 + c1 * lam + c0
-        dp = (4.0 * lam2 + 2.0 * c2) * lam + c1
-        step = xp.where(dp != 0, p / xp.where(dp != 0, dp, 1.0), 0.0)
-        lam = lam - step
-        if not bool(xp.any(xp.abs(step) > _NEWTON_RTOL * xp.abs(lam))):
+        dp = (4.0 * lam2 + two_c2) * lam + c1
+        nonzero = dp != 0
+        step = xp.where(nonzero, p / xp.where(nonzero, dp, 1.0), 0.0)
+        last = lam
+        lam = xp.maximum(lam - step, floor)
+        size = xp.abs(step)
+        if not bool(xp.any(size > _NEWTON_RTOL * lam)):
             break
-    return lam
+    # from the last iterate's P and P' (no extra evaluation): 2 |P / P'| = 2 |step|
+    terms = lam2 * (lam2 - c2) + xp.abs(c1 * last) + xp.abs(c0)
+    rounding = (2.0 * _ROUNDING_ULPS * xp.finfo(lam.dtype).eps) * terms
+    dp = xp.abs(dp)
+    slope = xp.where(dp > 0, rounding / xp.where(dp > 0, dp, 1.0), xp.inf)
+    return lam, slope + 3.0 * size
 
 
 def quaternion_rotation(xp, q: Array) -> Array:
@@ -167,7 +221,7 @@ def qcp_rotation(xp, S: Array, bound: Array):
     lam : (B,) :math:`\\lambda_{max} = \\mathrm{tr}(\\Sigma D)`.
     unsure : (B,) bool, items whose rotation is ill-determined by QCP (re-solve by SVD).
     """
-    lam = largest_eigenvalue(xp, S, bound)
+    lam, error = largest_eigenvalue(xp, S, bound)
     shifted = _horn_entries(S)
     for i in range(4):
         shifted[i][i] = shifted[i][i] - lam
@@ -178,6 +232,6 @@ def qcp_rotation(xp, S: Array, bound: Array):
     column = xp.take_along_axis(adjugate, best[:, None, None], axis=1)[:, 0, :]
     norm = xp.sqrt(xp.max(norms, axis=-1))
     scale = xp.abs(lam) + xp.abs(bound)
-    unsure = ~(norm > _ADJUGATE_RTOL * scale * scale * scale)
+    unsure = ~(norm > _ADJUGATE_RTOL * scale * scale * scale) | ~(error <= _EIGENVALUE_RTOL * scale)
     q = column / xp.where(unsure, 1.0, norm)[:, None]
     return quaternion_rotation(xp, q), lam, unsure

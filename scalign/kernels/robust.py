@@ -42,9 +42,9 @@ Array = Any
 TUNING = {"huber": 1.345, "tukey": 4.685, "welsch": 2.985}
 # 1 / Phi^-1(3/4): makes the median absolute deviation a consistent Gaussian sigma.
 _MAD_TO_SIGMA = 1.4826
-# A residual scale below this fraction of the set's RMS size is rounding (float32 data
-# carry ~1e-7 of it), not noise: the floor keeps exact fits at weights ~1 instead of
-# weighting points by their rounding errors.
+# A residual scale below this fraction of the target's RMS size about its centroid is
+# rounding (float32 data carry ~1e-7 of it), not noise: the floor keeps exact fits at
+# weights ~1 instead of weighting points by their rounding errors.
 _SIGMA_FLOOR = 1e-6
 
 
@@ -146,7 +146,9 @@ def irls_superpose(
         xp.asarray(a, copy=True)
         for a in superpose(X, Y, weights, scale=scale, reflection=reflection)
     ]
-    size = xp.sqrt(xp.sum(Y * Y, axis=(-2, -1)) / n)
+    # the set's RMS size about its centroid: where the set sits must not matter
+    Yc = Y - xp.mean(Y, axis=-2, keepdims=True)
+    size = xp.sqrt(xp.sum(Yc * Yc, axis=(-2, -1)) / n)
     w = xp.asarray(prior, copy=True)
     iterations = xp.zeros((B,), dtype=xp.int64)
     done = xp.zeros((B,), dtype=xp.bool)

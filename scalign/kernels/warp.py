@@ -29,6 +29,9 @@ How it is computed (NumPy), chosen automatically by :func:`choose_method`:
 CuPy input is warped with ``cupyx.scipy.ndimage.affine_transform``: for a shared matrix
 and ``order <= 1`` in one call over the whole batch (identity along the batch axis, where
 the coordinates are integers and the second tap has weight 0); otherwise image by image.
+
+An image whose matrix is exactly the identity is copied (any order and path; every mode
+but ``grid-constant``).
 """
 
 from __future__ import annotations
@@ -527,10 +530,22 @@ def choose_method(
 # --------------------------------------------------------------------------------------
 
 
+def _identity(M: np.ndarray, mode: str) -> np.ndarray:
+    """Which matrices are exactly the identity: those images are copied, not resampled
+    (scipy's spline prefilter returns an image only to rounding for ``order >= 2``).
+    Not with ``grid-constant``, where scipy reads ``cval`` at the weight-0 taps beyond
+    the last pixel (a NaN ``cval`` reaches the edge pixels even then)."""
+    return np.all(M == np.eye(M.shape[-1]), axis=(-2, -1)) & (mode != "grid-constant")
+
+
 def _warp_scipy(images, M, order, mode, cval, out) -> None:
     mats, offs = pull_matrix(M)
     per_image = M.ndim == 3
+    identity = np.broadcast_to(_identity(M, mode), images.shape[:1])
     for b in range(images.shape[0]):
+        if identity[b]:
+            out[b] = images[b]
+            continue
         mat, off = (mats[b], offs[b]) if per_image else (mats, offs)
         ndi.affine_transform(images[b], mat, off, order=order, mode=mode, cval=cval, output=out[b])
 
@@ -542,6 +557,10 @@ def _warp_cupy(images, M, order, mode, cval, dtype):
     out = cupy.empty(images.shape, dtype=dtype)
     mats, offs = pull_matrix(M)
     d = mats.shape[-1]
+    identity = _identity(M, mode)
+    if M.ndim == 2 and identity:
+        out[...] = images
+        return out
     if M.ndim == 2 and order <= 1:
         # one call: identity along the batch axis (integer coordinates, exact)
         full = np.eye(d + 1)
@@ -561,6 +580,9 @@ def _warp_cupy(images, M, order, mode, cval, dtype):
     # every matrix uploaded at once, not one host-to-device copy per image
     on_device = cupy.asarray(mats)
     for b in range(images.shape[0]):
+        if per_image and identity[b]:
+            out[b] = images[b]
+            continue
         mat, off = (on_device[b], offs[b]) if per_image else (on_device, offs)
         cndi.affine_transform(
             images[b],
@@ -652,6 +674,9 @@ def warp_images(
                 "method='operator' needs one shared matrix, order <= 1 and at least 2 pixels "
                 "along every axis"
             )
+        if _identity(M, mode):
+            out[...] = images
+            return out
         op = _CACHE.get(
             _key(shape, M, order, mode, dtype),
             lambda: _Plan(shape, M, order, mode, dtype),
