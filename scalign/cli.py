@@ -11,6 +11,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 import xarray as xr
 
@@ -20,7 +21,14 @@ from scalign.execution import SCHEDULER_ENV, run, scheduler
 from scalign.formats import import_star, read_volume
 from scalign.icp import icp
 from scalign.images import validate_stack, warp_stack
-from scalign.io import load_ensemble, load_points, open_ensemble, open_store, save_zarr
+from scalign.io import (
+    check_destination,
+    load_ensemble,
+    load_points,
+    open_ensemble,
+    open_store,
+    save_zarr,
+)
 from scalign.pairwise import pairwise_rmsd
 from scalign.procrustes import ROBUST_LOSSES, rotation_angle
 from scalign.reprojection import RANKING_SCORES, compare_reprojections, rank_volumes
@@ -199,9 +207,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_align(args) -> int:
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    out = _check_output(args.output, args.overwrite)
     ds = open_ensemble(args.input, chunks=args.chunks)
     with _scheduler(args, local_default=False) as client:
         _, seconds = _align_and_write(
@@ -214,9 +220,7 @@ def cmd_align(args) -> int:
 
 
 def cmd_rmsd(args) -> int:
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    out = _check_output(args.output, args.overwrite)
     ds = open_ensemble(args.input)
     other = None if args.other is None else open_ensemble(args.other)
     t0 = time.perf_counter()
@@ -297,10 +301,7 @@ def _open_stack(path: str) -> xr.Dataset:
 
 
 def _check_output(path: str, overwrite: bool) -> Path:
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
-    return out
+    return check_destination(path, overwrite)
 
 
 def cmd_warp(args) -> int:
@@ -526,14 +527,53 @@ def cmd_rank(args) -> int:
     return 0
 
 
+def _npy_header(f) -> str:
+    """``dtype shape`` from a .npy header, without reading the array."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return f"{dtype} {shape}"
+
+
+def _file_rows(path: Path) -> list[tuple[str, str]]:
+    """What a .npy, .npz, MRC or STAR file holds, from its headers (no pixels read)."""
+    if path.suffix == ".npy":
+        with open(path, "rb") as f:
+            return [("(array)", _npy_header(f))]
+    if path.suffix == ".npz":
+        with zipfile.ZipFile(path) as z:
+            rows = []
+            for member in z.namelist():
+                with z.open(member) as f:
+                    rows.append((member.removesuffix(".npy"), _npy_header(f)))
+            return rows
+    if path.suffix == ".star":
+        ds = import_star(path)
+        n, ny, nx = ds["images"].shape
+        rows = [("images", f"{n:,} of {ny} × {nx} from {ds.attrs['n_stacks']} stack(s)")]
+        rows += [("variables", ", ".join(v for v in ds.data_vars if v != "images"))]
+        return rows + [(f"attr {k}", v) for k, v in ds.attrs.items()]
+    with mrcfile.open(path, header_only=True, permissive=False) as mrc:
+        h = mrc.header
+        # MRC2014: space group 0 marks a stack of images, 1 (and others) a volume
+        kind = "image" if h.nz == 1 else "image stack" if h.ispg == 0 else "volume"
+        return [
+            ("kind", kind),
+            ("shape (z, y, x)", f"{int(h.nz)} × {int(h.ny)} × {int(h.nx)}"),
+            ("mode", f"{int(h.mode)} ({np.dtype(mrcfile.utils.data_dtype_from_header(h))})"),
+            ("voxel size", f"{float(mrc.voxel_size.x):g} Å"),
+        ]
+
+
 def cmd_info(args) -> int:
     path = Path(args.path)
-    if path.suffix in (".npy", ".npz") and path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            arrays = (
-                {"(array)": data} if path.suffix == ".npy" else {k: data[k] for k in data.files}
-            )
-            rows = [(k, f"{v.dtype} {v.shape}") for k, v in arrays.items()]
+    if path.suffix in (".npy", ".npz", ".mrc", ".mrcs", ".map", ".star") and path.is_file():
+        try:
+            rows = _file_rows(path)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path} is not a readable {path.suffix} file: {exc}") from exc
         print(_table(f"{path}", rows))
         return 0
     if not path.exists():
@@ -707,7 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--score", default="cost", choices=RANKING_SCORES)
     rk.set_defaults(func=cmd_rank)
 
-    info = sub.add_parser("info", help="describe a zarr store or a .npy/.npz file")
+    info = sub.add_parser(
+        "info", help="describe a zarr store, a .npy/.npz file, an MRC file or a STAR file"
+    )
     info.add_argument("path", metavar="PATH")
     info.set_defaults(func=cmd_info)
     return parser

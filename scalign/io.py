@@ -24,7 +24,7 @@ import zarr
 from dask.base import tokenize
 
 from scalign._array import to_numpy
-from scalign.ensemble import STRUCTURE, make_ensemble, validate_ensemble
+from scalign.ensemble import STRUCTURE, default_chunk, make_ensemble, validate_ensemble
 from scalign.validation import check_chunks
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ def _json_attrs(attrs: dict) -> dict:
     return out
 
 
+#: The metadata file at the root of a zarr store (v3, v2 group, v2 array).
+_ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
 #: Inside a partial store: the job's fingerprint and one empty file per written block.
 PROGRESS = ".scalign-progress"
 
@@ -97,6 +99,47 @@ def _write_group(var: xr.Variable, loc: tuple[int, ...]) -> tuple:
     return (id(var), loc)
 
 
+def _regular_chunks(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with chunks zarr can store: equal along each dim but for a smaller last
+    one. Selections and concatenations make others ((500, 1000, 200) from a slice of
+    1000-chunks): such a dim is rechunked to its largest chunk."""
+    ds = ds.unify_chunks()
+    uneven = {
+        dim: max(chunks)
+        for dim, chunks in ds.chunksizes.items()
+        if any(c != chunks[0] for c in chunks[:-1]) or chunks[-1] > chunks[0]
+    }
+    return ds.chunk(uneven) if uneven else ds
+
+
+def _input_files(ds: xr.Dataset) -> list[tuple[str, int, int]]:
+    """``(path, size, mtime_ns)`` of every file of the local zarr arrays that ``ds``'s
+    dask graph reads (xarray keeps each opened array as one object in the graph, wrapped
+    in its lazy-indexing adapters)."""
+    graph = ds.__dask_graph__()
+    if graph is None:
+        return []
+    folders = set()
+    for value in dict(graph).values():
+        for _ in range(8):  # the adapters' depth, with room to spare
+            if isinstance(value, zarr.Array):
+                root = getattr(value.store, "root", None)  # a LocalStore's folder
+                if root is not None:
+                    folders.add(Path(root) / value.path)
+                break
+            inner = getattr(value, "array", None)
+            value = getattr(value, "_array", None) if inner is None else inner
+            if value is None:
+                break
+    files = []
+    for folder in sorted(folders):
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                files.append((str(p), st.st_size, st.st_mtime_ns))
+    return files
+
+
 def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool = False):
     """Start an atomic, resumable write: return ``(delayed, commit)``.
 
@@ -105,7 +148,10 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     variables keep zarr's default codecs.
 
     The data go into a hidden sibling store, ``.NAME.partial``, which records the job's
-    fingerprint (dask's token of the dataset and the options) and, for each dask block
+    fingerprint (dask's token of the dataset and the options, and the size and
+    modification time of every file of the zarr stores it reads: dask's token of an
+    opened store changes only with the store folder's own time, which a rewrite of its
+    chunks leaves alone) and, for each dask block
     written, an empty marker file. ``delayed`` writes every block without a marker when
     computed (on whichever scheduler the caller runs it, with its own progress display):
     when a run of the same job was killed, the next one finds its partial store and
@@ -122,7 +168,7 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
         raise TypeError(f"ds must be an xarray Dataset, got {type(ds).__name__}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    ds = ds.copy()
+    ds = _regular_chunks(ds.copy())
     ds.attrs = _json_attrs(ds.attrs)
     for var in ds.variables.values():
         var.encoding = {}
@@ -132,16 +178,21 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
         if not compress and np.issubdtype(var.dtype, np.floating)
     }
     progress = tmp / PROGRESS
-    job = tokenize(ds, compress)
+    job = tokenize(ds, compress, _input_files(ds))
     fingerprint = progress / "job"
     if fingerprint.is_file() and fingerprint.read_text() == job:
         done = {p.name for p in progress.iterdir()}
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-        # metadata, and the variables already in memory; the dask blocks follow
-        ds.to_zarr(
-            tmp, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=encoding
-        )
+        try:
+            # metadata, and the variables already in memory; the dask blocks follow
+            ds.to_zarr(
+                tmp, mode="w-", zarr_format=3, consolidated=False, compute=False, encoding=encoding
+            )
+        except BaseException:
+            # e.g. attrs or dtypes zarr cannot store: nothing to resume
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         progress.mkdir()
         fingerprint.write_text(job)
         done = set()
@@ -197,6 +248,27 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     return delayed, commit
 
 
+def check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Where a store for ``path`` is written: ``path``, or what a symbolic link there
+    points to. Raise ``FileExistsError`` if something is there and ``overwrite`` is
+    false, or if it is not a zarr store (a file, or a non-empty folder without
+    ``zarr.json``, ``.zgroup`` or ``.zarray``: a mistyped argument must not destroy an
+    input)."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if not path.exists():
+        return path
+    if not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
+    is_store = path.is_dir() and (
+        not any(path.iterdir()) or any((path / m).is_file() for m in _ZARR_METADATA)
+    )
+    if not is_store:
+        raise FileExistsError(f"{path} exists and is not a zarr store: refusing to replace it")
+    return path
+
+
 def save_zarr(
     ds: xr.Dataset,
     path: str | os.PathLike,
@@ -211,17 +283,19 @@ def save_zarr(
 
     Parameters
     ----------
+    path : the store; a symbolic link there is followed (the store it points to is
+        written, the link kept).
     overwrite : bool
-        Replace an existing store (only once the new one is complete).
+        Replace an existing store (only once the new one is complete). Anything at
+        ``path`` that is not a zarr store (a file, a folder of other things) is never
+        replaced: :func:`check_destination`.
     compress : bool
         zstd-compress floating-point variables too (default: raw, see
         :func:`to_zarr_delayed`).
     compute : callable, optional
         How to run the write (e.g. with a progress bar); default ``delayed.compute()``.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
+    path = check_destination(path, overwrite)
     delayed, commit = to_zarr_delayed(ds, path, compress=compress)
     try:
         (compute or (lambda d: d.compute()))(delayed)
@@ -249,6 +323,52 @@ def _pick(
     return found[0] if found else None
 
 
+#: Bytes of a .npy file read at a time when it is checked for NaN/inf.
+_SLAB_BYTES = 32 * 2**20
+
+
+class _NpyRows:
+    """The array of a C-ordered ``.npy`` file, read a slab of rows at a time by
+    ``__getitem__`` (what ``dask.array.from_array`` needs): plain reads, so only the rows
+    asked for are ever in memory (a memory map would keep every page it touched)."""
+
+    def __init__(self, path: Path, mapped: np.memmap) -> None:
+        self.path, self.offset = str(path), int(mapped.offset)
+        self.shape, self.dtype, self.ndim = mapped.shape, mapped.dtype, mapped.ndim
+        self.row = int(np.prod(self.shape[1:]))
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        rows = key[0] if isinstance(key, tuple) else key
+        start, stop, _ = rows.indices(self.shape[0])
+        block = np.fromfile(
+            self.path,
+            dtype=self.dtype,
+            count=max(0, stop - start) * self.row,
+            offset=self.offset + start * self.row * self.dtype.itemsize,
+        ).reshape((max(0, stop - start), *self.shape[1:]))
+        rest = key[1:] if isinstance(key, tuple) else ()
+        return block[(slice(None), *rest)]
+
+
+def _npy_coords(path: Path, chunks: int | None) -> Any:
+    """The coordinates of a ``.npy`` file: for a C-ordered ``(structure, point, space)``
+    array of numbers, a lazy float dask array read chunk by chunk, after one pass that
+    counts non-finite values a slab at a time (bounded memory); otherwise the array."""
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    if mapped.ndim != 3 or mapped.dtype.kind not in "fiu" or not mapped.flags.c_contiguous:
+        return np.asarray(mapped)
+    rows = _NpyRows(path, mapped)
+    n, points, dims = mapped.shape
+    step = max(1, _SLAB_BYTES // max(1, rows.row * mapped.itemsize))
+    bad = sum(int(np.count_nonzero(~np.isfinite(rows[i : i + step]))) for i in range(0, n, step))
+    if bad:
+        raise ValueError(f"coords has {bad} non-finite (NaN or inf) coordinate(s)")
+    floats = mapped.dtype if mapped.dtype.kind == "f" else np.dtype(np.float64)
+    chunk = chunks or default_chunk(points, dims, floats.itemsize)
+    data = da.from_array(rows, chunks=(chunk, points, dims), name=False, asarray=True)
+    return data.astype(floats, copy=False)
+
+
 def load_ensemble(
     path: str | os.PathLike,
     *,
@@ -258,6 +378,9 @@ def load_ensemble(
 ) -> xr.Dataset:
     """Read an ensemble from ``.npy`` (the coordinates) or ``.npz`` (named arrays).
 
+    A ``.npy`` file is read chunk by chunk when computed (one pass checks it for NaN/inf
+    first, a slab at a time), so it may be larger than memory.
+
     In an ``.npz``, coordinates are taken from ``key`` or the first of
     ``coords, coordinates, xyz, positions``; weights from ``weights`` or the first of
     ``weights, masses``; other arrays of length ``n_points`` become ``point`` variables.
@@ -266,9 +389,8 @@ def load_ensemble(
     if not path.exists():
         raise FileNotFoundError(f"no file at {path}")
     if path.suffix == ".npy":
-        return make_ensemble(
-            np.load(path, allow_pickle=False), chunks=chunks, attrs={"source": path.name}
-        )
+        coords = _npy_coords(path, chunks)
+        return make_ensemble(coords, chunks=chunks, attrs={"source": path.name})
     if path.suffix != ".npz":
         raise ValueError(f"cannot import {path}: expected a .npy or .npz file")
     with np.load(path, allow_pickle=False) as data:

@@ -23,6 +23,32 @@ def store(tmp_path):
     return path
 
 
+def test_ctrl_c_is_one_line_and_leaves_no_store(tmp_path):
+    """SIGINT mid-write: exit status 130, one line, nothing at OUT (only the hidden
+    partial store that a rerun resumes)."""
+    import os
+    import signal
+    import time
+
+    source = tmp_path / "in.zarr"
+    save_zarr(helix_ensemble(150_000, 64, noise=0.1, chunks=5_000), source)
+    out = tmp_path / "out.zarr"
+    command = [sys.executable, "-m", "scalign.cli", "align", str(source), str(out), "--quiet"]
+    progress = tmp_path / ".out.zarr.partial" / ".scalign-progress"
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (progress.is_dir() and len(list(progress.iterdir())) > 3):
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "scalign: interrupted"
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
 def test_demo_end_to_end_as_a_subprocess(tmp_path):
     """The README's main job, shrunk: a LocalCluster, a progress bar, a summary, stores."""
     proc = subprocess.run(
@@ -134,6 +160,33 @@ def test_import_and_info(tmp_path, capsys):
     assert "structure=30" in text and "weights" in text and "chunks (10, 5, 3)" in text
     assert main(["info", str(tmp_path / "e.npz")]) == 0
     assert "(30, 5, 3)" in capsys.readouterr().out
+    np.save(tmp_path / "c.npy", coords.astype(np.float32))
+    assert main(["info", str(tmp_path / "c.npy")]) == 0  # np.load gives no context manager
+    assert "float32 (30, 5, 3)" in capsys.readouterr().out
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "bad.npz").write_bytes(b"PK not a zip")
+    for name in ("empty.npy", "bad.npz"):
+        assert main(["info", str(tmp_path / name)]) == 2
+        assert f"{name} is not a readable" in capsys.readouterr().err
+
+
+def test_info_describes_mrc_and_star_files_from_their_headers(tmp_path, capsys):
+    from scalign.formats import export_star, write_stack, write_volume
+    from scalign.synthetic_em import random_blobs, simulate_particles
+
+    write_volume(tmp_path / "v.mrc", np.zeros((8, 8, 8), np.float32), pixel_size=1.5)
+    write_stack(tmp_path / "s.mrcs", np.zeros((5, 6, 6), np.float32), pixel_size=2.0)
+    parts = simulate_particles(random_blobs(seed=1), 32, 4, ctf=True, seed=2)
+    export_star(parts.stack, tmp_path / "p.star")
+    expected = {
+        "v.mrc": ["volume", "8 × 8 × 8", "1.5 Å"],
+        "s.mrcs": ["image stack", "5 × 6 × 6", "2 Å"],
+        "p.star": ["4 of 32 × 32 from 1 stack(s)", "defocus_u", "voltage"],
+    }
+    for name, words in expected.items():
+        assert main(["info", str(tmp_path / name)]) == 0
+        printed = capsys.readouterr().out
+        assert all(w in printed for w in words), printed
 
 
 @pytest.mark.parametrize(
@@ -305,6 +358,12 @@ def test_compare_and_rank_candidate_volumes(tmp_path, capsys):
     assert main(["rank", str(out), "--score", "correlation"]) == 0
     printed = capsys.readouterr().out
     assert "higher is better" in printed and "best volume: true" in printed
+    # OUT forgotten: the last map would be taken as the output; it is not a store, so
+    # even --overwrite leaves it alone
+    before = (tmp_path / "true.mrc").read_bytes()
+    assert main([*args, "--angles", "--overwrite"]) == 2
+    assert "true.mrc exists and is not a zarr store" in capsys.readouterr().err
+    assert (tmp_path / "true.mrc").read_bytes() == before
     # bad input: one line, exit 2, nothing written
     bad = tmp_path / "bad.zarr"
     assert main([*args, str(bad), "--symmetry", "X3"]) == 2

@@ -72,3 +72,43 @@ def test_local_cluster_workers_get_the_malloc_settings_unless_the_user_set_them(
     with dask.config.set({key: 1000}), scheduler(local=True, n_workers=1) as client:
         (got,) = client.run(environ).values()
     assert got == (str(64 * 2**20), "1000")
+
+
+def test_explicit_choices_win_over_the_environment_and_a_dead_scheduler_fails_fast(
+    monkeypatch, capsys
+):
+    """$SCALIGN_SCHEDULER replaces only the defaults: threads=True and local=True are
+    kept. A scheduler that does not answer is a ConnectionError naming it, within
+    CONNECT_TIMEOUT (distributed's own wait is 30 s), and one line from the CLI."""
+    import time
+
+    import scalign.execution
+    from scalign.cli import main
+
+    monkeypatch.setattr(scalign.execution, "CONNECT_TIMEOUT", 1)
+    monkeypatch.setenv("SCALIGN_SCHEDULER", "tcp://127.0.0.1:1")
+    with scheduler(threads=True) as client:
+        assert client is None
+    with scheduler(local=True, n_workers=1) as client:
+        assert client.scheduler.address != "tcp://127.0.0.1:1"
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match=r"127.0.0.1:1 within 1 s \(from \$SCALIGN"):
+        with scheduler():
+            pass
+    assert time.perf_counter() - t0 < 15
+    assert main(["demo", "--structures", "20", "--points", "6", "--chunks", "10"]) == 2
+    assert capsys.readouterr().err.strip().endswith("(from $SCALIGN_SCHEDULER)")
+    with pytest.raises(ValueError, match="threads=True .* excludes"):
+        with scheduler("tcp://127.0.0.1:1", threads=True):
+            pass
+
+
+@pytest.mark.parametrize(("value", "exc"), [(0, ValueError), (-1, ValueError), (1.5, TypeError)])
+def test_worker_counts_must_be_positive_integers(value, exc):
+    """--workers 0 used to hang: LocalCluster waits for workers that never come."""
+    with pytest.raises(exc, match="n_workers must be a positive integer"):
+        with scheduler(local=True, n_workers=value):
+            pass
+    with pytest.raises(exc, match="threads_per_worker must be a positive integer"):
+        with scheduler(local=True, threads_per_worker=value):
+            pass

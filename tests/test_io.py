@@ -33,23 +33,61 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.zarr"]
 
 
-@pytest.mark.parametrize("kind", ["file", "link"])
-def test_overwriting_a_plain_file_leaves_nothing_behind(tmp_path, kind):
-    """The replaced file was renamed to .NAME.old-XXXX and never removed (rmtree of a
-    file fails, silently)."""
-    target = tmp_path / "elsewhere.txt"
-    target.write_text("kept")
-    path = tmp_path / "out.zarr"
-    if kind == "file":
-        path.write_text("not a store")
-    else:
-        path.symlink_to(target)
+def test_only_a_zarr_store_is_ever_replaced_and_links_are_followed(tmp_path):
+    """overwrite=True replaces a store, never a file or a folder of other things (a
+    mistyped output must not destroy an input); a link to a store is written through,
+    and nothing is left beside either (a replaced file once stayed as .NAME.old-XXXX)."""
     ens = helix_ensemble(4, 5)
-    save_zarr(ens, path, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.txt", "out.zarr"]
-    assert path.is_dir() and not path.is_symlink()
-    assert target.read_text() == "kept"  # a link is replaced, not what it points to
-    np.testing.assert_array_equal(open_ensemble(path)["coords"].values, ens["coords"].values)
+    (tmp_path / "map.mrc").write_text("an input")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("kept")
+    for victim in ("map.mrc", "data"):
+        with pytest.raises(FileExistsError, match="is not a zarr store: refusing"):
+            save_zarr(ens, tmp_path / victim, overwrite=True)
+    assert (tmp_path / "map.mrc").read_text() == "an input"
+    assert (tmp_path / "data" / "notes.txt").read_text() == "kept"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    save_zarr(ens, scratch / "out.zarr")
+    link = tmp_path / "out.zarr"
+    link.symlink_to(scratch / "out.zarr")
+    save_zarr(ens.isel(structure=slice(2)), link, overwrite=True)
+    assert link.is_symlink()
+    assert open_ensemble(scratch / "out.zarr").sizes["structure"] == 2
+    assert sorted(p.name for p in scratch.iterdir()) == ["out.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "map.mrc", "out.zarr", "scratch"]
+    empty = tmp_path / "empty.zarr"
+    empty.mkdir()
+    save_zarr(ens, empty, overwrite=True)  # an empty folder is fair game
+    assert open_ensemble(empty).sizes["structure"] == 4
+
+
+def test_a_resumed_write_notices_inputs_rewritten_in_place(tmp_path, caplog):
+    """An interrupted write is resumed only while its inputs are unchanged: rewriting
+    chunks of the input store (an xarray region write leaves the store folder's time,
+    and so dask's token of it, alone) restarts the job; an untouched input resumes."""
+    from scalign.io import to_zarr_delayed
+
+    source, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
+    save_zarr(helix_ensemble(400, 8, noise=0.1, chunks=100), source)
+
+    def job():
+        return align(open_ensemble(source), 0)
+
+    delayed, _ = to_zarr_delayed(job(), out)
+    delayed.compute()  # every block written, then "killed" before the commit
+    edited = xr.open_zarr(source, consolidated=False).isel(structure=slice(100, 200)).load()
+    edited["coords"] = edited["coords"] * 2.0
+    edited[["coords"]].to_zarr(source, region={"structure": slice(100, 200)}, consolidated=False)
+    with caplog.at_level("INFO", logger="scalign.io"):
+        save_zarr(job(), out)
+    assert "resuming" not in caplog.text
+    xr.testing.assert_identical(xr.open_zarr(out, consolidated=False).load(), job().compute())
+    delayed, _ = to_zarr_delayed(job(), tmp_path / "again.zarr")
+    delayed.compute()
+    with caplog.at_level("INFO", logger="scalign.io"):
+        save_zarr(job(), tmp_path / "again.zarr")
+    assert "resuming the interrupted write" in caplog.text
 
 
 def test_saving_a_dataarray_asks_for_a_dataset(tmp_path):
@@ -80,6 +118,24 @@ def test_failed_write_leaves_the_previous_output_and_no_partial_store(tmp_path):
     np.testing.assert_array_equal(kept["coords"].values, ens["coords"].values)
 
 
+def test_uneven_chunks_are_written_and_a_write_that_cannot_start_leaves_nothing(tmp_path):
+    """A slice or a concatenation gives chunks zarr cannot store ((5, 10, 10, 7) here):
+    the writer rechunks them. A dataset zarr cannot hold fails before any block is
+    written and leaves no partial store behind."""
+    ens = helix_ensemble(60, 6, chunks=10)
+    part = ens.isel(structure=slice(5, 37))
+    assert part["coords"].chunks[0] == (5, 10, 10, 7)
+    both = xr.concat([part, ens.isel(structure=slice(0, 3))], dim="structure", data_vars="all")
+    for name, ds in (("part", part), ("both", both), ("fit", align(part, 0))):
+        save_zarr(ds, tmp_path / f"{name}.zarr")
+        back = xr.open_zarr(tmp_path / f"{name}.zarr", consolidated=False)
+        xr.testing.assert_identical(back.load(), ds.compute())
+    bad = ens.assign_attrs(when=object())
+    with pytest.raises(TypeError):
+        save_zarr(bad, tmp_path / "bad.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["both.zarr", "fit.zarr", "part.zarr"]
+
+
 def test_write_of_an_aligned_result_reads_back_identical(tmp_path):
     ens = helix_ensemble(64, 10, noise=0.1, chunks=16)
     result = align(ens, 0)
@@ -107,6 +163,32 @@ def test_import_npy_and_npz(tmp_path):
     assert "resids" in ds and "names" not in ds
     other = load_ensemble(tmp_path / "c.npz", key="xyz", weights="resids")
     assert other["weights"].values[0] == 0
+
+
+def test_a_npy_file_is_read_chunk_by_chunk_in_any_dtype_and_order(tmp_path, monkeypatch):
+    """.npy coordinates are read lazily, a slab at a time (files larger than memory),
+    with the NaN check in bounded slabs; integers become float64; Fortran order works."""
+    import scalign.io
+
+    coords = np.random.default_rng(1).standard_normal((50, 6, 3)).astype(np.float32)
+    np.save(tmp_path / "c.npy", coords)
+    monkeypatch.setattr(scalign.io, "_SLAB_BYTES", 3 * 6 * 3 * 4)  # 3 structures a slab
+    ds = load_ensemble(tmp_path / "c.npy", chunks=16)
+    assert isinstance(ds["coords"].data, dask.array.Array)
+    assert ds["coords"].chunks[0] == (16, 16, 16, 2)
+    np.testing.assert_array_equal(ds["coords"].values, coords)
+    np.testing.assert_array_equal(ds["coords"][17:23, 2:5].values, coords[17:23, 2:5])
+    ints = np.arange(60).reshape(5, 4, 3)
+    np.save(tmp_path / "i.npy", ints)
+    back = load_ensemble(tmp_path / "i.npy")["coords"]
+    assert back.dtype == np.float64
+    np.testing.assert_array_equal(back.values, ints)
+    np.save(tmp_path / "f.npy", np.asfortranarray(coords))
+    np.testing.assert_array_equal(load_ensemble(tmp_path / "f.npy")["coords"].values, coords)
+    coords[47, 1, 2] = np.nan  # in the last slab but one
+    np.save(tmp_path / "n.npy", coords)
+    with pytest.raises(ValueError, match="coords has 1 non-finite"):
+        load_ensemble(tmp_path / "n.npy")
 
 
 def test_import_the_real_adk_npz(adk, tmp_path):
