@@ -763,8 +763,6 @@ def main(argv: list[str] | None = None) -> int:
     logger = logging.getLogger("scalign")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    if getattr(args, "quiet", False):
-        logger.setLevel(logging.WARNING)
     try:
         return args.func(args)
     except (
