@@ -28,6 +28,7 @@ import xarray as xr
 from array_api_compat import is_cupy_array
 from dask.array.reductions import cumreduction
 
+from scalign._array import namespace
 from scalign.execution import DEVICES, gpu_batches, to_device
 from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
 from scalign.kernels.register import estimate_motion, prepare_template
@@ -53,18 +54,14 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     check_finite("the reference", reference)
     shared = reference.ndim == d or reference.shape[0] == 1
     if is_cupy_array(images):
-        import cupy
-
-        refs = cupy.reshape(cupy.asarray(reference), (-1, *spatial))
-        fit = estimate_motions(
-            prepare_templates(refs, transform),
+        return _estimate_batch(
             images,
-            loss,
+            reference,
+            transform=transform,
+            loss=loss,
             max_iterations=max_iterations,
             tol=tol,
         )
-        # on the chunk's device, as the graph's meta says; _register brings them back
-        return tuple(cupy.asarray(a) for a in (fit.matrix, fit.loss, fit.iterations))
     template = prepare_template(np.reshape(reference, spatial), transform) if shared else None
     matrix = np.empty((n, d + 1, d + 1))
     losses = np.empty(n)
@@ -79,6 +76,19 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
         )
         matrix[k], losses[k], iterations[k] = fit.matrix, fit.loss, sum(fit.iterations)
     return matrix, losses, iterations
+
+
+def _estimate_batch(images, reference, *, transform, loss, max_iterations, tol):
+    """:func:`_register_chunk` as one batched estimate
+    (:func:`scalign.kernels.register_batch.estimate_motions`): the GPU's way, and on NumPy
+    the same math for tests (on CPUs the per-image loop is faster)."""
+    xp = namespace(images)
+    refs = xp.reshape(xp.asarray(reference), (-1, *images.shape[1:]))
+    fit = estimate_motions(
+        prepare_templates(refs, transform), images, loss, max_iterations=max_iterations, tol=tol
+    )
+    # on the chunk's device, as the graph's meta says; _register brings them back
+    return tuple(xp.asarray(a) for a in (fit.matrix, fit.loss, fit.iterations))
 
 
 def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> dict:

@@ -11,7 +11,6 @@ from scipy import ndimage
 from scalign import stack_registration
 from scalign.images import make_stack
 from scalign.kernels.affine import build_affine_matrix, image_center, invert, pull_matrix
-from scalign.kernels.register_batch import estimate_motions, prepare_templates
 from scalign.stack_registration import chain_motions, register_stack
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -91,19 +90,6 @@ def test_recovers_the_drift_of_100_slices(reference):
     assert err[:, 0].max() < angle_bound and err[:, 1].max() < 0.05, err.max(axis=0)
 
 
-def batched_chunk(images, reference, *, transform, loss, max_iterations, tol):
-    """The GPU path's chunk function (one batched estimate per chunk), run on NumPy."""
-    refs = np.reshape(reference, (-1, *images.shape[1:]))
-    fit = estimate_motions(
-        prepare_templates(refs, transform),
-        images,
-        loss,
-        max_iterations=max_iterations,
-        tol=tol,
-    )
-    return fit.matrix, fit.loss, fit.iterations
-
-
 @pytest.mark.parametrize("path", ["per-image", "batched"])
 @pytest.mark.parametrize(("reference", "index"), [("first", 0), (6, 6), (-2, 10)])
 def test_the_reference_gets_the_identity_and_keeps_its_pixels(
@@ -112,7 +98,9 @@ def test_the_reference_gets_the_identity_and_keeps_its_pixels(
     """Fitted onto itself the reference came out ~1e-7 off the identity: pulled back with
     zero fill, ~128 of its edge pixels became 0."""
     if path == "batched":
-        monkeypatch.setattr(stack_registration, "_register_chunk", batched_chunk)
+        monkeypatch.setattr(
+            stack_registration, "_register_chunk", stack_registration._estimate_batch
+        )
     ds, _ = drift
     small = ds.isel(image=slice(12))
     for order in (1, 3):
