@@ -105,6 +105,10 @@ def _as_points(name: str, X: object) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (..., n_points, d), got shape {tuple(X.shape)}")
     if X.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(X.shape)}")
+    if X.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{name} has dtype {X.dtype}: the SVD needs float32 or float64 (convert with .float())"
+        )
     return X if X.is_floating_point() else X.to(torch.get_default_dtype())
 
 
@@ -142,13 +146,16 @@ def _check_finite(name: str, X: torch.Tensor) -> None:
 
 
 def _check_spread(name: str, X: torch.Tensor) -> None:
-    """At least two distinct points per item, or no rotation (nor scale) is defined."""
+    """At least two distinct points per item, or no rotation (nor scale) is defined; the
+    tolerance is relative to each item's own magnitude."""
     X = X.detach()
     rtol = max(_COINCIDE_RTOL, _COINCIDE_ULPS * torch.finfo(X.dtype).eps)
-    tol = rtol * (1.0 + X.abs().amax())
+    tol = rtol * (1.0 + X.abs().amax(dim=(-2, -1), keepdim=True))
     same = ((X - X.mean(dim=-2, keepdim=True)).abs() <= tol).flatten(-2).all(dim=-1)
     if bool(same.any()):
-        raise ValueError(f"{name} is degenerate: all of its points coincide")
+        item = tuple(int(i) for i in torch.nonzero(same)[0]) if same.ndim else ()
+        where = f" (item {item[0] if len(item) == 1 else item})" if item else ""
+        raise ValueError(f"{name} is degenerate: all of its points coincide{where}")
 
 
 def _check_weight_values(name: str, w: torch.Tensor) -> None:
@@ -178,6 +185,7 @@ def _checked(
     dtype = torch.promote_types(X.dtype, Y.dtype)
     X, Y = X.to(dtype), Y.to(dtype)
     _check_spread("X", X)
+    _check_spread("Y", Y)
     if w is None:
         n = X.shape[-2]
         return X, Y, torch.full((n,), 1.0 / n, dtype=dtype, device=X.device)

@@ -23,6 +23,28 @@ def _axes(ax):
     return ax
 
 
+def _panel_axes(axes: Any, n: int) -> list:
+    """``n`` Axes to draw on: the given ones (a list or an array of any shape) or a new
+    1×n figure."""
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _axes(None)
+        _, axes = plt.subplots(1, n, figsize=(4 * n, 4))
+    flat = list(np.ravel(np.asarray(axes, dtype=object)))
+    if len(flat) != n:
+        raise ValueError(f"axes must be {n} Axes, got {len(flat)}")
+    return flat
+
+
+def _limits(name: str, image: np.ndarray, percentiles: tuple[float, float]) -> tuple:
+    """Display limits from the finite pixels (one NaN must not blank the panel)."""
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        raise ValueError(f"{name} has no finite pixel")
+    return tuple(np.percentile(finite, percentiles))
+
+
 def _values(name: str, data: Any, ndim: int) -> np.ndarray:
     arr = np.asarray(data.values if isinstance(data, xr.DataArray) else data, dtype=np.float64)
     if arr.ndim != ndim:
@@ -38,6 +60,8 @@ def rmsd_distribution(result: xr.Dataset | ArrayLike, *, bins: int = 50, ax=None
     ``result`` is the Dataset of :func:`scalign.align` (its ``rmsd``) or the RMSDs
     themselves; NaN structures are left out and counted in the title.
     """
+    if isinstance(result, xr.Dataset) and "rmsd" not in result:
+        raise ValueError(f"result has no 'rmsd' (variables: {list(result.data_vars)})")
     rmsd = result["rmsd"] if isinstance(result, xr.Dataset) else result
     values = _values("rmsd", rmsd, 1)
     finite = values[np.isfinite(values)]
@@ -107,14 +131,8 @@ def registration_panels(fixed: ArrayLike, moving: ArrayLike, registered: ArrayLi
         raise ValueError(
             f"fixed, moving and registered differ in shape: {[im.shape for im in images]}"
         )
-    if axes is None:
-        import matplotlib.pyplot as plt
-
-        _axes(None)
-        _, axes = plt.subplots(1, 4, figsize=(16, 4))
-    if len(axes) != 4:
-        raise ValueError(f"axes must be 4 Axes, got {len(axes)}")
-    lo, hi = np.percentile(images[0], [1, 99])
+    axes = _panel_axes(axes, 4)
+    lo, hi = _limits("fixed", images[0], (1, 99))
     titles = ("fixed", "moving", "registered", "|registered − fixed|")
     panels = [*images, np.abs(images[2] - images[0])]
     for ax, image, title in zip(axes, panels, titles, strict=True):
@@ -150,6 +168,7 @@ def stack_drift(result: xr.Dataset | ArrayLike, *, axes=None):
 
         _axes(None)
         _, axes = plt.subplots(2, 1, sharex=True, figsize=(8, 5))
+    axes = _panel_axes(axes, 2)
     index = np.arange(len(M))
     axes[0].plot(index, moved[:, 0] - c[0], label="x")
     axes[0].plot(index, moved[:, 1] - c[1], label="y")
@@ -171,15 +190,10 @@ def reprojection_panels(image: ArrayLike, reprojection: ArrayLike, *, axes=None)
     reprojection = _values("reprojection", reprojection, 2)
     if image.shape != reprojection.shape:
         raise ValueError(f"image {image.shape} and reprojection {reprojection.shape} differ")
-    if axes is None:
-        import matplotlib.pyplot as plt
-
-        _axes(None)
-        _, axes = plt.subplots(1, 3, figsize=(12, 4))
-    if len(axes) != 3:
-        raise ValueError(f"axes must be 3 Axes, got {len(axes)}")
+    axes = _panel_axes(axes, 3)
     residual = reprojection - image
-    bound = np.abs(residual).max() or 1.0
+    finite = np.abs(residual[np.isfinite(residual)])
+    bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     for ax, data, title, style in zip(
         axes,
         (image, reprojection, residual),
@@ -199,13 +213,18 @@ def score_histogram(
     """Histogram of one score of :func:`scalign.compare_reprojections` over the images of
     one volume, with the ``top`` worst images (by the score's direction) marked and named.
     """
-    from scalign.reprojection import DIRECTIONS
+    from scalign.reprojection import DIRECTIONS, VOLUME
 
+    if not isinstance(result, xr.Dataset) or VOLUME not in result.dims:
+        raise TypeError("result must be the Dataset returned by scalign.compare_reprojections")
     if score not in result or score not in DIRECTIONS:
         raise ValueError(
             f"unknown score {score!r}: the result has {sorted(set(result) & set(DIRECTIONS))}"
         )
-    values = _values(score, result[score].isel(volume=volume), 1)
+    n = result.sizes[VOLUME]
+    if isinstance(volume, bool) or not isinstance(volume, int | np.integer) or not -n <= volume < n:
+        raise ValueError(f"volume must be an index below {n}, got {volume!r}")
+    values = _values(score, result[score].isel({VOLUME: volume}), 1)
     worst = np.argsort(values if DIRECTIONS[score] == "higher" else -values)[:top]
     ax = _axes(ax)
     ax.hist(values[np.isfinite(values)], bins=40, color="0.6")

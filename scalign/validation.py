@@ -58,10 +58,15 @@ def check_pair(X: np.ndarray, Y: np.ndarray, x_name: str = "X", y_name: str = "Y
 
 
 def check_spread(name: str, X: np.ndarray) -> None:
-    """At least two distinct points, or no rotation is defined at all."""
+    """At least two distinct points per item, or no rotation is defined at all (the
+    tolerance is relative to each item's own magnitude)."""
     centred = X - X.mean(axis=-2, keepdims=True)
-    if np.any(np.all(np.abs(centred) <= 1e-12 * (1.0 + np.abs(X).max()), axis=(-2, -1))):
-        raise ValueError(f"{name} is degenerate: all of its points coincide")
+    tol = 1e-12 * (1.0 + np.abs(X).max(axis=(-2, -1), keepdims=True))
+    same = np.all(np.abs(centred) <= tol, axis=(-2, -1))
+    if np.any(same):
+        item = np.argwhere(same)[0] if same.ndim else ()
+        where = f" (item {item[0] if len(item) == 1 else tuple(item)})" if len(item) else ""
+        raise ValueError(f"{name} is degenerate: all of its points coincide{where}")
 
 
 def as_weights(name: str, w: Any, n: int) -> np.ndarray:

@@ -91,6 +91,18 @@ def test_registration_panels_and_stack_drift():
     np.testing.assert_allclose(top.get_lines()[1].get_ydata(), -np.arange(5), atol=1e-12)
     with pytest.raises(ValueError, match="differ in shape"):
         plot.registration_panels(fixed, moving[:5], fixed)
+    # one NaN pixel must not blank the panels (the limits come from the finite pixels)
+    holed = fixed.copy()
+    holed[4, 4] = np.nan
+    axes = plot.registration_panels(holed, moving, fixed, axes=plt.subplots(2, 2)[1])
+    limits = axes[1].get_images()[0].get_clim()
+    np.testing.assert_allclose(limits, np.percentile(fixed[np.isfinite(holed)], [1, 99]))
+    with pytest.raises(ValueError, match="fixed has no finite pixel"):
+        plot.registration_panels(np.full((3, 3), np.nan), fixed[:3, :3], fixed[:3, :3])
+    with pytest.raises(ValueError, match="axes must be 2 Axes, got 1"):
+        plot.stack_drift(result, axes=plt.subplots()[1])
+    with pytest.raises(ValueError, match="result has no 'rmsd'"):
+        plot.rmsd_distribution(result)
 
 
 def test_reprojection_plots(tmp_path):
@@ -111,7 +123,15 @@ def test_reprojection_plots(tmp_path):
     ax = ranking_bars(scalign.rank_volumes(result, "cost"))
     assert ax.get_title() == "best volume: 0" and len(ax.patches) == 2
     ax.figure.savefig(tmp_path / "ranking.png")
+    holed = parts.stack["images"].values[0].copy()
+    holed[0, 0] = np.nan
+    residual = reprojection_panels(holed, P)[2].get_images()[0]
+    assert np.isclose(residual.get_clim()[1], np.nanmax(np.abs(P - holed)))
     with pytest.raises(ValueError, match="unknown score"):
         score_histogram(result, "loss")
+    with pytest.raises(TypeError, match="compare_reprojections"):
+        score_histogram(result["cost"], "cost")
+    with pytest.raises(ValueError, match="volume must be an index below 2, got 5"):
+        score_histogram(result, "cost", volume=5)
     with pytest.raises(TypeError, match="rank_volumes"):
         ranking_bars(result)

@@ -315,6 +315,9 @@ def _bad_inputs():
         ((nan, Y), ValueError, r"X has 1 non-finite \(NaN or inf\) coordinate"),
         ((X, inf), ValueError, r"Y has 1 non-finite \(NaN or inf\) coordinate"),
         ((X[:1].expand(5, 3), Y), ValueError, "X is degenerate: all of its points coincide"),
+        ((X, Y[:1].expand(5, 3)), ValueError, "Y is degenerate: all of its points coincide"),
+        ((X.half(), Y), TypeError, "X has dtype torch.float16: the SVD needs float32"),
+        ((X, Y.bfloat16()), TypeError, "Y has dtype torch.bfloat16"),
         ((X, Y, False, w.numpy()), TypeError, "weights must be a torch.Tensor"),
         ((X, Y, False, w[:4]), ValueError, r"weights must have shape \(\.\.\., 5\)"),
         ((X, Y, False, -w), ValueError, "weights has negative values"),
@@ -327,6 +330,23 @@ def _bad_inputs():
 def test_bad_input_is_refused_with_a_message_naming_it(args, error, match):
     with pytest.raises(error, match=match):
         torch_procrustes_align(*args)
+
+
+def test_coinciding_points_are_judged_per_item_as_in_numpy():
+    """The tolerance is relative to each item's magnitude: a small, valid item beside one
+    far from the origin was refused (the batch's largest coordinate set the tolerance)."""
+    rng = np.random.default_rng(0)
+    small = rng.normal(size=(6, 3)) * 1e-3
+    far = rng.normal(size=(6, 3)) * 10 + 2000.0
+    X = torch.from_numpy(np.stack([far, small]).astype(np.float32))
+    _, _, error = torch_procrustes_align(X, X)  # a set onto itself: float32 rounding only
+    assert error[0] < 1e-6 * 2000 and error[1] < 1e-6 * 1e-3
+    flat = X.clone()
+    flat[1] = flat[1, :1]
+    with pytest.raises(ValueError, match=r"X is degenerate: all of its points coincide \(item 1\)"):
+        torch_procrustes_align(flat, X)
+    with pytest.raises(ValueError, match=r"X is degenerate: .* \(item 1\)"):
+        procrustes_align(flat.numpy(), X.numpy())
 
 
 def test_scalign_imports_without_torch_and_the_module_says_what_to_install():
