@@ -23,6 +23,7 @@ from scalign.validation import (
     check_factor,
     check_iterations,
     check_option,
+    check_spread,
 )
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def _resolve_reference(coords: xr.DataArray, reference, expected: str = "") -> n
             if expected
             else f"{name} must have shape ({n}, {d}) like one structure, got {ref.shape}"
         )
+    check_spread(name, ref)  # a target whose points coincide defines no rotation
     return ref.astype(np.float64)
 
 
@@ -173,6 +175,7 @@ def _coarse_reference(coords: xr.DataArray, reference, factor: int, weights) -> 
     if isinstance(reference, np.ndarray | xr.DataArray | list | tuple):
         given = as_points("reference", host(reference))
         if given.shape == (blocks, d):
+            check_spread("reference", given)
             return given.astype(np.float64)
     ref = _resolve_reference(coords, reference, expected=f"({blocks}, {d}) beads or")
     if weights is not None and STRUCTURE in weights.dims:

@@ -61,7 +61,9 @@ def check_spread(name: str, X: np.ndarray) -> None:
     """At least two distinct points per item, or no rotation is defined at all (the
     tolerance is relative to each item's own magnitude)."""
     centred = X - X.mean(axis=-2, keepdims=True)
-    tol = 1e-12 * (1.0 + np.abs(X).max(axis=(-2, -1), keepdims=True))
+    # the mean of equal float32 values is off by an ulp or so: a few of the dtype's eps
+    eps = np.finfo(X.dtype).eps if np.issubdtype(X.dtype, np.floating) else 0.0
+    tol = max(1e-12, 8 * eps) * (1.0 + np.abs(X).max(axis=(-2, -1), keepdims=True))
     same = np.all(np.abs(centred) <= tol, axis=(-2, -1))
     if np.any(same):
         item = np.argwhere(same)[0] if same.ndim else ()

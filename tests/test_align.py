@@ -243,6 +243,15 @@ def test_bad_ensembles_get_clear_errors(ens):
         coords = ens["coords"].values.copy()
         coords[0, 0, 0] = np.nan
         align(make_ensemble(da.from_array(coords)))
+    # a reference whose points coincide defines no rotation (any answer was returned)
+    with pytest.raises(ValueError, match="reference is degenerate: all of its points coincide"):
+        align(ens, np.ones((ens.sizes["point"], 3)))
+    flat = ens["coords"].values.copy()
+    flat[2] = flat[2, :1]
+    with pytest.raises(ValueError, match="reference structure is degenerate"):
+        align(make_ensemble(flat), 2)
+    with pytest.raises(ValueError, match="reference is degenerate"):
+        align(ens, np.ones((-(-ens.sizes["point"] // 4), 3)), coarsen=4)
 
 
 def test_make_ensemble_rejects_bad_input():
