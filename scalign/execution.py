@@ -72,7 +72,15 @@ def _cuda_cluster(n_workers: int | None, rmm_pool_size: str | None):
         raise RuntimeError("--gpu needs dask-cuda and CuPy: pip install 'scalign[gpu]'") from exc
     if not gpu_available():
         raise RuntimeError("--gpu: no usable CUDA device (cupy.is_available() is False)")
-    return LocalCUDACluster(n_workers=n_workers, rmm_pool_size=rmm_pool_size)
+    if rmm_pool_size is None:
+        return LocalCUDACluster(n_workers=n_workers)
+    # a pool that CuPy does not allocate from would only hold memory beside CuPy's own
+    # pool: dask-cuda points CuPy at RMM only when told to
+    return LocalCUDACluster(
+        n_workers=n_workers,
+        rmm_pool_size=rmm_pool_size,
+        rmm_allocator_external_lib_list=["cupy"],
+    )
 
 
 @contextlib.contextmanager

@@ -92,6 +92,34 @@ def test_interpolating_projector_is_within_its_documented_error(n):
     np.testing.assert_allclose(single, P, atol=1e-5 * np.abs(P).max())
 
 
+def test_interpolating_projector_transforms_each_volume_once(monkeypatch):
+    """Projection matching projects one volume hundreds of times per chunk: its padded
+    (2n)³ spectrum is computed once and reused for that array, never for another."""
+    from scalign.kernels import projection
+
+    calls = []
+    original = projection.padded_spectrum
+
+    def counted(volume, padding=projection.PADDING):
+        calls.append(volume.shape)
+        return original(volume, padding)
+
+    monkeypatch.setattr(projection, "padded_spectrum", counted)
+    blobs = random_blobs(6, radius=6.0, seed=5)
+    V = blob_volume(blobs, 16, np.float64)
+    W = blob_volume(random_blobs(6, radius=6.0, seed=6), 16, np.float64)
+    A = euler_to_matrix(*random_angles(3, seed=7))
+    first = project(V, A, method="interpolate")
+    again = project(V, A[::-1], method="interpolate")
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again, first[::-1])
+    other = project(W, A, method="interpolate")
+    assert len(calls) == 2
+    exact = project(W, A, method="nufft")  # W's own projections (~3% at n = 16), not V's
+    assert np.linalg.norm(other - exact) / np.linalg.norm(exact) < 0.05
+    assert np.linalg.norm(first - exact) / np.linalg.norm(exact) > 0.5
+
+
 def test_unknown_projection_method_is_refused():
     with pytest.raises(ValueError, match="unknown method 'fast'"):
         project(np.zeros((8, 8, 8)), np.eye(3)[None], method="fast")

@@ -702,3 +702,24 @@ def test_cupy_kernel_matches_numpy(order):
             for b in range(len(X)):
                 inside = source_inside((33, 40), matrix if matrix.ndim == 2 else matrix[b], 1.0)
                 np.testing.assert_allclose(out[b].get()[inside], ref[b][inside], atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no usable CUDA device (cupy.is_available())")
+def test_cupy_kernel_takes_any_nan_as_cval():
+    """cupyx writes cval into its kernel source and spells NaN right only for numpy.nan
+    itself: float("nan") (the CLI's --cval nan), math.nan or a NaN unpickled on a worker
+    failed to compile (cupy#4082)."""
+    import math
+    import pickle
+
+    import cupy
+
+    X = np.random.default_rng(3).random((4, 20, 24), dtype=np.float32)
+    M = build_affine_matrix(20, 3.0, -2.0, center=image_center((20, 24)))
+    ref = scipy_warp(X, M, 1, "constant", cval=np.nan)
+    for cval in (float("nan"), math.nan, pickle.loads(pickle.dumps(np.nan)), np.float32("nan")):
+        out = warp_images(cupy.asarray(X), M, order=1, mode="constant", cval=cval).get()
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+        inside = ~np.isnan(ref)
+        np.testing.assert_allclose(out[inside], ref[inside], atol=1e-4)

@@ -121,8 +121,7 @@ def fused_moments(X: Array, Y: Array, p: Array | None):
     Yc = cupy.ascontiguousarray(Y - cy)
     out = cupy.empty((B, SUMS), dtype=cupy.float64)
     if B:
-        device = cupy.cuda.Device()
-        blocks = int(min(B, 32 * device.attributes["MultiProcessorCount"]))
+        blocks = int(min(B, 32 * _multiprocessors(cupy.cuda.Device().id)))
         _kernel(X.dtype.name)(
             (blocks,),
             (threads_per_item(n),),
@@ -133,3 +132,12 @@ def fused_moments(X: Array, Y: Array, p: Array | None):
     gx = out[:, 12] - cupy.sum(cx * cx, axis=-1)
     gy = cupy.sum(p * cupy.sum(Yc * Yc, axis=-1))
     return cx, cy, H, gx, cupy.broadcast_to(gy, (B,))
+
+
+@functools.lru_cache
+def _multiprocessors(device: int) -> int:
+    """The device's multiprocessor count, once per device (``Device.attributes`` queries
+    every attribute on each call)."""
+    import cupy
+
+    return int(cupy.cuda.Device(device).attributes["MultiProcessorCount"])

@@ -134,10 +134,28 @@ def padded_spectrum(volume: Array, padding: int = PADDING) -> Array:
     return xp.fft.fftshift(xp.fft.fftn(xp.fft.ifftshift(box)))
 
 
+#: The last volume's padded spectrum: projection matching projects the same volume
+#: hundreds of times per chunk, and the (2n)³ FFT (1 GiB for n = 256) would dominate.
+_SPECTRUM: dict[tuple, tuple[Array, Array]] = {}
+
+
+def _spectrum_of(volume: Array, padding: int) -> Array:
+    """:func:`padded_spectrum` of ``volume``, reused while the same array object is
+    projected again (volumes are never modified in place here)."""
+    key = (id(volume), volume.shape, str(volume.dtype), padding)
+    hit = _SPECTRUM.get(key)
+    if hit is not None and hit[0] is volume:
+        return hit[1]
+    G = padded_spectrum(volume, padding)
+    _SPECTRUM.clear()
+    _SPECTRUM[key] = (volume, G)  # holding the volume keeps its id from being reused
+    return G
+
+
 def _interpolated_values(volume: Array, w: tuple, padding: int = PADDING) -> Array:
     r""":math:`\hat V(ω)` by trilinear interpolation of :func:`padded_spectrum`."""
     xp = namespace(volume)
-    G = padded_spectrum(volume, padding)
+    G = _spectrum_of(volume, padding)
     N = G.shape[0]
     flat = xp.reshape(G, (-1,))
     # grid coordinates (z, y, x) of every point; |ω| <= n/2 keeps them in [0, N], and the

@@ -36,6 +36,7 @@ but ``grid-constant``).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from numbers import Integral, Real
@@ -554,6 +555,11 @@ def _warp_cupy(images, M, order, mode, cval, dtype):
     import cupy
     from cupyx.scipy import ndimage as cndi
 
+    # cupyx writes cval into its kernel's source and spells NaN right only for the object
+    # numpy.nan itself (any other NaN, e.g. float("nan") or one unpickled on a worker,
+    # becomes "(float)nan", which NVRTC rejects: cupy#4082)
+    if math.isnan(cval):
+        cval = np.nan
     out = cupy.empty(images.shape, dtype=dtype)
     mats, offs = pull_matrix(M)
     d = mats.shape[-1]
