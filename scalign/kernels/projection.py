@@ -204,9 +204,10 @@ def slice_spectra(volume: Array, A: np.ndarray, eps: float = EPS, method: str = 
         method = "nufft" if not is_cupy_array(volume) or _has_cufinufft() else "interpolate"
     values = _nufft_values(volume, w, eps) if method == "nufft" else _interpolated_values(volume, w)
     B = np.shape(A)[0]
-    out = xp.zeros((B,) + inside.shape, dtype=values.dtype)
-    out[:, xp.asarray(inside)] = xp.reshape(values, (B, -1))
-    return out
+    out = xp.zeros((B, inside.size), dtype=values.dtype)
+    # integer indices, not a boolean mask: CuPy counts a mask's entries with a device sync
+    out[:, xp.asarray(np.flatnonzero(inside))] = xp.reshape(values, (B, -1))
+    return xp.reshape(out, (B, *inside.shape))
 
 
 def _has_cufinufft() -> bool:

@@ -29,12 +29,13 @@ non-symmetric product.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
-from scalign._array import namespace
+from scalign._array import namespace, to_numpy
 from scalign.kernels.projection import box_center
 
 #: Ridge of the residual covariances, as a fraction of the mean covariance's trace / n.
@@ -66,9 +67,11 @@ def compare(P: np.ndarray, images: np.ndarray, mask: np.ndarray, gray: bool = Fa
     better, like the L1 cost, so both rank the same way). NumPy or CuPy: every result is
     on the inputs' device, in float64."""
     xp = namespace(P, images)
-    mask = xp.asarray(mask)
-    p = xp.astype(P[:, mask], xp.float64)
-    i = xp.astype(images[:, mask], xp.float64)
+    B = P.shape[0]
+    # integer indices, not a boolean mask: CuPy counts a mask's pixels with a device sync
+    inside = xp.asarray(np.flatnonzero(to_numpy(mask)))
+    p = xp.astype(xp.take(xp.reshape(P, (B, -1)), inside, axis=1), xp.float64)
+    i = xp.astype(xp.take(xp.reshape(images, (B, -1)), inside, axis=1), xp.float64)
     pc = p - xp.mean(p, axis=1, keepdims=True)
     ic = i - xp.mean(i, axis=1, keepdims=True)
     spp = xp.vecdot(pc, pc)
@@ -86,9 +89,9 @@ def compare(P: np.ndarray, images: np.ndarray, mask: np.ndarray, gray: bool = Fa
             b = xp.zeros(p.shape[0], dtype=xp.float64)
             e = p - i
             cost = 1.0 - r
-    E = xp.zeros(P.shape, dtype=xp.float64)
-    E[:, mask] = e
-    return Comparison(r, cost, a, b, xp.mean(e, axis=1), xp.std(e, axis=1), E)
+    E = xp.zeros((B, math.prod(P.shape[1:])), dtype=xp.float64)
+    E[:, inside] = e
+    return Comparison(r, cost, a, b, xp.mean(e, axis=1), xp.std(e, axis=1), xp.reshape(E, P.shape))
 
 
 def zscores(values: np.ndarray) -> np.ndarray:
