@@ -239,8 +239,11 @@ def torch_procrustes_align(
         Proper rotation.
     error : (...) tensor
         Weighted RMSD :math:`\\sqrt{\\sum_k p_k \\lVert y_k - (s R x_k + t)\\rVert^2}`;
-        with uniform weights :math:`\\lVert Y - X_{aligned} \\rVert_F / \\sqrt{n}`. Its
-        gradient at a perfect fit (error 0, where it is not differentiable) is 0.
+        with uniform weights :math:`\\lVert Y - X_{aligned} \\rVert_F / \\sqrt{n}`. A
+        square root: its gradient is 0 where the error is exactly 0, but near a perfect
+        fit rounding leaves an error of ~1e-16 (float64) or ~1e-7 (float32) whose
+        gradient has an arbitrary direction and a magnitude of order 0.1; a loss that
+        may reach 0 should use ``error ** 2``, whose gradient vanishes there.
 
     Raises
     ------

@@ -230,10 +230,11 @@ def warp_stack(
 ) -> xr.DataArray:
     """Warp every image (volume) of a stack by its forward motion, lazily.
 
-    ``out(p) = in(M^{-1} p)`` for each image: exactly
+    ``out(p) = in(M^{-1} p)`` for each image:
     ``scipy.ndimage.affine_transform(img, *pull_matrix(M), order=order, mode=mode,
-    cval=cval)`` (:func:`scalign.kernels.warp.warp_images`, which picks its fastest path:
-    a cached sparse operator for a shared matrix and ``order <= 1``, else scipy's loop).
+    cval=cval)`` to 1 ulp, bit for bit with one matrix per image
+    (:func:`scalign.kernels.warp.warp_images`, which picks its fastest path: a cached
+    sparse operator for a shared matrix and ``order <= 1``, else scipy's loop).
 
     Parameters
     ----------

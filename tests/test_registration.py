@@ -182,3 +182,30 @@ def test_similarity_is_2d_only():
     vol = np.random.default_rng(0).random((16, 16, 16))
     with pytest.raises(ValueError, match="unknown transform 'similarity'"):
         register_affine_3d(vol, vol, "similarity")
+
+
+@pytest.mark.parametrize(("seed", "theta"), [(0, 120.0), (0, -100.0), (3, -100.0), (5, 60.0)])
+def test_large_rotations_of_an_object_under_a_smooth_window(seed, theta):
+    """An object on a flat background under a Gaussian window correlates with itself at
+    any angle: scored by the ZNCC alone, the coarse search kept the identity (θ within a
+    few degrees of 0) on these cases, with the right candidate among those it scored."""
+    yy, xx = np.mgrid[:128, :128]
+    window = np.exp(-((xx - 63.5) ** 2 + (yy - 63.5) ** 2) / (2 * 35.0**2))
+    rng = np.random.default_rng(seed)
+    ref = ndimage.gaussian_filter(rng.random((128, 128)), 3) * window
+    M = build_affine_matrix(theta=theta, tx=4, ty=-3, center=(63.5, 63.5))
+    mov = ndimage.affine_transform(ref, *pull_matrix(M), order=3)
+    _, estimate, info = register_affine_2d(ref, mov)
+    assert abs((info.parameters["theta"] - theta + 180) % 360 - 180) < 0.05
+    np.testing.assert_allclose(estimate, M, atol=2e-2)
+    # the batched estimate (the GPU's) scores its candidates the same way
+    from scalign.kernels.register_batch import estimate_motions, prepare_templates
+
+    batched = estimate_motions(
+        prepare_templates(ref[None].astype(np.float32), "rigid"),
+        mov[None].astype(np.float32),
+        "mse",
+        max_iterations=100,
+        tol=1e-3,
+    )
+    np.testing.assert_allclose(batched.matrix[0], M, atol=2e-2)

@@ -41,6 +41,8 @@ from scalign.kernels.affine import image_center
 from scalign.kernels.register import (
     COARSE_TOL,
     MAX_POINTS,
+    RUNNER_UP,
+    SEARCH_CANDIDATES,
     _along,
     _bspline_weights,
     _coarse_matrix,
@@ -353,10 +355,11 @@ def log_polar_maps(images: Any, n_angles: int = 128, n_radii: int = 48) -> Any:
     return m / xp.maximum(norm, 1e-12)
 
 
-def _integer_peaks(spectrum: Any, spectra: Any, shape: tuple[int, ...]) -> Any:
+def _integer_peaks(spectrum: Any, spectra: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
     """Integer motions ``(K, d)`` (``x, y[, z]``) of images relative to a reference from
-    their windowed spectra: the peak of the normalised cross-power spectrum, as
-    :func:`scalign.kernels.register.phase_correlation` without refinement."""
+    their windowed spectra, and the peaks' heights ``(K,)``: the peak of the normalised
+    cross-power spectrum, as :func:`scalign.kernels.register.phase_correlation` without
+    refinement."""
     xp = namespace(spectra)
     d = len(shape)
     axes = tuple(range(1, d + 1))
@@ -365,13 +368,14 @@ def _integer_peaks(spectrum: Any, spectra: Any, shape: tuple[int, ...]) -> Any:
     top = xp.max(xp.reshape(mag, (mag.shape[0], -1)), axis=1)
     floor = xp.maximum(1e-12 * top, np.finfo(np.float32).tiny)  # a flat image: 0, not 0/0
     mag = xp.maximum(mag, xp.reshape(floor, (-1,) + (1,) * d))
-    corr = xp.fft.irfftn(cross / mag, s=shape, axes=axes)
-    flat = xp.argmax(xp.reshape(corr, (corr.shape[0], -1)), axis=1)
+    corr = xp.reshape(xp.fft.irfftn(cross / mag, s=shape, axes=axes), (mag.shape[0], -1))
+    flat = xp.argmax(corr, axis=1)
+    peak = xp.take_along_axis(corr, flat[:, None], axis=1)[:, 0]
     idx = []
     for stride, n in zip(_c_strides(shape), shape, strict=True):
         i = (flat // stride) % n
         idx.append(xp.where(i > n // 2, i - n, i))
-    return xp.astype(xp.stack(idx[::-1], axis=1), xp.float64)
+    return xp.astype(xp.stack(idx[::-1], axis=1), xp.float64), xp.astype(peak, xp.float64)
 
 
 def _shifted_zncc(ref: Any, g: Any, valid: Any, shift: Any) -> Any:
@@ -431,13 +435,19 @@ def initial_motions(templates: Templates, coarse: Any, searched: Any = None) -> 
         profile, lag = to_numpy(profile), None if lag is None else to_numpy(lag)
         n_radii = templates.search.shape[-1]
         found = [
-            mellin_candidates(profile[b], None if lag is None else lag[b], grid_shape, n_radii)
+            mellin_candidates(
+                profile[b],
+                None if lag is None else lag[b],
+                grid_shape,
+                n_radii,
+                SEARCH_CANDIDATES,
+            )
             for b in range(B)
         ]
     for b in range(B):
         cands = [(0.0, 1.0)]
         for theta, s, height in found[b]:
-            if height < 0.9 * found[b][0][2]:  # a clear runner-up only
+            if height < RUNNER_UP * found[b][0][2]:
                 continue
             cands.append((theta, s))
             cands.append((theta + 180.0 if theta < 0 else theta - 180.0, s))
@@ -462,9 +472,10 @@ def initial_motions(templates: Templates, coarse: Any, searched: Any = None) -> 
     g = xp.where(valid, g, xp.astype(fill, xp.float32)[:, None])
     g = xp.reshape(g, (-1, *shape))
     valid = xp.reshape(valid, (-1, *shape))
-    t = _integer_peaks(_pick(templates.spectrum, ids), windowed_spectra(g), tuple(shape))
-    score = _shifted_zncc(_pick(templates.pyramid[-1], ids), g, valid, t)
-    score = to_numpy(xp.where(n_valid > 0, score, -xp.inf))
+    t, peak = _integer_peaks(_pick(templates.spectrum, ids), windowed_spectra(g), tuple(shape))
+    zncc = _shifted_zncc(_pick(templates.pyramid[-1], ids), g, valid, t)
+    finite = xp.isfinite(zncc) & (n_valid > 0)
+    score = to_numpy(xp.where(finite, xp.where(finite, zncc, 0.0) * peak, -xp.inf))
     t = to_numpy(t)
     start = np.tile(np.eye(d + 1), (B, 1, 1))
     for b in range(B):
