@@ -48,6 +48,21 @@ def make_ensemble(
         Structures per chunk; default :func:`default_chunk`.
     attrs : dict, optional
         Dataset attributes (JSON-serialisable to survive zarr).
+
+    Returns
+    -------
+    Dataset
+        ``coords (structure, point, space)`` as a dask array chunked along ``structure``
+        (float input keeps its dtype, other numbers become float64; a dask array is
+        rechunked as given), and ``weights`` (float64, in memory) when given.
+
+    Raises
+    ------
+    ValueError
+        ``coords`` not 3-D, with no structures or fewer than ``space`` points, a NaN/inf
+        in NumPy ``coords``, or invalid ``weights`` (shape, sign, values).
+    TypeError
+        Non-numeric ``coords`` or ``weights``, or a non-integer ``chunks``.
     """
     arr = coords if isinstance(coords, da.Array) else as_points("coords", coords, min_ndim=0)
     if arr.ndim != 3:
@@ -83,6 +98,25 @@ def validate_ensemble(ds: xr.Dataset | xr.DataArray, name: str = "ensemble") -> 
     ``coords`` must exist with dims ``(structure, point, space)``, a floating dtype, at
     least one structure and at least ``d`` points; ``weights``, when present, must have
     dims ``(point,)`` or ``(structure, point)``. A bare DataArray is taken as ``coords``.
+
+    Parameters
+    ----------
+    ds : Dataset or DataArray
+        The ensemble, or its ``coords``.
+    name : str
+        How the ensemble is named in error messages.
+
+    Returns
+    -------
+    Dataset
+        ``ds`` unchanged (a DataArray wrapped as the Dataset's ``coords``).
+
+    Raises
+    ------
+    TypeError
+        Not an xarray object, or ``coords`` not floating.
+    ValueError
+        Any other of the conditions above.
     """
     if isinstance(ds, xr.DataArray):
         ds = ds.to_dataset(name="coords")

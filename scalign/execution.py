@@ -54,7 +54,17 @@ T = TypeVar("T", xr.Dataset, xr.DataArray)
 
 
 def gpu_available() -> bool:
-    """True when CuPy imports *and* a CUDA device can allocate (import alone proves nothing)."""
+    """True when CuPy imports *and* a CUDA device can allocate (import alone proves nothing).
+
+    Parameters
+    ----------
+    None
+
+    Returns
+    -------
+    bool
+        ``cupy.is_available()``; False when CuPy is missing or the check raises.
+    """
     try:
         import cupy
     except ImportError:
@@ -109,6 +119,39 @@ def scheduler(
     ``gpu`` and ``threads`` is given (``threads=True``: the threaded scheduler whatever it
     says). A scheduler that does not answer within :data:`CONNECT_TIMEOUT` seconds is a
     ``ConnectionError``; ``n_workers`` and ``threads_per_worker`` must be positive.
+
+    Parameters
+    ----------
+    address : str, optional
+        Address of a running Dask scheduler to connect to.
+    local : bool
+        Start a ``distributed.LocalCluster`` of worker processes.
+    gpu : bool
+        Start a ``dask_cuda.LocalCUDACluster`` (one worker per GPU); with ``address``, the
+        remote workers hold the GPUs and CuPy must import here.
+    threads : bool
+        The threaded scheduler, ignoring ``$SCALIGN_SCHEDULER``; excludes the others.
+    n_workers : int, optional
+        Workers of a cluster started here (the cluster's default when None).
+    threads_per_worker : int, optional
+        Threads per worker of a ``local`` cluster.
+    rmm_pool_size : str, optional
+        RMM pool per worker of a ``gpu`` cluster started here (not with ``address``).
+
+    Yields
+    ------
+    distributed.Client or None
+        The client, set as default for the duration; None for the threaded scheduler.
+
+    Raises
+    ------
+    ValueError
+        ``threads`` with another choice, ``rmm_pool_size`` without a local ``gpu``
+        cluster, or a non-positive worker/thread count (``TypeError`` for a non-integer).
+    RuntimeError
+        ``gpu`` without CuPy (or dask-cuda, or a usable device for a local cluster).
+    ConnectionError
+        No scheduler answered at the address.
     """
     if threads and (address or local or gpu):
         raise ValueError("threads=True (--threads) excludes a scheduler address, local and gpu")
@@ -247,6 +290,24 @@ def to_device(obj: T, device: str) -> T:
     builds a CuPy graph and its results stay on the GPU); ``"cpu"``: NumPy chunks (the
     results come back, chunk by chunk, when computed); ``"auto"``: unchanged, each chunk
     stays where it is (ops chained on GPU data keep it there). Coordinates stay on the host.
+
+    Parameters
+    ----------
+    obj : Dataset or DataArray
+        Dask-backed variables are converted lazily, chunk by chunk; in-memory ones at once.
+    device : {"auto", "cpu", "gpu"}
+
+    Returns
+    -------
+    Dataset or DataArray
+        A copy of ``obj`` with the moved data (``obj`` itself for ``"auto"``).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``device``.
+    RuntimeError
+        ``"gpu"`` without CuPy, or without a usable CUDA device or a distributed client.
     """
     check_option("device", device, DEVICES)
     if device == "auto":
@@ -296,6 +357,20 @@ def run(obj: Any, *, progress: bool = False) -> Any:
 
     Under a ``distributed`` client the bar is ``distributed.progress`` (Dask's local
     ``ProgressBar`` prints nothing there); otherwise ``dask.diagnostics.ProgressBar``.
+
+    Parameters
+    ----------
+    obj : dask collection, xarray object or Delayed
+        What to compute (on the default ``distributed`` client when there is one, else on
+        Dask's current scheduler).
+    progress : bool
+        Show a progress bar (locally only for computations over 0.5 s).
+
+    Returns
+    -------
+    Any
+        The computed result, as ``dask.compute(obj)[0]`` (an in-memory xarray object for
+        an xarray input).
     """
     try:
         from distributed import default_client

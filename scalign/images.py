@@ -82,6 +82,19 @@ def make_stack(images: Any, chunks: int | None = None, attrs: dict | None = None
         Images (volumes) per chunk; default :func:`default_chunk` (about 32 MiB).
     attrs : dict, optional
         Dataset attributes (JSON-serialisable to survive zarr).
+
+    Returns
+    -------
+    Dataset
+        ``images (image, y, x)`` or ``(volume, z, y, x)``: a dask array in the input's
+        dtype, chunked along the first dim only (CuPy input keeps CuPy chunks).
+
+    Raises
+    ------
+    TypeError
+        Not an array of real numbers, or a non-integer ``chunks``.
+    ValueError
+        Not 3-D or 4-D, empty, or NaN/inf pixels in in-memory input.
     """
     check_chunks(chunks)
     if isinstance(images, da.Array):
@@ -107,6 +120,25 @@ def validate_stack(stack: xr.Dataset | xr.DataArray, name: str = "stack") -> xr.
 
     ``images`` must exist with dims ``(image, y, x)`` or ``(volume, z, y, x)``, real
     numbers, and at least one pixel. A bare DataArray is taken as ``images``.
+
+    Parameters
+    ----------
+    stack : Dataset or DataArray
+        The stack, or its ``images``.
+    name : str
+        How the stack is named in error messages.
+
+    Returns
+    -------
+    Dataset
+        ``stack`` unchanged (a DataArray wrapped as the Dataset's ``images``).
+
+    Raises
+    ------
+    TypeError
+        Not an xarray object, or ``images`` not real numbers.
+    ValueError
+        No ``images``, wrong dims, or an empty axis.
     """
     if isinstance(stack, xr.DataArray):
         stack = stack.to_dataset(name="images")

@@ -54,6 +54,18 @@ def open_ensemble(path: str | os.PathLike, *, chunks: int | None = None) -> xr.D
     path : zarr store (directory)
     chunks : int, optional
         Structures per dask chunk; default: the store's own chunking.
+
+    Returns
+    -------
+    Dataset
+        The store's variables as dask arrays, checked by :func:`validate_ensemble`.
+
+    Raises
+    ------
+    FileNotFoundError
+        No store at ``path``.
+    ValueError
+        An unreadable store, or not an ensemble.
     """
     check_chunks(chunks)
     ds = open_store(path, chunks={} if chunks is None else None)
@@ -283,6 +295,8 @@ def save_zarr(
 
     Parameters
     ----------
+    ds : Dataset
+        What to write (lazy variables are computed block by block).
     path : the store; a symbolic link there is followed (the store it points to is
         written, the link kept).
     overwrite : bool
@@ -294,6 +308,16 @@ def save_zarr(
         :func:`to_zarr_delayed`).
     compute : callable, optional
         How to run the write (e.g. with a progress bar); default ``delayed.compute()``.
+
+    Returns
+    -------
+    pathlib.Path
+        Where the store was written (a symbolic link's target, resolved).
+
+    Raises
+    ------
+    FileExistsError
+        Something is at ``path`` and ``overwrite`` is false, or it is not a zarr store.
     """
     path = check_destination(path, overwrite)
     delayed, commit = to_zarr_delayed(ds, path, compress=compress)
@@ -384,6 +408,31 @@ def load_ensemble(
     In an ``.npz``, coordinates are taken from ``key`` or the first of
     ``coords, coordinates, xyz, positions``; weights from ``weights`` or the first of
     ``weights, masses``; other arrays of length ``n_points`` become ``point`` variables.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``.npy`` file of ``(structure, point, space)`` coordinates, or an ``.npz``.
+    key : str, optional
+        The ``.npz`` array holding the coordinates.
+    weights : str, optional
+        The ``.npz`` array holding per-point weights.
+    chunks : int, optional
+        Structures per dask chunk; default about 32 MiB (:func:`make_ensemble`).
+
+    Returns
+    -------
+    Dataset
+        An ensemble (:func:`make_ensemble`), attrs ``source`` (the file's name) and, for
+        ``.npz``, ``weights_from`` (the weights' array name, or ``"none"``).
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        Another suffix, a missing (named or default) array, NaN/inf coordinates, or the
+        errors of :func:`make_ensemble`.
     """
     path = Path(path)
     if not path.exists():

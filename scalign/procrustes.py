@@ -69,6 +69,32 @@ def kabsch(
 
     Minimises :math:`\\sum_k p_k \\lVert R x_k + t - y_k \\rVert^2` over proper rotations
     (det +1) unless ``reflection`` is set; ``p = weights / sum(weights)``, uniform by default.
+
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Moving point set(s), points as rows; any leading batch shape.
+    Y : (n, d) or (..., n, d) array
+        Target point set(s), paired point by point with ``X``.
+    weights : (n,) or (..., n) array, optional
+        Non-negative per-point weights (not all zero); one row per set of ``X`` when
+        batched. Centroids are weighted too.
+    reflection : bool
+        Allow improper rotations (det -1).
+
+    Returns
+    -------
+    Transform
+        float64 ``rotation (..., d, d)`` and ``translation (..., d)``; ``scale`` is 1.0
+        (a float for one pair, an array of ones over the batch shape otherwise).
+
+    Raises
+    ------
+    ValueError
+        ``X`` and ``Y`` differ in points or dimensions, fewer than ``d`` points, all
+        points of a set coincide, a non-finite coordinate, or invalid weights.
+    TypeError
+        A non-numeric or complex input.
     """
     _, fit = _fit(X, Y, weights, reflection=reflection)
     return Transform(fit.rotation, fit.translation, _scalar(fit.scale))
@@ -81,6 +107,32 @@ def umeyama(
 
     ``s = tr(Sigma D) / sigma_x^2`` scales the moving set ``X``; it is not the inverse of
     the scale fitted the other way round when the data are noisy.
+
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Moving point set(s), points as rows; any leading batch shape.
+    Y : (n, d) or (..., n, d) array
+        Target point set(s), paired point by point with ``X``.
+    weights : (n,) or (..., n) array, optional
+        Non-negative per-point weights (not all zero); one row per set of ``X`` when
+        batched. Centroids are weighted too.
+    reflection : bool
+        Allow improper rotations (det -1).
+
+    Returns
+    -------
+    Transform
+        float64 ``rotation (..., d, d)``, ``translation (..., d)`` and ``scale`` ``s``
+        (a float for one pair, an array over the batch shape otherwise).
+
+    Raises
+    ------
+    ValueError
+        ``X`` and ``Y`` differ in points or dimensions, fewer than ``d`` points, all
+        points of a set coincide, a non-finite coordinate, or invalid weights.
+    TypeError
+        A non-numeric or complex input.
     """
     _, fit = _fit(X, Y, weights, scale=True, reflection=reflection)
     return Transform(fit.rotation, fit.translation, _scalar(fit.scale))
@@ -93,6 +145,32 @@ def procrustes_align(
 
     ``X_aligned = s X R^T + t`` exactly (the returned transform applied to ``X``) and
     ``error = ||Y - X_aligned||_F / sqrt(n_points)``, the RMSD.
+
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Moving point set(s), points as rows; any leading batch shape.
+    Y : (n, d) or (..., n, d) array
+        Target point set(s), paired point by point with ``X``.
+    scale : bool
+        Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
+
+    Returns
+    -------
+    X_aligned : (..., n, d) array
+        ``s X R^T + t``, in ``X``'s floating dtype (float64 for integer input).
+    R : (..., d, d) float64 array
+        The rotation.
+    error : float or (...) array
+        The RMSD; a float for one pair.
+
+    Raises
+    ------
+    ValueError
+        ``X`` and ``Y`` differ in points or dimensions, fewer than ``d`` points, all
+        points of a set coincide, or a non-finite coordinate.
+    TypeError
+        A non-numeric or complex input.
     """
     X, fit = _fit(X, Y, scale=scale)
     aligned = apply_transform(X, fit.rotation, fit.translation, fit.scale)
@@ -106,6 +184,35 @@ def weighted_procrustes(
 
     Minimises :math:`\\sum_k p_k \\lVert s R x_k + t - y_k \\rVert^2`, ``p = w / sum(w)``,
     with weighted centroids; ``error = sqrt(sum_k p_k |r_k|^2)`` (the weighted RMSD).
+
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Moving point set(s), points as rows; any leading batch shape.
+    Y : (n, d) or (..., n, d) array
+        Target point set(s), paired point by point with ``X``.
+    weights : (n,) or (..., n) array
+        Non-negative per-point weights (not all zero); one row per set of ``X`` when
+        batched.
+    scale : bool
+        Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
+
+    Returns
+    -------
+    X_aligned : (..., n, d) array
+        ``s X R^T + t``, in ``X``'s floating dtype (float64 for integer input).
+    R : (..., d, d) float64 array
+        The rotation.
+    error : float or (...) array
+        The weighted RMSD; a float for one pair.
+
+    Raises
+    ------
+    ValueError
+        ``X`` and ``Y`` differ in points or dimensions, fewer than ``d`` points, all
+        points of a set coincide, a non-finite coordinate, or invalid weights.
+    TypeError
+        A non-numeric or complex input.
     """
     X, fit = _fit(X, Y, weights, scale=scale)
     aligned = apply_transform(X, fit.rotation, fit.translation, fit.scale)
@@ -113,18 +220,64 @@ def weighted_procrustes(
 
 
 def procrustes_rmse(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
-    """RMSD after optimal alignment: ``||Y - X_aligned||_F / sqrt(n_points)``."""
+    """RMSD after optimal alignment: ``||Y - X_aligned||_F / sqrt(n_points)``.
+
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Moving point set(s), points as rows; any leading batch shape.
+    Y : (n, d) or (..., n, d) array
+        Target point set(s), paired point by point with ``X``.
+    scale : bool
+        Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
+
+    Returns
+    -------
+    float or (...) array
+        The RMSD; a float for one pair, float64 over the batch shape otherwise.
+    """
     return _scalar(_fit(X, Y, scale=scale)[1].rmsd)
 
 
 def procrustes_distance(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
-    """Frobenius norm of the residual after optimal alignment, ``||Y - X_aligned||_F``."""
+    """Frobenius norm of the residual after optimal alignment, ``||Y - X_aligned||_F``.
+
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Moving point set(s), points as rows; any leading batch shape.
+    Y : (n, d) or (..., n, d) array
+        Target point set(s), paired point by point with ``X``.
+    scale : bool
+        Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
+
+    Returns
+    -------
+    float or (...) array
+        The Frobenius norm of the residual; a float for one pair, float64 over the batch
+        shape otherwise.
+    """
     X, fit = _fit(X, Y, scale=scale)
     return _scalar(fit.rmsd * np.sqrt(X.shape[-2]))
 
 
 def procrustes_r2(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
-    """``1 - SS_res / SS_tot`` after optimal alignment; SS_tot is taken about Y's centroid."""
+    """``1 - SS_res / SS_tot`` after optimal alignment; SS_tot is taken about Y's centroid.
+
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Moving point set(s), points as rows; any leading batch shape.
+    Y : (n, d) or (..., n, d) array
+        Target point set(s), paired point by point with ``X``.
+    scale : bool
+        Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
+
+    Returns
+    -------
+    float or (...) array
+        R²; a float for one pair, float64 over the batch shape otherwise.
+    """
     return _scalar(_fit(X, Y, scale=scale)[1].r2)
 
 
@@ -133,6 +286,19 @@ def rotation_angle(R1: ArrayLike, R2: ArrayLike, *, degrees: bool = True) -> np.
 
     The geodesic distance between two rotations; use it to compare a fitted rotation with a
     known one. Near 0 its precision is limited to about 1e-8 rad by the arccos.
+
+    Parameters
+    ----------
+    R1, R2 : (..., 3, 3) array
+        Rotation matrices; the batch shapes broadcast. Not checked to be rotations.
+    degrees : bool
+        Return degrees (default) rather than radians.
+
+    Returns
+    -------
+    ndarray
+        float64 angles in [0, 180] degrees (or [0, π] rad) over the broadcast batch shape
+        (a NumPy scalar for two single matrices).
     """
     R1, R2 = np.asarray(R1, dtype=np.float64), np.asarray(R2, dtype=np.float64)
     cos = (np.trace(np.swapaxes(R1, -1, -2) @ R2, axis1=-2, axis2=-1) - 1.0) / 2.0
@@ -156,6 +322,22 @@ def iteratively_reweighted_procrustes(
     r_k`: Huber (c = 1.345), Tukey's bisquare (c = 4.685) or Welsch (c = 2.985); see
     :mod:`scalign.kernels.robust`. Stops when no weight changes by more than ``tol``.
 
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Moving point set(s), points as rows; any leading batch shape.
+    Y : (n, d) or (..., n, d) array
+        Target point set(s), paired point by point with ``X``.
+    robust_loss : {"huber", "tukey", "welsch"}
+    max_iterations : int
+        Reweighting iterations at most (after the initial least-squares fit).
+    tol : float
+        Convergence: the largest change of any weight.
+    scale : bool
+        Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
+    weights : (n,) or (..., n) array, optional
+        Prior per-point weights (e.g. masses); the robust weights multiply them.
+
     Returns
     -------
     X_aligned : ``s X R^T + t`` with the final transform.
@@ -164,6 +346,12 @@ def iteratively_reweighted_procrustes(
         (``p = weights / sum(weights)``), the quantity the fit minimises at convergence.
     weights : final per-point weights, prior ``weights`` times the robust weight, so that
         outliers show as weights near 0.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``robust_loss``, a non-positive ``max_iterations`` or ``tol``, or the
+        input errors of :func:`kabsch`.
 
     Notes
     -----
@@ -195,6 +383,22 @@ def coarsen(X: ArrayLike, factor: int, weights: ArrayLike | None = None):
     multiple of ``factor`` the last block holds the remaining ``n mod factor`` points.
     Each block's position is the (weighted) mean of its points and its weight is the sum
     of their weights (their count without weights), so a short last block weighs less.
+
+    Parameters
+    ----------
+    X : (..., n, d) array
+        Point set(s), points as rows.
+    factor : int
+        Points per block, ``>= 1``.
+    weights : (n,) or (..., n) array, optional
+        Non-negative per-point weights (not all zero).
+
+    Returns
+    -------
+    coarse : (..., ceil(n / factor), d) float64 array
+        The block means (beads).
+    block_weights : (..., ceil(n / factor)) float64 array
+        Each block's summed weight (point count without weights).
     """
     X = as_points("X", X)
     check_factor(factor)
@@ -226,12 +430,35 @@ def multiscale_procrustes(
       sum of ``weights`` over the block), so a short last block counts less;
     * ``"robust"``: IRLS (``robust_loss``) on the block-weighted beads.
 
+    Parameters
+    ----------
+    low_res : (ceil(n / scale_factor), d) array
+        The fixed low-resolution target.
+    high_res : (n, d) array
+        The moved high-resolution structure.
+    scale_factor : int
+        High-resolution points per bead, ``>= 1``.
+    method : {"standard", "weighted", "robust"}
+        How the beads are fitted (above).
+    scale : bool
+        Also fit an isotropic scale of ``high_res``.
+    weights : (n,) array, optional
+        Per-point weights of ``high_res``, used in the bead means and block weights.
+    robust_loss : {"huber", "tukey", "welsch"}
+        The IRLS loss of ``method="robust"``.
+
     Returns
     -------
     aligned : (n, d) ``s high_res R^T + t``, at full resolution.
     R : (d, d) rotation.
     error : RMSD between the transformed beads and ``low_res`` (weighted for "weighted"
         and "robust", with the final weights).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``method`` or ``robust_loss``, ``low_res`` of the wrong number of
+        points or dimensions, fewer than ``d`` beads, or coinciding beads.
     """
     check_option("method", method, MULTISCALE_METHODS)
     check_factor(scale_factor, "scale_factor")

@@ -209,6 +209,31 @@ def register_affine_3d(
     ``"translation"``, ``"rigid"`` or ``"affine"``; the start is the phase-correlation
     translation (no rotation search in 3-D: rotations up to ~20° are in the capture range
     of the pyramid).
+
+    Parameters
+    ----------
+    ref, mov : (D, H, W) real arrays of the same shape, finite, each side >= 8.
+    transform : {"translation", "rigid", "affine"}
+    loss : {"mse", "ncc"}
+        As in :func:`register_affine_2d`.
+    max_iterations : Gauss–Newton iterations per pyramid level at most.
+    tol : convergence on the finest level: no volume corner moves by more than ``tol`` px.
+    levels : pyramid levels (default: halve while the coarsest side stays >= 24 px; at
+        most as many as halving the smallest side down to 2 px allows).
+    initial : (4, 4) invertible starting motion, optional.
+    order : interpolation order of ``warped``.
+
+    Returns
+    -------
+    warped : ``mov`` pulled back onto ``ref``, ``warped(p) = mov(M p)``.
+    matrix : (4, 4) forward motion ``M`` with ``mov(M p) ≈ ref(p)``, in ``(x, y, z)``.
+    info : :class:`RegistrationInfo` (``parameters`` from
+        :func:`~scalign.kernels.affine.decompose_affine_3d`).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid arrays (shape, dtype, NaN/inf, too small), options or ``initial``.
     """
     return _register(
         ref,

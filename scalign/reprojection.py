@@ -624,7 +624,31 @@ def reproject(
     ``chunks``: orientations per task (default: the angles' chunks, or about 32 MiB of
     images). ``device="gpu"``: the volume goes to the GPU once and the projections are
     computed and kept there (CuPy chunks; see :func:`scalign.execution.to_device`).
-    Returns a DataArray ``images (image, y, x)`` in the volume's float dtype.
+
+    Parameters
+    ----------
+    volume : ``(z, y, x)`` array or DataArray (or one volume in the forms
+        :func:`compare_reprojections` takes); cubic, finite.
+    angles : Dataset
+        ``rot, tilt, psi`` (degrees) and optionally ``shift_x, shift_y`` (pixels) over
+        one dim (taken as ``image``).
+    eps : float
+        Accuracy of the projector's non-uniform FFT.
+    chunks : int, optional
+        Orientations per task (see above).
+    device : {"auto", "cpu", "gpu"}
+
+    Returns
+    -------
+    DataArray
+        ``images (image, y, x)``, lazy, float32 (the volume is taken as float32).
+
+    Raises
+    ------
+    ValueError
+        More than one volume, an invalid volume, or NaN angles.
+    TypeError
+        ``angles`` not a Dataset with a 1-D ``rot``.
     """
     check_option("device", device, DEVICES)
     check_chunks(chunks)
@@ -691,6 +715,28 @@ def rank_volumes(result: xr.Dataset, score: str = "correlation") -> pd.DataFrame
     Only the scores that compare volumes on the same footing rank them
     (``RANKING_SCORES``: ``correlation``, ``cost``); the z-scores are normalised per
     volume, so asking for one raises ``ValueError``. A lazy ``result`` is computed once.
+
+    Parameters
+    ----------
+    result : Dataset
+        The output of :func:`compare_reprojections`.
+    score : {"correlation", "cost"}
+        The score to rank by (it must be in ``result``); higher correlation, lower cost
+        is better.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per volume, best first: ``rank`` (from 1), ``volume``, ``mean``, ``std``,
+        ``sem``, ``assigned``; ``attrs`` ``score``, ``better``, ``best``, ``images``,
+        ``excluded``.
+
+    Raises
+    ------
+    TypeError
+        ``result`` is not a Dataset over ``volume``.
+    ValueError
+        A z-score or unknown ``score``, or no image with a finite score for every volume.
     """
     values = _ranking_scores(result, score)
     higher = DIRECTIONS[score] == "higher"
@@ -725,7 +771,24 @@ def rank_volumes(result: xr.Dataset, score: str = "correlation") -> pd.DataFrame
 def assign_images(result: xr.Dataset, score: str = "correlation") -> xr.DataArray:
     """Per image, the index of the volume with the best ``score`` (3-D classification);
     -1 for an image whose score is not finite for some volume. ``score`` as for
-    :func:`rank_volumes`."""
+    :func:`rank_volumes`.
+
+    Parameters
+    ----------
+    result : Dataset
+        The output of :func:`compare_reprojections` (computed here if lazy).
+    score : {"correlation", "cost"}
+
+    Returns
+    -------
+    DataArray
+        ``volume_index (image)``, int64 positions along ``volume`` (-1: unassigned).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`rank_volumes`.
+    """
     values = _ranking_scores(result, score)
     pick = _assign(np.asarray(values.values, dtype=np.float64), DIRECTIONS[score] == "higher")
     return xr.DataArray(pick, dims=(IMAGE,), name="volume_index")

@@ -10,7 +10,24 @@ from scalign.ensemble import COORD_DIMS, POINT, SPACE, STRUCTURE, make_ensemble
 
 
 def helix(n_points: int, *, radius: float = 2.3, rise: float = 1.5, turn: float = 100.0):
-    """An alpha-helix-like curve: ``(r cos k·turn, r sin k·turn, k·rise)``, centred, (n, 3)."""
+    """An alpha-helix-like curve: ``(r cos k·turn, r sin k·turn, k·rise)``, centred, (n, 3).
+
+    Parameters
+    ----------
+    n_points : int
+        Points ``k = 0 ... n_points - 1``.
+    radius : float
+        ``r``, the helix radius.
+    rise : float
+        Rise per point along ``z``.
+    turn : float
+        Turn per point, degrees.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n_points, 3)``, its centroid at the origin.
+    """
     k = np.arange(n_points, dtype=np.float64)
     phi = np.deg2rad(turn) * k
     pts = np.stack([radius * np.cos(phi), radius * np.sin(phi), rise * k], axis=1)
@@ -49,6 +66,20 @@ def helix_ensemble(
         Draw ``s_i`` log-uniformly in this range (default: all 1).
     offset : float
         Standard deviation of the translations.
+    dtype : numpy dtype
+        Of ``coords`` (default float32).
+    chunks : int, optional
+        Structures per chunk (:func:`scalign.make_ensemble`).
+    seed : int
+        Seed of ``numpy.random.default_rng``.
+
+    Returns
+    -------
+    Dataset
+        An ensemble with ``coords (structure, point, space)`` in ``dtype``; float64
+        ``reference (point, space)`` (the helix ``Y``), ``true_rotation (structure, row,
+        col)``, ``true_translation (structure, space)``, ``true_scale (structure)``; bool
+        ``outlier (structure, point)``; attrs ``generator``, ``seed`` and ``noise``.
     """
     rng = np.random.default_rng(seed)
     Y = helix(n_points)

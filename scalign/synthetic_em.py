@@ -34,7 +34,25 @@ class Blobs(NamedTuple):
 def random_blobs(
     n_blobs: int = 12, radius: float = 8.0, sigma: float = 1.8, seed: int = 0
 ) -> Blobs:
-    """Blobs at random places within ``radius`` voxels of the centre, amplitudes 0.5-1.5."""
+    """Blobs at random places within ``radius`` voxels of the centre, amplitudes 0.5-1.5.
+
+    Parameters
+    ----------
+    n_blobs : int
+        Number of blobs ``J``.
+    radius : float
+        Largest distance of a centre from the box centre, voxels (the distances are drawn
+        in ``[0.2^(1/3), 1] × radius``, in random directions).
+    sigma : float
+        The blobs' common width, voxels.
+    seed : int
+        Seed of ``numpy.random.default_rng``.
+
+    Returns
+    -------
+    Blobs
+        ``centers (J, 3)``, ``sigma`` and ``amplitudes (J,)``, float64.
+    """
     rng = np.random.default_rng(seed)
     d = rng.normal(size=(n_blobs, 3))
     d /= np.linalg.norm(d, axis=1, keepdims=True)
@@ -43,7 +61,22 @@ def random_blobs(
 
 
 def blob_volume(blobs: Blobs, size: int, dtype=np.float32) -> np.ndarray:
-    """The blobs sampled on a ``size³`` grid ``V[z, y, x]``, origin at ``size // 2``."""
+    """The blobs sampled on a ``size³`` grid ``V[z, y, x]``, origin at ``size // 2``.
+
+    Parameters
+    ----------
+    blobs : Blobs
+        From :func:`random_blobs`.
+    size : int
+        Box size, voxels.
+    dtype : numpy dtype
+        Of the result (computed in float64; default float32).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(size, size, size)`` in ``dtype``.
+    """
     z, y, x = np.indices((size,) * 3, dtype=np.float64) - box_center(size)
     V = np.zeros((size,) * 3)
     for (cx, cy, cz), a in zip(blobs.centers, blobs.amplitudes, strict=True):
@@ -55,7 +88,24 @@ def blob_projections(
     blobs: Blobs, size: int, A: np.ndarray, shifts: np.ndarray | None = None
 ) -> np.ndarray:
     """Exact projections ``(B, size, size)`` at orientations ``A (B, 3, 3)``, moved by
-    ``shifts (B, 2)`` pixels (module docstring)."""
+    ``shifts (B, 2)`` pixels (module docstring).
+
+    Parameters
+    ----------
+    blobs : Blobs
+        From :func:`random_blobs`.
+    size : int
+        Box size, pixels.
+    A : (B, 3, 3) array
+        Orientations (:func:`scalign.euler_to_matrix`).
+    shifts : (B, 2) array, optional
+        Shifts ``(x, y)`` in pixels; none by default.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(B, size, size)``.
+    """
     A = np.asarray(A, dtype=np.float64)
     q = np.einsum("bij,kj->bki", A, blobs.centers)[..., :2]  # (B, J, 2): x, y
     if shifts is not None:
@@ -99,6 +149,36 @@ def simulate_particles(
     0.1), plus white Gaussian noise of standard deviation ``noise`` times the clean
     images' standard deviation. The stack carries the true ``rot, tilt, psi, shift_x,
     shift_y`` (and ``defocus_u, defocus_v, defocus_angle`` with the CTF attrs).
+
+    Parameters
+    ----------
+    blobs : Blobs
+        From :func:`random_blobs`.
+    size : int
+        Box size, pixels.
+    n_images : int
+        Number of particle images ``B``.
+    noise : float
+        Noise standard deviation relative to the clean images' (0: no noise).
+    max_shift : float
+        Largest shift per axis, pixels.
+    ctf : bool
+        Apply a random CTF to each image.
+    pixel_size : float
+        Å per pixel (the stack's ``pixel_size`` attr, and the CTF's).
+    defocus_range : (float, float)
+        Range of defocus U, Å (V is U minus up to 500 Å; the angle is in [-90, 90]°).
+    seed : int
+        Seed of ``numpy.random.default_rng``.
+    chunks : int, optional
+        Images per chunk (:func:`scalign.make_stack`).
+
+    Returns
+    -------
+    Particles
+        ``stack``: ``images (image, y, x)`` float32 with the float64 truth variables over
+        ``image`` and attrs ``pixel_size`` (and ``voltage``, ``cs``,
+        ``amplitude_contrast`` with ``ctf``); ``A``: the true orientations ``(B, 3, 3)``.
     """
     rng = np.random.default_rng(seed)
     # uniform rotations: the viewing direction uniform on the sphere, psi uniform

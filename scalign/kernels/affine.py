@@ -406,6 +406,16 @@ def is_invertible(M: Array) -> np.ndarray | bool:
 def invert(M: Array) -> np.ndarray:
     """Inverse of homogeneous matrices ``(..., d+1, d+1)``.
 
+    Parameters
+    ----------
+    M : array_like, shape ``(..., 3, 3)`` or ``(..., 4, 4)``
+        Homogeneous 2-D or 3-D affine matrices (leading axes are a batch).
+
+    Returns
+    -------
+    numpy.ndarray
+        The inverses, float64, shaped like ``M``.
+
     Raises
     ------
     ValueError

@@ -61,6 +61,18 @@ def ctf_half_plane(
     voltage : kV; cs : mm; amplitude_contrast : fraction in [0, 1).
     phase_shift : degrees; bfactor : Å²; scale : the envelope's factor. Each a number or
         one per image, (B,).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(B, n, n // 2 + 1)`` (``B = 1`` for scalar defoci), in the layout of
+        ``numpy.fft.rfft2`` (unshifted).
+
+    Raises
+    ------
+    ValueError
+        A non-positive ``pixel_size`` or ``voltage``, a non-finite constant, or an
+        ``amplitude_contrast`` outside [0, 1).
     """
     check_ctf_constants(pixel_size, voltage, cs, amplitude_contrast)
     du = np.atleast_1d(np.asarray(defocus_u, dtype=np.float64))
@@ -112,12 +124,40 @@ def fourier_crop(images: np.ndarray, size: int) -> np.ndarray:
     """Downsample ``(..., n, n)`` images to ``size × size`` (``size <= n``) by Fourier
     cropping: the frequencies ``|k| < size / 2`` on each axis are kept (the small grid's
     Nyquist term is zeroed), about the box centre (``n // 2`` maps to ``size // 2``), and
-    the mean value is kept. The pixel size grows by ``n / size``. NumPy or CuPy."""
+    the mean value is kept. The pixel size grows by ``n / size``. NumPy or CuPy.
+
+    Parameters
+    ----------
+    images : (..., n, n) array
+        Square images, NumPy or CuPy; leading axes are a batch.
+    size : int
+        The new box size, ``<= n`` (not checked).
+
+    Returns
+    -------
+    array
+        ``(..., size, size)`` in the input's array library and floating dtype (float64 for
+        other dtypes); the input itself when ``size == n``.
+    """
     return _crop(images, size, 2)
 
 
 def fourier_crop_volume(volume: np.ndarray, size: int) -> np.ndarray:
-    """:func:`fourier_crop` of ``(..., n, n, n)`` volumes."""
+    """:func:`fourier_crop` of ``(..., n, n, n)`` volumes.
+
+    Parameters
+    ----------
+    volume : (..., n, n, n) array
+        Cubic volumes, NumPy or CuPy; leading axes are a batch.
+    size : int
+        The new box size, ``<= n`` (not checked).
+
+    Returns
+    -------
+    array
+        ``(..., size, size, size)`` in the input's array library and floating dtype
+        (float64 for other dtypes); the input itself when ``size == n``.
+    """
     return _crop(volume, size, 3)
 
 

@@ -32,6 +32,16 @@ def euler_to_matrix(rot: ArrayLike, tilt: ArrayLike, psi: ArrayLike) -> np.ndarr
     """Matrices ``A (..., 3, 3)`` of ZYZ Euler angles in degrees (module docstring).
 
     The angles broadcast against each other; each may be a scalar or an array.
+
+    Parameters
+    ----------
+    rot, tilt, psi : float or array_like
+        ZYZ Euler angles, degrees.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(..., 3, 3)`` over the angles' broadcast shape (``(3, 3)`` for scalars).
     """
     a, b, g = (np.radians(np.asarray(v, dtype=np.float64)) for v in (rot, tilt, psi))
     a, b, g = np.broadcast_arrays(a, b, g)
@@ -56,6 +66,21 @@ def matrix_to_euler(A: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ``tilt`` is in ``[0, 180]``, ``rot`` and ``psi`` in ``(-180, 180]``. At ``tilt = 0`` or
     ``180`` only ``rot ± psi`` is defined: ``rot`` is then set to 0. The round trip
     ``euler_to_matrix(*matrix_to_euler(A)) == A`` holds to rounding for every rotation.
+
+    Parameters
+    ----------
+    A : array_like, shape ``(..., 3, 3)``
+        Rotation matrices (not checked to be orthogonal).
+
+    Returns
+    -------
+    rot, tilt, psi : numpy.ndarray
+        float64 angles in degrees over ``A``'s batch shape (NumPy scalars for one matrix).
+
+    Raises
+    ------
+    ValueError
+        ``A`` is not ``(..., 3, 3)``.
     """
     A = np.asarray(A, dtype=np.float64)
     if A.shape[-2:] != (3, 3):

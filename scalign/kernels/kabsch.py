@@ -291,6 +291,11 @@ def apply_transform(X: Array, rotation: Array, translation: Array, scale: Array)
     rotation : (..., d, d) array
     translation : (..., d) array
     scale : (...) array
+
+    Returns
+    -------
+    array
+        ``(..., n, d)`` in ``X``'s dtype and array library (NumPy or CuPy).
     """
     xp = namespace(X, rotation)
     s = xp.asarray(scale, dtype=xp.float64)
@@ -312,6 +317,11 @@ def rmsd(X: Array, Y: Array, weights: Array | None = None) -> Array:
     X : (..., n, d) array
     Y : (n, d) or (..., n, d) array
     weights : (n,) or (..., n) array, optional
+
+    Returns
+    -------
+    array
+        float64 ``(...)``: the batch shape (a NumPy scalar for one pair of NumPy arrays).
     """
     xp = namespace(X, Y, weights)
     diff = xp.astype(X, xp.float64) - xp.astype(Y, xp.float64)

@@ -231,7 +231,33 @@ def project(
     within Nyquist (``|k| <= n / 2``) and multiplied in Fourier space by ``ctf``
     (``(B, n, n // 2 + 1)`` on the half plane, e.g.
     :func:`scalign.kernels.ctf.ctf_half_plane`); in the volume's float dtype, on the
-    volume's device (NumPy or CuPy). ``method``: see :func:`slice_spectra`."""
+    volume's device (NumPy or CuPy). ``method``: see :func:`slice_spectra`.
+
+    Parameters
+    ----------
+    volume : (n, n, n) real array ``V[z, y, x]``
+        NumPy or CuPy; float32 stays float32, other dtypes are computed in float64.
+    A : (B, 3, 3) array
+        Rotation matrices (:func:`scalign.kernels.euler.euler_to_matrix`).
+    shifts : (B, 2) array, optional
+        Shifts ``(x, y)`` in pixels; none by default.
+    ctf : (B, n, n // 2 + 1) array, optional
+        Multiplies each projection's half-plane spectrum.
+    eps : float
+        Relative accuracy of the non-uniform FFT (default :data:`EPS`, 1e-6).
+    method : {"auto", "nufft", "interpolate"}
+        See :func:`slice_spectra`.
+
+    Returns
+    -------
+    array
+        ``(B, n, n)`` projections, float32 or float64 (as ``volume``), NumPy or CuPy.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``method``.
+    """
     xp = namespace(volume)
     volume = xp.asarray(volume)
     if volume.dtype not in (xp.float32, xp.float64):
