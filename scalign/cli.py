@@ -207,7 +207,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_align(args) -> int:
-    out = _check_output(args.output, args.overwrite)
+    out = check_destination(args.output, args.overwrite)
     ds = open_ensemble(args.input, chunks=args.chunks)
     with _scheduler(args, local_default=False) as client:
         _, seconds = _align_and_write(
@@ -220,7 +220,7 @@ def cmd_align(args) -> int:
 
 
 def cmd_rmsd(args) -> int:
-    out = _check_output(args.output, args.overwrite)
+    out = check_destination(args.output, args.overwrite)
     ds = open_ensemble(args.input)
     other = None if args.other is None else open_ensemble(args.other)
     t0 = time.perf_counter()
@@ -300,12 +300,8 @@ def _open_stack(path: str) -> xr.Dataset:
     return validate_stack(open_store(path), name=str(path))
 
 
-def _check_output(path: str, overwrite: bool) -> Path:
-    return check_destination(path, overwrite)
-
-
 def cmd_warp(args) -> int:
-    out = _check_output(args.output, args.overwrite)
+    out = check_destination(args.output, args.overwrite)
     ds = _open_stack(args.input)
     matrix = args.matrix
     if Path(matrix).suffix == ".npy":
@@ -335,7 +331,7 @@ def cmd_warp(args) -> int:
 
 def cmd_register(args) -> int:
     check_chunks(args.chunks)
-    out = _check_output(args.output, args.overwrite)
+    out = check_destination(args.output, args.overwrite)
     ds = _open_stack(args.input)
     if args.chunks is not None:
         ds = ds.chunk({ds["images"].dims[0]: args.chunks})
@@ -402,7 +398,7 @@ def _found(ds: xr.Dataset, names: tuple[str, ...]) -> str:
 
 
 def cmd_import_star(args) -> int:
-    out = _check_output(args.output, args.overwrite)
+    out = check_destination(args.output, args.overwrite)
     ds = import_star(args.star, chunks=args.chunks, root=args.root)
     save_zarr(ds, out, overwrite=args.overwrite, compute=lambda d: run(d, progress=True))
     n, ny, nx = ds["images"].shape
@@ -470,7 +466,7 @@ def _read_volumes(paths: list[str]) -> xr.DataArray:
 
 
 def cmd_compare(args) -> int:
-    out = _check_output(args.output, args.overwrite)
+    out = check_destination(args.output, args.overwrite)
     ds = _open_stack(args.images)
     volumes = _read_volumes(args.volumes)
     t0 = time.perf_counter()

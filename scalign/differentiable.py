@@ -57,12 +57,7 @@ except ImportError as exc:
     raise ImportError("scalign.differentiable needs PyTorch: pip install 'scalign[torch]'") from exc
 from torch.autograd.function import once_differentiable
 
-from scalign.validation import check_pair
-
-# numpy's check_spread threshold, raised to a few float32 ulps: a float32 mean of equal
-# coordinates may differ from them in the last bit.
-_COINCIDE_RTOL = 1e-12
-_COINCIDE_ULPS = 8
+from scalign.validation import check_pair, coincidence_rtol, raise_if_coincident
 
 
 class _ProperPolarRotation(torch.autograd.Function):
@@ -147,15 +142,13 @@ def _check_finite(name: str, X: torch.Tensor) -> None:
 
 def _check_spread(name: str, X: torch.Tensor) -> None:
     """At least two distinct points per item, or no rotation (nor scale) is defined; the
-    tolerance is relative to each item's own magnitude."""
+    tolerance is NumPy's (:func:`scalign.validation.check_spread`)."""
     X = X.detach()
-    rtol = max(_COINCIDE_RTOL, _COINCIDE_ULPS * torch.finfo(X.dtype).eps)
-    tol = rtol * (1.0 + X.abs().amax(dim=(-2, -1), keepdim=True))
+    tol = coincidence_rtol(torch.finfo(X.dtype).eps) * (
+        1.0 + X.abs().amax(dim=(-2, -1), keepdim=True)
+    )
     same = ((X - X.mean(dim=-2, keepdim=True)).abs() <= tol).flatten(-2).all(dim=-1)
-    if bool(same.any()):
-        item = tuple(int(i) for i in torch.nonzero(same)[0]) if same.ndim else ()
-        where = f" (item {item[0] if len(item) == 1 else item})" if item else ""
-        raise ValueError(f"{name} is degenerate: all of its points coincide{where}")
+    raise_if_coincident(name, same.cpu().numpy())
 
 
 def _check_weight_values(name: str, w: torch.Tensor) -> None:

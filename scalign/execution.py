@@ -25,7 +25,7 @@ import xarray as xr
 from threadpoolctl import threadpool_limits
 
 from scalign._array import is_gpu_backed, move
-from scalign.validation import check_option
+from scalign.validation import check_count, check_option
 
 SCHEDULER_ENV = "SCALIGN_SCHEDULER"
 #: Seconds to wait for a scheduler named by address to answer (distributed waits 30 s and
@@ -158,10 +158,8 @@ def scheduler(
     if not (address or local or gpu or threads):
         address = os.environ.get(SCHEDULER_ENV) or None
     for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{name} must be a positive integer, got {value!r}")
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+        if value is not None:
+            check_count(name, value)
     if rmm_pool_size is not None and not (gpu and not address):
         raise ValueError("rmm_pool_size needs gpu=True without a scheduler address (--gpu)")
     if gpu and address:
@@ -194,17 +192,19 @@ def scheduler(
                 )
             )
         if address:
-            client = stack.enter_context(_connect(Client, address))
+            client = stack.enter_context(_connect(address))
         else:
             client = stack.enter_context(Client(target, set_as_default=True))
         yield client
 
 
-def _connect(client_type: Any, address: str) -> Any:
+def _connect(address: str) -> Any:
     """A client of the scheduler at ``address``, or ``ConnectionError`` naming it after
     :data:`CONNECT_TIMEOUT` seconds without an answer."""
+    from distributed import Client
+
     try:
-        return client_type(address, set_as_default=True, timeout=CONNECT_TIMEOUT)
+        return Client(address, set_as_default=True, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         raise ConnectionError(
             f"no Dask scheduler answered at {address} within {CONNECT_TIMEOUT} s"

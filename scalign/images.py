@@ -34,7 +34,7 @@ from scalign.kernels.warp import (
     warp_images,
 )
 from scalign.mapping import map_batch
-from scalign.validation import check_chunks, check_option
+from scalign.validation import check_chunks, check_count, check_option
 
 IMAGE, Y, X = "image", "y", "x"
 VOLUME, Z = "volume", "z"
@@ -389,10 +389,7 @@ def warp_volume_xy_batched(
     n = arr.shape[0]
     if batch_size is None:
         batch_size = n
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
-        raise TypeError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    check_count("batch_size", batch_size)
     order, mode, cval = check_order(order), check_mode(mode), check_cval(cval)
     dtype = output_dtype(arr.dtype)
     # decided for the whole stack: the operator built for the first batch serves the rest

@@ -198,25 +198,28 @@ def _angles(ds: xr.Dataset, angles: Any) -> xr.Dataset | None:
     return xr.Dataset(out)
 
 
-def _ctf_inputs(ds: xr.Dataset, ctf: bool, like: xr.DataArray) -> tuple[dict | None, list]:
+def _ctf_inputs(
+    ds: xr.Dataset, ctf: bool, like: xr.DataArray, pixel: float | None
+) -> tuple[dict | None, list]:
     """The CTF's constants (None without ``ctf``) and its per-image variables, in memory
     and chunked like ``like`` (``CTF_VARIABLES`` then ``CTF_OPTIONAL``; placeholders
-    without ``ctf``), every value checked."""
+    without ``ctf``), every value checked; ``pixel`` is the pixel size already checked by
+    :func:`_pixel_size`."""
     if not ctf:
         zeros = _chunked_like(xr.DataArray(np.zeros(like.shape[0]), dims=(IMAGE,)), like)
         return None, [zeros] * (len(CTF_VARIABLES) + len(CTF_OPTIONAL))
     missing = [v for v in CTF_VARIABLES if v not in ds.variables]
-    missing += [a for a in (*CTF_ATTRS, "pixel_size") if a not in ds.attrs]
+    missing += [a for a in CTF_ATTRS if a not in ds.attrs]
+    missing += ["pixel_size"] if pixel is None else []
     if missing:
         raise ValueError(f"ctf=True needs the stack's {missing} (variables over image / attrs)")
     constants = {}
-    for a in (*CTF_ATTRS, "pixel_size"):
+    for a in CTF_ATTRS:
         try:
             constants[a] = float(ds.attrs[a])
         except (TypeError, ValueError):
             raise TypeError(f"the stack's {a} attr must be a number, got {ds.attrs[a]!r}") from None
-    check_ctf_constants(**constants)
-    del constants["pixel_size"]
+    check_ctf_constants(pixel, **constants)
     values = []
     for name in (*CTF_VARIABLES, *CTF_OPTIONAL):
         if name not in ds.variables:
@@ -422,7 +425,7 @@ def compare_reprojections(
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be positive (or None), got {value}")
     given = _angles(ds, angles)
-    ctf_params, ctf_values = _ctf_inputs(ds, ctf, stack)
+    ctf_params, ctf_values = _ctf_inputs(ds, ctf, stack, pixel)
     size = _target_size(n, pixel, downsample_to)
     small = V if size == n else fourier_crop_volume(V, size).astype(np.float32)
     if given is None:
@@ -741,7 +744,8 @@ def rank_volumes(result: xr.Dataset, score: str = "correlation") -> pd.DataFrame
     values = _ranking_scores(result, score)
     higher = DIRECTIONS[score] == "higher"
     v = np.asarray(values.values, dtype=np.float64)
-    valid = np.all(np.isfinite(v), axis=0)
+    pick = _assign(v, higher)
+    valid = pick >= 0
     used = v[:, valid]
     count = int(valid.sum())
     if count == 0:
@@ -753,7 +757,7 @@ def rank_volumes(result: xr.Dataset, score: str = "correlation") -> pd.DataFrame
             "mean": used.mean(axis=1),
             "std": std,
             "sem": std / math.sqrt(count),
-            "assigned": np.bincount(_assign(used, higher), minlength=v.shape[0]),
+            "assigned": np.bincount(pick[valid], minlength=v.shape[0]),
         }
     )
     table = table.sort_values("mean", ascending=not higher, kind="stable").reset_index(drop=True)

@@ -57,18 +57,29 @@ def check_pair(X: np.ndarray, Y: np.ndarray, x_name: str = "X", y_name: str = "Y
     check_enough_points(x_name, X.shape[-2], X.shape[-1])
 
 
-def check_spread(name: str, X: np.ndarray) -> None:
-    """At least two distinct points per item, or no rotation is defined at all (the
-    tolerance is relative to each item's own magnitude)."""
-    centred = X - X.mean(axis=-2, keepdims=True)
-    # the mean of equal float32 values is off by an ulp or so: a few of the dtype's eps
-    eps = np.finfo(X.dtype).eps if np.issubdtype(X.dtype, np.floating) else 0.0
-    tol = max(1e-12, 8 * eps) * (1.0 + np.abs(X).max(axis=(-2, -1), keepdims=True))
-    same = np.all(np.abs(centred) <= tol, axis=(-2, -1))
+def coincidence_rtol(eps: float) -> float:
+    """Points coincide when every centred coordinate is within this fraction of
+    ``1 + max|x|`` (per item): ``1e-12``, raised to a few of the dtype's ``eps`` (the
+    mean of equal float32 values is off by an ulp or so)."""
+    return max(1e-12, 8 * eps)
+
+
+def raise_if_coincident(name: str, same: np.ndarray) -> None:
+    """``ValueError`` naming the first item whose points all coincide (``same``: one flag
+    per item)."""
     if np.any(same):
         item = np.argwhere(same)[0] if same.ndim else ()
         where = f" (item {item[0] if len(item) == 1 else tuple(item)})" if len(item) else ""
         raise ValueError(f"{name} is degenerate: all of its points coincide{where}")
+
+
+def check_spread(name: str, X: np.ndarray) -> None:
+    """At least two distinct points per item, or no rotation is defined at all (the
+    tolerance is relative to each item's own magnitude: :func:`coincidence_rtol`)."""
+    centred = X - X.mean(axis=-2, keepdims=True)
+    eps = np.finfo(X.dtype).eps if np.issubdtype(X.dtype, np.floating) else 0.0
+    tol = coincidence_rtol(eps) * (1.0 + np.abs(X).max(axis=(-2, -1), keepdims=True))
+    raise_if_coincident(name, np.all(np.abs(centred) <= tol, axis=(-2, -1)))
 
 
 def as_weights(name: str, w: Any, n: int) -> np.ndarray:
@@ -97,22 +108,19 @@ def check_option(name: str, value: Any, allowed: tuple) -> None:
         )
 
 
-def check_chunks(chunks: int | None) -> None:
-    """Structures per chunk: a positive integer (or None for the default)."""
-    if chunks is None:
-        return
-    if isinstance(chunks, bool) or not isinstance(chunks, int | np.integer):
-        raise TypeError(f"chunks must be a positive integer, got {chunks!r}")
-    if chunks < 1:
-        raise ValueError(f"chunks must be a positive integer, got {chunks}")
-
-
 def check_count(name: str, value: int) -> None:
-    """A count such as an iteration budget: a positive integer (not a bool)."""
+    """A count such as an iteration budget or a chunk size: a positive integer (not a
+    bool)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{name} must be a positive integer, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def check_chunks(chunks: int | None) -> None:
+    """Structures per chunk: a positive integer (or None for the default)."""
+    if chunks is not None:
+        check_count("chunks", chunks)
 
 
 def check_iterations(max_iterations: int, tol: float, tol_name: str = "tol") -> None:
@@ -126,7 +134,4 @@ def check_iterations(max_iterations: int, tol: float, tol_name: str = "tol") -> 
 
 def check_factor(factor: int, name: str = "factor") -> None:
     """A coarsening factor: a positive integer."""
-    if isinstance(factor, bool) or not isinstance(factor, int | np.integer):
-        raise TypeError(f"{name} must be a positive integer, got {factor!r}")
-    if factor < 1:
-        raise ValueError(f"{name} must be a positive integer, got {factor}")
+    check_count(name, factor)
