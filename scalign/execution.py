@@ -157,6 +157,8 @@ def scheduler(
         raise ValueError("threads=True (--threads) excludes a scheduler address, local and gpu")
     if not (address or local or gpu or threads):
         address = os.environ.get(SCHEDULER_ENV) or None
+    if address is not None:
+        _check_address(address)
     for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
         if value is not None:
             check_count(name, value)
@@ -196,6 +198,21 @@ def scheduler(
         else:
             client = stack.enter_context(Client(target, set_as_default=True))
         yield client
+
+
+def _check_address(address: Any) -> None:
+    """``ValueError`` unless ``address`` reads as a scheduler address (``host:port`` or
+    ``scheme://...``): a word such as ``"threads"`` or ``"local"`` otherwise reaches
+    distributed as a host name and fails there as a missing port."""
+    if not isinstance(address, str):
+        raise TypeError(f"address must be a str, got {type(address).__name__}")
+    if "://" not in address and ":" not in address:
+        source = f" (from ${SCHEDULER_ENV})" if os.environ.get(SCHEDULER_ENV) == address else ""
+        raise ValueError(
+            f"address {address!r}{source} is not a scheduler address (host:port or "
+            "tcp://host:port); the threaded scheduler is threads=True (--threads), a local "
+            "cluster local=True (--local), a GPU cluster gpu=True (--gpu)"
+        )
 
 
 def _connect(address: str) -> Any:

@@ -112,3 +112,20 @@ def test_worker_counts_must_be_positive_integers(value, exc):
     with pytest.raises(exc, match="threads_per_worker must be a positive integer"):
         with scheduler(local=True, threads_per_worker=value):
             pass
+
+
+@pytest.mark.parametrize("word", ["threads", "local", "gpu"])
+def test_a_word_for_an_address_is_a_clear_error(word, monkeypatch, capsys):
+    """``scheduler("threads")`` reached distributed as a host name and failed there with
+    "missing port number in address 'threads'"; from $SCALIGN_SCHEDULER too."""
+    from scalign.cli import main
+
+    with pytest.raises(ValueError, match=f"address '{word}' is not a scheduler address"):
+        with scheduler(word):
+            pass
+    monkeypatch.setenv("SCALIGN_SCHEDULER", word)
+    with pytest.raises(ValueError, match=r"from \$SCALIGN_SCHEDULER\) is not a scheduler"):
+        with scheduler():
+            pass
+    assert main(["demo", "--structures", "20", "--points", "6", "--chunks", "10"]) == 2
+    assert "is not a scheduler address" in capsys.readouterr().err
