@@ -403,3 +403,20 @@ def test_image_labels_are_kept_by_reproject_and_assign_images(volumes):
     np.testing.assert_array_equal(picked["image"], stack["image"])
     assert list(picked["micrograph"].values) == list("aabbcc")
     np.testing.assert_array_equal(picked.values, np.zeros(6))
+
+
+def test_scores_and_reprojections_do_not_take_the_inputs_attrs(volumes):
+    """The images' attrs went to every score (a correlation "in" the images' units) and
+    the angles' to reproject's images (projections "in" degrees)."""
+    from scalign.reprojection import reproject
+
+    parts = simulate_particles(BLOBS, N, 4, seed=17, chunks=2)
+    stack = parts.stack
+    stack["images"].attrs = {"units": "e/A^2"}
+    stack["rot"].attrs = {"units": "degrees"}
+    result = compare_reprojections(
+        stack, volumes[0], angles="stack", covariance=False, reprojections=True
+    )
+    assert result["correlation"].attrs == {"better": "higher"}
+    assert result["gain"].attrs == {} and result["reprojection"].attrs == {}
+    assert reproject(volumes[0], stack[["rot", "tilt", "psi"]]).attrs == {}

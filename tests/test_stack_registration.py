@@ -144,6 +144,19 @@ def test_stays_lazy_with_chunked_labels_and_for_one_image(drift):
     np.testing.assert_array_equal(out["matrix"].values, np.eye(3)[None])
 
 
+def test_the_images_attrs_stay_on_the_images(drift):
+    """The images' attrs (say ``units``) went to the motions, losses and iterations too,
+    except with ``"previous"``."""
+    ds, _ = drift
+    small = ds.isel(image=slice(4))
+    small["images"].attrs = {"units": "counts"}
+    for reference in ("first", "previous", 1):
+        out = register_stack(small, reference)
+        assert out["registered"].attrs == {"units": "counts"}
+        for name in ("matrix", "loss", "iterations"):
+            assert out[name].attrs == {}, (reference, name)
+
+
 def test_previous_takes_an_in_memory_stack(drift):
     """A NumPy-backed stack (e.g. after ``.load()``) has no chunks: ``"previous"`` failed
     with "'NoneType' object is not subscriptable"."""
