@@ -332,7 +332,8 @@ def align(
         ``aligned (structure, point, space)`` in the input dtype; float64
         ``rotation (structure, row, col)``, ``translation (structure, space)``,
         ``scale``, ``rmsd`` and ``r2`` over ``structure``; ``reference (point, space)``.
-        The input's coordinates and attributes are carried. A structure with a NaN/inf
+        The input's coordinates and attributes are carried (``coords``' attributes, such
+        as its units, by ``aligned``). A structure with a NaN/inf
         coordinate, or with invalid lazily-given weights, gets NaN results; the rest of
         its chunk is unaffected.
     """
@@ -367,6 +368,9 @@ def align(
     else:
         ref = _resolve_reference(coords, reference)
     fit = _fit_to(coords, ref, w, scale, reflection, aligned, robust, coarsen)
+    if aligned:
+        # the aligned coordinates are coordinates like the input's (units and all)
+        fit["aligned"].attrs = dict(coords.attrs)
     out = xr.Dataset(fit, attrs=attrs)
     out["reference"] = ((POINT if coarsen is None else BEAD, SPACE), ref)
     out.attrs.update(

@@ -64,7 +64,13 @@ def make_ensemble(
     TypeError
         Non-numeric ``coords`` or ``weights``, or a non-integer ``chunks``.
     """
-    arr = coords if isinstance(coords, da.Array) else as_points("coords", coords, min_ndim=0)
+    if isinstance(coords, da.Array):
+        # as for in-memory input (as_points), lazily: the ops take floats only
+        if coords.dtype.kind not in "biuf":
+            raise TypeError(f"coords must be an array of real numbers, got dtype {coords.dtype}")
+        arr = coords if coords.dtype.kind == "f" else coords.astype(np.float64)
+    else:
+        arr = as_points("coords", coords, min_ndim=0)
     if arr.ndim != 3:
         one = " (one structure? pass coords[None])" if arr.ndim == 2 else ""
         raise ValueError(f"coords must have shape (structure, point, space), got {arr.shape}{one}")

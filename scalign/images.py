@@ -307,6 +307,11 @@ def warp_stack(
     images = to_device(ds["images"], device)
     spatial = images.dims[1:]
     shared, per_item = _resolve_matrix(ds, matrix, from_dataset)
+    if per_item is not None:
+        # the output has the stack's coordinates; the matrices' other labels (lazy ones
+        # too, e.g. a chunked time coordinate) would be compared with the stack's by
+        # computing them when xarray merges the outputs' coordinates
+        per_item = per_item.reset_coords(drop=True)
     dtype = output_dtype(images.dtype)
     if per_item is not None and per_item.ndim == 3:
         method = "scipy"

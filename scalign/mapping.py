@@ -74,7 +74,8 @@ def map_batch(
 
     Returns
     -------
-    dict of DataArray, keyed like ``outputs``; dask-backed when any input is.
+    dict of DataArray, keyed like ``outputs``; dask-backed when any input is. They
+    carry the inputs' coordinates but no attributes.
 
     Notes
     -----
@@ -97,7 +98,9 @@ def map_batch(
         output_dtypes=dtypes,
         dask_gufunc_kwargs={"output_sizes": dict(sizes or {})},
         kwargs=dict(kwargs or {}),
-        keep_attrs=True,
+        # the first input's attrs (say ``units``) do not describe every output (a
+        # rotation, an r2, a correlation): each op sets those its outputs should carry
+        keep_attrs=False,
     )
     if len(outputs) == 1:
         result = (result,)

@@ -180,7 +180,9 @@ def _angles(ds: xr.Dataset, angles: Any) -> xr.Dataset | None:
     out = {}
     for name in ANGLES:
         if name not in source.variables:
-            out[name] = xr.zeros_like(source["rot"])
+            # plain zeros, like the given angles: no labels of ``source`` to be aligned
+            # with the images' (a missing shift made other labels an AlignmentError)
+            out[name] = xr.DataArray(np.zeros(ds.sizes[IMAGE]), dims=(IMAGE,))
             continue
         var = source[name]
         if var.dims != (IMAGE,) or var.size != ds.sizes[IMAGE]:
@@ -644,7 +646,8 @@ def reproject(
     Returns
     -------
     DataArray
-        ``images (image, y, x)``, lazy, float32 (the volume is taken as float32).
+        ``images (image, y, x)``, lazy, float32 (the volume is taken as float32), with
+        the angles' coordinates over their dim (renamed ``image``).
 
     Raises
     ------
@@ -660,7 +663,8 @@ def reproject(
         raise ValueError(f"reproject takes one volume, got {V.shape[0]}")
     if not isinstance(angles, xr.Dataset) or "rot" not in angles or angles["rot"].ndim != 1:
         raise TypeError("angles must be a Dataset with rot, tilt, psi over one dim (image)")
-    given = _angles(angles.rename({angles["rot"].dims[0]: IMAGE}), "stack")
+    angles = angles.rename({angles["rot"].dims[0]: IMAGE})
+    given = _angles(angles, "stack")
     n = V.shape[-1]
     if chunks is None:
         chunks = angles["rot"].chunks[0] if angles["rot"].chunks else default_chunk((n, n))
@@ -673,7 +677,9 @@ def reproject(
         sizes={Y: n, X: n},
         kwargs={"eps": eps},
     )["images"]
-    return out.rename("images")
+    # the angles' labels of each orientation (its index and other coordinates over it)
+    labels = {k: v.variable for k, v in angles.coords.items() if v.dims == (IMAGE,)}
+    return out.assign_coords(labels).rename("images")
 
 
 # --------------------------------------------------------------------------------------
@@ -786,7 +792,8 @@ def assign_images(result: xr.Dataset, score: str = "correlation") -> xr.DataArra
     Returns
     -------
     DataArray
-        ``volume_index (image)``, int64 positions along ``volume`` (-1: unassigned).
+        ``volume_index (image)``, int64 positions along ``volume`` (-1: unassigned),
+        with the result's coordinates over ``image``.
 
     Raises
     ------
@@ -795,4 +802,6 @@ def assign_images(result: xr.Dataset, score: str = "correlation") -> xr.DataArra
     """
     values = _ranking_scores(result, score)
     pick = _assign(np.asarray(values.values, dtype=np.float64), DIRECTIONS[score] == "higher")
-    return xr.DataArray(pick, dims=(IMAGE,), name="volume_index")
+    # each image keeps its labels (its index and the other coordinates over image)
+    labels = {k: v.variable for k, v in values.coords.items() if v.dims == (IMAGE,)}
+    return xr.DataArray(pick, dims=(IMAGE,), coords=labels, name="volume_index")

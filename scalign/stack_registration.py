@@ -150,6 +150,9 @@ def chain_motions(relative: da.Array) -> da.Array:
 
 def _previous(images: xr.DataArray, options: dict) -> dict:
     dim = images.dims[0]
+    if images.chunks is None:
+        # in-memory images: one chunk, as the pairs and the scan are laid out by chunks
+        images = images.chunk({dim: -1})
     current = images.isel({dim: slice(1, None)})
     before = images.isel({dim: slice(None, -1)}).data
     before = xr.DataArray(before, dims=images.dims).chunk({dim: current.chunks[0]})
@@ -254,7 +257,10 @@ def register_stack(
         fit = _previous(images, options)
     else:
         index = 0 if isinstance(reference, str) else int(reference) % n
-        fit = _pin_reference(_register(images, images.isel({dim: index}), options), index)
+        # the reference without its coordinates: the image's scalar labels would meet the
+        # stack's in the merge of the outputs' coordinates, which computes lazy ones
+        reference_image = images.isel({dim: index}).reset_coords(drop=True)
+        fit = _pin_reference(_register(images, reference_image, options), index)
         if reference == "mean":
             for _ in range(mean_iterations):
                 # Edge-extended warps: zero-filled corners would drag the mean and bias

@@ -90,6 +90,18 @@ def test_carries_coords_and_attrs():
     np.testing.assert_array_equal(out["structure"], np.arange(100, 140))
 
 
+def test_coords_attrs_go_to_aligned_only():
+    """The coordinates' attrs (units, long_name) went to every output, so ``r2``, the
+    rotation and the scale said they were in nm (and xarray's plots labelled them so)."""
+    ens = helix_ensemble(6, 10, chunks=4)
+    ens["coords"].attrs = {"units": "nm", "long_name": "atom positions"}
+    for kwargs in ({}, {"robust": "huber"}, {"reference": "mean"}):
+        out = align(ens, **{"reference": 0} | kwargs)
+        assert out["aligned"].attrs == {"units": "nm", "long_name": "atom positions"}
+        for name in set(out.data_vars) - {"aligned"}:
+            assert out[name].attrs == {}, name
+
+
 def test_generalized_procrustes_converges_to_the_shape_mean():
     ens = helix_ensemble(120, 20, noise=0.05, chunks=32, seed=9)
     out = align(ens, "mean", tol=1e-8)

@@ -227,6 +227,25 @@ def test_make_ensemble_keeps_dask_input_lazy():
     assert ds["coords"].chunks[0] == (20, 20)
 
 
+def test_make_ensemble_makes_lazy_integers_float64_like_in_memory_ones():
+    """Integer dask coordinates stayed integers (NumPy ones become float64), so the
+    ensemble that make_ensemble returned was refused by align."""
+    import dask.array as da
+
+    ints = helix_ensemble(6, 8, chunks=6)["coords"].values.round().astype(np.int32)
+
+    def forbid(*args, **kwargs):
+        raise RuntimeError("computed")
+
+    with dask.config.set(scheduler=forbid):
+        lazy = make_ensemble(da.from_array(ints, chunks=3), chunks=2)
+    assert lazy["coords"].dtype == np.float64
+    eager = make_ensemble(ints, chunks=2)
+    xr.testing.assert_identical(align(lazy, 0).compute(), align(eager, 0).compute())
+    with pytest.raises(TypeError, match="real numbers"):
+        make_ensemble(da.from_array(ints.astype(complex), chunks=3))
+
+
 def test_float_variables_are_raw_unless_compression_is_asked(tmp_path):
     ens = helix_ensemble(40, 8, noise=0.1, chunks=20)
     save_zarr(ens, tmp_path / "raw.zarr")

@@ -24,6 +24,7 @@ from scalign.synthetic_em import (
 )
 
 N = 32
+ANGLE_NAMES = ("rot", "tilt", "psi", "shift_x", "shift_y")
 BLOBS = random_blobs(10, radius=8.0, sigma=1.8, seed=1)
 
 
@@ -376,3 +377,46 @@ def test_reprojections_are_returned_on_request():
     )
     assert down["reprojection"].dims == ("volume", "image", "y_down", "x_down")
     assert down["reprojection"].shape == (1, 2, 32, 32)
+
+
+def test_image_labels_are_kept_by_reproject_and_assign_images(volumes):
+    """reproject kept the angles' coordinates only when they had no shifts (the zeros
+    put in for missing shifts carried them); assign_images dropped the image labels that
+    compare_reprojections keeps; and angles without shifts whose labels differed from the
+    images' were an AlignmentError, while the same angles with shifts were used by
+    position."""
+    from scalign.reprojection import reproject
+
+    parts = simulate_particles(BLOBS, N, 6, max_shift=2.0, seed=16, chunks=4)
+    labels = {"image": np.arange(6) * 7, "micrograph": ("image", list("aabbcc"))}
+    stack = parts.stack.assign_coords(labels)
+    for variables in (["rot", "tilt", "psi"], list(ANGLE_NAMES)):
+        P = reproject(volumes[0], stack[variables], chunks=4)
+        np.testing.assert_array_equal(P["image"], stack["image"])
+        assert list(P["micrograph"].values) == list("aabbcc")
+        # angles labelled otherwise than the images are taken by position, shifts or not
+        renamed = stack[variables].assign_coords(image=np.arange(6))
+        result = compare_reprojections(stack, volumes, angles=renamed, covariance=False)
+        np.testing.assert_array_equal(result["image"], stack["image"])
+    result = compare_reprojections(stack, volumes, angles="stack", covariance=False).compute()
+    picked = assign_images(result)
+    np.testing.assert_array_equal(picked["image"], stack["image"])
+    assert list(picked["micrograph"].values) == list("aabbcc")
+    np.testing.assert_array_equal(picked.values, np.zeros(6))
+
+
+def test_scores_and_reprojections_do_not_take_the_inputs_attrs(volumes):
+    """The images' attrs went to every score (a correlation "in" the images' units) and
+    the angles' to reproject's images (projections "in" degrees)."""
+    from scalign.reprojection import reproject
+
+    parts = simulate_particles(BLOBS, N, 4, seed=17, chunks=2)
+    stack = parts.stack
+    stack["images"].attrs = {"units": "e/A^2"}
+    stack["rot"].attrs = {"units": "degrees"}
+    result = compare_reprojections(
+        stack, volumes[0], angles="stack", covariance=False, reprojections=True
+    )
+    assert result["correlation"].attrs == {"better": "higher"}
+    assert result["gain"].attrs == {} and result["reprojection"].attrs == {}
+    assert reproject(volumes[0], stack[["rot", "tilt", "psi"]]).attrs == {}

@@ -125,6 +125,49 @@ def test_is_lazy_for_fixed_and_previous_references(drift):
             assert out["matrix"].chunks[0] == ds["images"].chunks[0]
 
 
+def test_stays_lazy_with_chunked_labels_and_for_one_image(drift):
+    """The reference image kept its scalar labels, which met the stack's when xarray
+    merged the outputs' coordinates: with a chunked label over ``image`` (what
+    ``Dataset.chunk`` makes of one), or a stack of one image, register_stack computed
+    before it returned."""
+    ds, _ = drift
+    small = ds.isel(image=slice(6)).assign_coords(time=("image", np.arange(6.0)))
+
+    def forbid(*args, **kwargs):
+        raise RuntimeError("computed")
+
+    with dask.config.set(scheduler=forbid):
+        for stack in (small.chunk(image=4), small.isel(image=[2])):
+            for reference in ("first", "previous", -1):
+                out = register_stack(stack, reference)
+                assert "time" in out.coords
+    np.testing.assert_array_equal(out["matrix"].values, np.eye(3)[None])
+
+
+def test_the_images_attrs_stay_on_the_images(drift):
+    """The images' attrs (say ``units``) went to the motions, losses and iterations too,
+    except with ``"previous"``."""
+    ds, _ = drift
+    small = ds.isel(image=slice(4))
+    small["images"].attrs = {"units": "counts"}
+    for reference in ("first", "previous", 1):
+        out = register_stack(small, reference)
+        assert out["registered"].attrs == {"units": "counts"}
+        for name in ("matrix", "loss", "iterations"):
+            assert out[name].attrs == {}, (reference, name)
+
+
+def test_previous_takes_an_in_memory_stack(drift):
+    """A NumPy-backed stack (e.g. after ``.load()``) has no chunks: ``"previous"`` failed
+    with "'NoneType' object is not subscriptable"."""
+    ds, _ = drift
+    lazy = ds.isel(image=slice(6))
+    out = register_stack(lazy.compute(), "previous").compute()
+    np.testing.assert_allclose(
+        out["matrix"].values, register_stack(lazy, "previous")["matrix"].values, atol=1e-9
+    )
+
+
 def test_chain_motions_is_the_cumulative_product():
     rng = np.random.default_rng(3)
     steps = np.array([build_affine_matrix(*rng.normal(0, 5, 3)) for _ in range(11)])

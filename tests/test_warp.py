@@ -465,6 +465,23 @@ def test_warp_stack_is_lazy_and_keeps_structure(stack):
         assert type(out.data._meta) is np.ndarray
 
 
+def test_warp_stack_stays_lazy_with_chunked_labels_on_both_sides(stack):
+    """A non-index coordinate over ``image`` that is chunked (``Dataset.chunk`` chunks
+    them) on the stack or on the matrices: merging the outputs' coordinates compared the
+    two by computing them, so warp_stack computed before it returned."""
+    time = ("image", np.linspace(0.0, 1.0, 23))
+    labelled = stack.assign_coords(time=time)
+    matrices = labelled["matrix"]
+    with dask.config.set(scheduler=forbid_compute):
+        for images, matrix in (
+            (labelled.chunk(image=5), matrices),
+            (labelled, matrices.chunk(image=4)),
+        ):
+            out = warp_stack(images, matrix)
+            assert "time" in out.coords
+    np.testing.assert_array_equal(out.values, warp_stack(stack, stack["matrix"].values).values)
+
+
 def test_warp_stack_equals_scipy(stack):
     X = stack["images"].values
     Ms = stack["matrix"].values
