@@ -64,9 +64,12 @@ _PCA_ALL_SIGNS = 10
 _PCA_SIGNS = 512
 # Default inlier distance: this multiple of the median nearest-neighbour distance ...
 _INLIER_FACTOR = 3.0
-# ... but never below this fraction of the target's extent, so that an exact fit (all
-# distances round-off) does not turn its round-off into outliers.
+# ... but never below this fraction of the target's extent, nor below _ROUNDOFF units in
+# the last place of the clouds' precision times it, so that an exact fit (all distances
+# round-off: ~1e-7 of the extent for float32 clouds) does not turn its round-off into
+# outliers.
 _DISTANCE_FLOOR = 1e-9
+_ROUNDOFF = 64
 # Tolerance on an ``init`` rotation's orthogonality and homogeneous last row.
 _INIT_ATOL = 1e-6
 
@@ -180,7 +183,8 @@ def icp(
     max_correspondence_distance : float, optional
         Inlier distance for ``info.fitness`` and ``info.inlier_rmse`` only (it does not
         change the fit). Default: 3 × the median nearest-neighbour distance of the source
-        points after the fit (at least 1e-9 × the largest target coordinate).
+        points after the fit (at least 1e-9, and 64 × the clouds' machine epsilon (7.6e-6
+        for float32), × the largest target coordinate: an exact fit's round-off stays in).
     global_search : bool
         With ``init=None``, start from the best of a coarse rotation search (below);
         otherwise start from the identity rotation with the centroids superposed.
@@ -216,6 +220,11 @@ def icp(
     Only NumPy (CPU) arrays are supported.
     """
     X, Y = _check_clouds(source, target)
+    # the precision the clouds came in (they are fitted in float64)
+    eps = max(
+        float(np.finfo(a.dtype).eps) if np.issubdtype(a.dtype, np.floating) else 0.0
+        for a in map(np.asarray, (source, target))
+    )
     check_iterations(max_iterations, tolerance, "tolerance")
     trim = _check_fraction("trim", trim)
     max_distance = _check_distance(max_correspondence_distance)
@@ -235,7 +244,7 @@ def icp(
     )
     pose = run.pose.take(0)
     aligned = apply_transform(X, pose.rotation, pose.translation, pose.scale)
-    info = _info(run, Y, max_distance)
+    info = _info(run, Y, max_distance, eps)
     return aligned, pose.rotation, pose.translation, info
 
 
@@ -498,12 +507,13 @@ def _homogeneous(rotation: np.ndarray, translation: np.ndarray, s: float) -> np.
     return T
 
 
-def _info(run: _Run, Y: np.ndarray, max_distance: float | None) -> ICPInfo:
-    """Open3D-style quality of the final pose (batch of one)."""
+def _info(run: _Run, Y: np.ndarray, max_distance: float | None, eps: float) -> ICPInfo:
+    """Open3D-style quality of the final pose (batch of one); ``eps``: the machine epsilon
+    of the clouds as given."""
     pose, pairs = run.pose.take(0), run.pairs
     distance = pairs.distance[0]
     if max_distance is None:
-        floor = _DISTANCE_FLOOR * float(np.abs(Y).max())
+        floor = max(_DISTANCE_FLOOR, _ROUNDOFF * eps) * float(np.abs(Y).max())
         max_distance = max(_INLIER_FACTOR * float(np.median(distance)), floor)
     inlier = distance <= max_distance
     inlier_rmse = float(np.sqrt(np.mean(distance[inlier] ** 2))) if inlier.any() else 0.0
