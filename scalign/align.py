@@ -372,7 +372,13 @@ def align(
         # the aligned coordinates are coordinates like the input's (units and all)
         fit["aligned"].attrs = dict(coords.attrs)
     out = xr.Dataset(fit, attrs=attrs)
-    out["reference"] = ((POINT if coarsen is None else BEAD, SPACE), ref)
+    if coarsen is None:
+        # the reference's points are the input's: their labels (an atom name...) stay,
+        # with or without the aligned coordinates
+        labels = {k: v for k, v in coords.coords.items() if set(v.dims) <= {POINT, SPACE}}
+        out["reference"] = xr.DataArray(ref, dims=(POINT, SPACE), coords=labels)
+    else:
+        out["reference"] = ((BEAD, SPACE), ref)
     out.attrs.update(
         scalign_reference=str(reference)
         if not isinstance(reference, np.ndarray | xr.DataArray)

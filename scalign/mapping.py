@@ -149,7 +149,9 @@ def map_pairs(
     Returns
     -------
     DataArray over ``dims``, one dask task per block (chunk of ``a`` x chunk of ``b``),
-    with the batch coordinates of ``a`` and ``b``.
+    with the batch coordinates of ``a`` and ``b`` (the index as ``dims``; another label
+    ``name`` of ``a``'s items as ``name``, of ``b``'s as ``name`` + the suffix that makes
+    ``dims[1]`` of ``dims[0]``, e.g. ``time_other``).
     """
     A = _chunked(a, core_dims)
     B = A if b is None else _chunked(b, core_dims)
@@ -185,8 +187,15 @@ def map_pairs(
 
     data = da.block([[block(i, j) for j in range(len(cols))] for i in range(len(rows))])
     coords = {}
-    for dim, src in zip(dims, (a, a if b is None else b), strict=True):
+    for axis, (dim, src) in enumerate(zip(dims, (a, a if b is None else b), strict=True)):
         batch = src.dims[0]
-        if batch in src.coords:
-            coords[dim] = src.coords[batch].values
+        for name, coord in src.coords.items():
+            if coord.dims != (batch,):
+                continue
+            if name == batch:
+                coords[dim] = coord.values
+            else:
+                # other labels of the items (a frame time, say), lazy ones kept lazy; the
+                # second axis's get the suffix of its dim
+                coords[name if axis == 0 else f"{name}{dim[len(dims[0]):]}"] = (dim, coord.data)
     return xr.DataArray(data, dims=dims, coords=coords)

@@ -102,6 +102,19 @@ def test_coords_attrs_go_to_aligned_only():
             assert out[name].attrs == {}, name
 
 
+def test_the_reference_keeps_the_point_labels_without_aligned_coordinates():
+    """With aligned=False the result had no point coordinates at all, though its
+    reference is over point."""
+    ens = helix_ensemble(6, 10, chunks=4).assign_coords(
+        point=np.arange(10) + 100, atom=("point", [f"CA{i}" for i in range(10)])
+    )
+    for aligned in (True, False):
+        out = align(ens, reference=0, aligned=aligned)
+        assert out["reference"].dims == ("point", "space")
+        np.testing.assert_array_equal(out["point"].values, np.arange(10) + 100)
+        assert out["atom"].values.tolist() == [f"CA{i}" for i in range(10)]
+
+
 def test_generalized_procrustes_converges_to_the_shape_mean():
     ens = helix_ensemble(120, 20, noise=0.05, chunks=32, seed=9)
     out = align(ens, "mean", tol=1e-8)

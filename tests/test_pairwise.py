@@ -159,3 +159,29 @@ def test_adk_calpha_pairwise_matches_brute_force(adk):
 def test_bad_input_gets_clear_errors(ens, kwargs, exc, message):
     with pytest.raises(exc, match=message):
         pairwise_rmsd(ens, **kwargs)
+
+
+def test_item_labels_are_kept_on_both_axes_lazy_ones_lazily(ens):
+    """A frame time over structure (lazy here) labels both axes: ``time`` and
+    ``time_other``; the index labels too. They were dropped."""
+    n = ens.sizes["structure"]
+    labelled = ens.assign_coords(
+        structure=np.arange(n) * 10,
+        time=("structure", da.arange(n, chunks=10) * 0.5),
+    )
+    other = labelled.isel(structure=slice(5, 20))
+
+    def forbid(*args, **kwargs):
+        raise RuntimeError("computed")
+
+    with dask.config.set(scheduler=forbid):
+        D = pairwise_rmsd(labelled)
+        E = pairwise_rmsd(labelled, other)
+    assert isinstance(D["time"].data, da.Array)
+    np.testing.assert_array_equal(D["time"].values, np.arange(n) * 0.5)
+    np.testing.assert_array_equal(D["time_other"].values, np.arange(n) * 0.5)
+    np.testing.assert_array_equal(D["structure_other"].values, np.arange(n) * 10)
+    np.testing.assert_array_equal(E["time_other"].values, np.arange(5, 20) * 0.5)
+    np.testing.assert_array_equal(E["structure"].values, np.arange(n) * 10)
+    assert E["time_other"].dims == ("structure_other",)
+    np.testing.assert_allclose(E.values, D.values[:, 5:20], atol=1e-12)
