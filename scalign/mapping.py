@@ -197,5 +197,5 @@ def map_pairs(
             else:
                 # other labels of the items (a frame time, say), lazy ones kept lazy; the
                 # second axis's get the suffix of its dim
-                coords[name if axis == 0 else f"{name}{dim[len(dims[0]):]}"] = (dim, coord.data)
+                coords[name if axis == 0 else f"{name}{dim[len(dims[0]) :]}"] = (dim, coord.data)
     return xr.DataArray(data, dims=dims, coords=coords)
