@@ -123,7 +123,7 @@ def _resolve_weights(ds: xr.Dataset, weights) -> xr.DataArray | None:
             raise ValueError(f"weights has {weights.sizes[POINT]} points but coords has {n}")
         if weights.chunks is None:
             as_weights("weights", host(weights), n)
-        return weights
+        return weights.rename("weights")
     w = as_weights("weights", weights, n)
     if w.ndim == 1:
         return xr.DataArray(w, dims=(POINT,))

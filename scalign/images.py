@@ -239,7 +239,7 @@ def _resolve_matrix(
             )
     if images.chunks is not None:
         data = data.chunk({batch: images.chunks[0], ROW: -1, COL: -1})
-    return None, data
+    return None, data.rename("matrix")
 
 
 # --------------------------------------------------------------------------------------

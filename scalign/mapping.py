@@ -85,6 +85,7 @@ def map_batch(
     moved to the GPU too (in-memory ones once, as one shared chunk).
     """
     inputs = [_whole_core_dims(a, c) for a, c in zip(inputs, core_dims, strict=True)]
+    _check_labels(inputs)
     if _on_gpu(inputs):
         inputs = [a.copy(data=_to_gpu(a.data)) for a in inputs]
     out_core = [list(dims) for dims, _ in outputs.values()]
@@ -105,6 +106,28 @@ def map_batch(
     if len(outputs) == 1:
         result = (result,)
     return dict(zip(outputs, result, strict=True))
+
+
+def _check_labels(inputs: Sequence[xr.DataArray]) -> None:
+    """``ValueError`` naming the two inputs whose labels along a shared dim differ
+    (weights or matrices labelled for other items): xarray's own error names neither."""
+    seen: dict[str, tuple[Any, Any]] = {}
+    for arr in inputs:
+        for dim, index in arr.indexes.items():
+            if dim not in seen:
+                seen[dim] = (arr.name, index)
+            elif not seen[dim][1].equals(index):
+                first, labels = seen[dim]
+                raise ValueError(
+                    f"{arr.name or 'an input'} and {first or 'another input'} have different "
+                    f"{dim} labels ({_preview(index)} vs {_preview(labels)}): give them "
+                    "for the same items, in the same order (or as plain arrays)"
+                )
+
+
+def _preview(index: Any) -> str:
+    values = list(index[:3])
+    return f"[{', '.join(map(str, values))}{', ...' if len(index) > 3 else ''}]"
 
 
 def _chunked(arr: xr.DataArray, core: Sequence[str]) -> da.Array:

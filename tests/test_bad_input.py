@@ -125,3 +125,28 @@ def test_a_star_file_without_angles_imports_and_compare_asks_for_them(files, tmp
     assert main(["compare", str(stack), str(files / "map.mrc"), str(out), "--angles"]) == 2
     assert "missing ['rot', 'tilt', 'psi']" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_weights_or_matrices_labelled_for_other_items_name_themselves():
+    """xarray's "cannot align objects with join='exact'" named neither input."""
+
+    ens = scalign.helix_ensemble(20, 12, noise=0.3, chunks=10, seed=1).assign_coords(
+        structure=np.arange(20)
+    )
+    w = xr.DataArray(
+        np.ones((20, 12)), dims=("structure", "point"), coords={"structure": np.arange(20) + 1}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"weights and coords have different structure labels \(\[1, 2, 3, \.\.\.\] vs \[0, 1, 2, \.\.\.\]\)",
+    ):
+        scalign.align(ens, reference=0, weights=w)
+    stack = scalign.simulate_particles(scalign.random_blobs(4, seed=0), 16, 6).stack
+    stack = stack.assign_coords(image=np.arange(6))
+    eye = np.broadcast_to(np.eye(3), (6, 3, 3)).copy()
+    M = xr.DataArray(eye, dims=("image", "row", "col"), coords={"image": np.arange(6) + 3})
+    with pytest.raises(ValueError, match="matrix and images have different image labels"):
+        scalign.warp_stack(stack, M)
+    # the same labels (or none) are fine
+    scalign.warp_stack(stack, M.assign_coords(image=np.arange(6)))
+    scalign.align(ens, reference=0, weights=w.assign_coords(structure=np.arange(20)))
