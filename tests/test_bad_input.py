@@ -138,7 +138,8 @@ def test_weights_or_matrices_labelled_for_other_items_name_themselves():
     )
     with pytest.raises(
         ValueError,
-        match=r"weights and coords have different structure labels \(\[1, 2, 3, \.\.\.\] vs \[0, 1, 2, \.\.\.\]\)",
+        match=r"weights and coords have different structure labels "
+        r"\(\[1, 2, 3, \.\.\.\] vs \[0, 1, 2, \.\.\.\]\)",
     ):
         scalign.align(ens, reference=0, weights=w)
     stack = scalign.simulate_particles(scalign.random_blobs(4, seed=0), 16, 6).stack
