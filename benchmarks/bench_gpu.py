@@ -21,7 +21,9 @@ copies of the first items: a smaller batch, every figure per item):
   ``estimate_motion`` on the CPU; images/s;
 * projection of a 256³ map at 1,000 orientations (``project(volume, A, eps=1e-3)`` with a
   CuPy volume: cufinufft where installed); projections/s;
-* residual scores ``compare(P, images, mask)`` of 10,000 x 128² images; images/s.
+* residual scores ``compare(P, images, mask)`` of 10,000 x 128² images; images/s;
+* projection matching, ``match_images`` of 512 x 64² noisy CTF-filtered images against a
+  64³ map at a 15° step with refinement (max_shift 4); images/s.
 
 Each section checks the GPU result against the CPU one on the CPU's batch, prints its
 GPU/CPU ratios at once (a run cut short keeps what it printed), and a section that fails
@@ -61,8 +63,11 @@ from threadpoolctl import threadpool_limits
 import scalign
 from scalign.execution import gpu_available, to_device
 from scalign.kernels.affine import build_affine_matrix, image_center
+from scalign.kernels.ctf import ctf_half_plane
 from scalign.kernels.euler import euler_to_matrix
 from scalign.kernels.kabsch import apply_transform, superpose
+from scalign.kernels.matching import match_images
+from scalign.kernels.orientations import orientation_grid, symmetry_distance
 from scalign.kernels.pairwise import pairwise_rmsd as pairwise_kernel
 from scalign.kernels.projection import project
 from scalign.kernels.register import estimate_motion, prepare_template
@@ -70,12 +75,13 @@ from scalign.kernels.register_batch import estimate_motions, prepare_templates
 from scalign.kernels.scores import circular_mask, compare
 from scalign.kernels.warp import warp_images
 
-SECTIONS = ("copy", "kabsch", "pairwise", "warp", "register", "project", "scores")
+SECTIONS = ("copy", "kabsch", "pairwise", "warp", "register", "project", "scores", "match")
 TARGET_SPEEDUP = 20.0  # every GPU row vs the 2-core CPU path
 TARGET_BANDWIDTH = 0.5  # superpose: GB/s of X read over the device's copy GB/s
 CPU_THREADS = 2
 GPU_WORKERS = 4  # Dask threads feeding the one GPU in the pairwise op
 EPS = 1e-3  # projection accuracy
+MATCH_STEP = 15.0  # degrees, the matching gallery's step
 # Kabsch memory per structure, in multiples of X's bytes: X, a float64 copy and a float64
 # temporary (the unfused moments path), the aligned output, headroom.
 KABSCH_MEMORY = 7.0
@@ -104,6 +110,9 @@ FULL = {
     "images": 10_000,
     "image_size": 128,
     "cpu_images": 1_000,
+    "match_images": 512,
+    "match_size": 64,
+    "cpu_match_images": 16,
 }
 QUICK = {
     **FULL,
@@ -126,6 +135,9 @@ QUICK = {
     "volume": 64,
     "images": 1_000,
     "cpu_images": 200,
+    "match_images": 32,
+    "match_size": 32,
+    "cpu_match_images": 8,
 }
 
 # (label, GPU row, CPU row): the ratios, each held to TARGET_SPEEDUP
@@ -141,6 +153,7 @@ PAIRS = [
     ("stack registration op, rigid", "gpu.register_op", "cpu.register_op"),
     ("projection", "gpu.project", "cpu.project"),
     ("residual scores compare", "gpu.compare", "cpu.compare"),
+    ("projection matching", "gpu.match", "cpu.match"),
 ]
 ANCHOR = {
     "kabsch": "gpu.superpose",
@@ -149,6 +162,7 @@ ANCHOR = {
     "register": "gpu.register",
     "project": "gpu.project",
     "scores": "gpu.compare",
+    "match": "gpu.match",
 }
 CPU_NOTE = f"CPU, {CPU_THREADS} threads"
 
@@ -804,6 +818,47 @@ def bench_scores(cfg: dict, repeat: int, res: Results) -> None:
     )
 
 
+def bench_match(cfg: dict, repeat: int, res: Results) -> None:
+    import cupy
+
+    B, n, m = cfg["match_images"], cfg["match_size"], cfg["cpu_match_images"]
+    blobs = scalign.random_blobs(40, radius=0.3 * n, sigma=0.03 * n, seed=0)
+    V = scalign.blob_volume(blobs, n)
+    st = scalign.simulate_particles(blobs, n, B, noise=0.3, max_shift=2, ctf=True, seed=2)
+    s = st.stack.compute()
+    images = s["images"].values
+    H = ctf_half_plane(n, float(s.attrs["pixel_size"]), s.defocus_u, s.defocus_v, s.defocus_angle)
+    gallery = euler_to_matrix(*orientation_grid(MATCH_STEP))
+    options = {"step": MATCH_STEP, "max_shift": 4.0}
+    print(
+        f"  {B:,} x {n}² images (noise 0.3, CTF), {n}³ map, gallery of {len(gallery):,} "
+        f"({MATCH_STEP:g}° step) with refinement; CPU: the first {m}",
+        flush=True,
+    )
+    Vg, Ig, Hg = cupy.asarray(V), cupy.asarray(images), cupy.asarray(H)
+    out: dict = {}
+
+    def gpu_match():
+        out["M"] = match_images(Vg, Ig, gallery, ctf=Hg, **options)
+
+    t = gpu_time(gpu_match, repeat, setup=out.clear)
+    res.add(Row("gpu.match", "GPU match_images", "match", t, B))
+    cpu: dict = {}
+    t = cpu_time(
+        lambda h: match_images(V, images[h], gallery, ctf=H[h], **options), m, 1, cpu, warmup=False
+    )
+    res.add(Row("cpu.match", "CPU match_images", "match", t, m, CPU_NOTE + ", 1 run"))
+    A_cpu = np.concatenate([r.A for r in cpu["cpu"]])
+    to_cpu = symmetry_distance(out["M"].A[:m], A_cpu, "C1")
+    to_truth = symmetry_distance(out["M"].A, st.A, "C1")
+    res.check(
+        "match",
+        float(np.median(to_cpu)) < 0.5 and float(np.median(to_truth)) < 1.0,
+        f"GPU vs CPU orientations: median {np.median(to_cpu):.2f}°, max {to_cpu.max():.2f}°; "
+        f"GPU vs the truth: median {np.median(to_truth):.2f}° (< 0.5°, < 1°)",
+    )
+
+
 BENCHES = {
     "copy": bench_copy,
     "kabsch": bench_kabsch,
@@ -812,6 +867,7 @@ BENCHES = {
     "register": bench_register,
     "project": bench_project,
     "scores": bench_scores,
+    "match": bench_match,
 }
 
 
