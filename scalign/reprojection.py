@@ -317,6 +317,7 @@ def _compare_chunk(
             step=step,
             max_shift=max_shift * scale,
             refine=refine,
+            eps=eps,
         )
         rot, tilt, psi = matrix_to_euler(match.A)
         shift_x, shift_y = match.shifts.T / scale

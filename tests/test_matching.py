@@ -77,19 +77,25 @@ def _spectra(n=N, count=3, seed=0):
     return F, norms, H.astype(np.float32), P
 
 
-def test_grid_correlations_equal_the_inverse_fft_at_every_shift():
+@pytest.mark.parametrize("radius", [np.inf, 6.0])
+def test_grid_correlations_equal_the_inverse_fft_at_every_shift(radius):
     """The search's matrix product gives the inverse FFT's correlation, its peak, shift and
-    normalised score, for every image × projection, with and without a CTF."""
+    normalised score, for every image × projection, with and without a CTF, over the
+    whole spectrum or a band (the projections zero beyond it)."""
     F, norms, H, P = _spectra()
+    ky, kx = np.meshgrid(np.fft.fftfreq(N) * N, np.fft.rfftfreq(N) * N, indexing="ij")
+    P = np.where(kx**2 + ky**2 <= radius**2, P, 0)
     grid = matching._shift_grid(N, 2.5)
     for ctf in (None, H):
-        direct = matching._search(F, norms, ctf, P, N, 2.5, grid)
-        fft = matching._search(F, norms, ctf, P, N, 2.5, None)
+        direct = matching._search(F, norms, ctf, P, N, 2.5, grid, radius)
+        fft = matching._search(F, norms, ctf, P, N, 2.5, None, radius)
         np.testing.assert_allclose(direct[1], fft[1], rtol=2e-5)
         # the sub-pixel parabola divides round-off by the peak's curvature
         np.testing.assert_allclose(direct[0], fft[0], atol=2e-3)
         # fewer images than projections: the images are the side moved by every shift
-        two = matching._search(F[:2], norms[:2], None if ctf is None else ctf[:2], P, N, 2.5, grid)
+        two = matching._search(
+            F[:2], norms[:2], None if ctf is None else ctf[:2], P, N, 2.5, grid, radius
+        )
         np.testing.assert_allclose(two[1], direct[1][:2], rtol=2e-6, atol=1e-6)
         np.testing.assert_allclose(two[0], direct[0][:2], atol=2e-3)
         # and against float64 brute force: the best of sum_p I(p) P(p - s) / norms over the
@@ -103,6 +109,22 @@ def test_grid_correlations_equal_the_inverse_fft_at_every_shift():
                 c = max(np.sum(images[b] * np.roll(proj[b, g], (y, x), (0, 1))) for x, y in disk)
                 c /= np.linalg.norm(images[b]) * np.linalg.norm(proj[b, g])
                 assert direct[1][b, g] == pytest.approx(c, rel=1e-4, abs=1e-6)
+
+
+def test_the_search_band_follows_the_step_within_its_limits():
+    """3 radians per cycle of the step: 11.5 cycles at 15°, Nyquist at 5° on 64², never
+    below 8 cycles; and the band's slices are the whole slices low-passed."""
+    assert matching._search_radius(64, 15.0) == pytest.approx(3 / np.radians(15.0))
+    assert matching._search_radius(64, 5.0) == 32.0
+    assert matching._search_radius(32, 30.0) == 8.0
+    A = euler_to_matrix(*np.random.default_rng(1).uniform(-180, 180, (3, 4)))
+    V = blob_volume(BLOBS, N)
+    whole = matching._centred_projection_spectra(V, A, 1e-6)
+    band = matching._centred_projection_spectra(V, A, 1e-6, 6.0)
+    ky, kx = np.meshgrid(np.fft.fftfreq(N) * N, np.fft.rfftfreq(N) * N, indexing="ij")
+    inside = kx**2 + ky**2 <= 36.0
+    np.testing.assert_allclose(band, np.where(inside, whole, 0), atol=1e-6 * np.abs(whole).max())
+    assert np.all(band[:, ~inside] == 0)
 
 
 def test_newton_finds_a_known_sub_pixel_shift():

@@ -81,12 +81,16 @@ def centering_phase(n: int, shifts: Array | None = None) -> np.ndarray:
     return np.exp(-2j * np.pi * (kx * (c + sx) + ky * (c + sy)) / n)
 
 
-def _slice_frequencies(n: int, A: np.ndarray, real) -> tuple[np.ndarray, tuple]:
-    """The half plane's points within Nyquist (a bool ``(n, n // 2 + 1)`` mask) and, for
-    every orientation, their 3-D frequencies ``ω = Aᵀ (k_x, k_y, 0)`` in cycles per box,
-    ``(ω_x, ω_y, ω_z)`` each flat ``(B * points,)``."""
+def _slice_frequencies(
+    n: int, A: np.ndarray, real, radius: float | None = None
+) -> tuple[np.ndarray, tuple]:
+    """The half plane's points within Nyquist (or ``radius`` cycles per box, if smaller; a
+    bool ``(n, n // 2 + 1)`` mask) and, for every orientation, their 3-D frequencies
+    ``ω = Aᵀ (k_x, k_y, 0)`` in cycles per box, ``(ω_x, ω_y, ω_z)`` each flat
+    ``(B * points,)``."""
     ky, kx = half_plane_frequencies(n)
-    inside = kx * kx + ky * ky <= (n / 2) ** 2
+    limit = n / 2 if radius is None else min(radius, n / 2)
+    inside = kx * kx + ky * ky <= limit**2
     fy, fx = (k[inside].astype(real) for k in (ky, kx))
     A = np.asarray(A, dtype=real)
     return inside, tuple(
@@ -179,7 +183,13 @@ def _interpolated_values(volume: Array, w: tuple, padding: int = PADDING) -> Arr
     return xp.where(xp.asarray(origin), xp.astype(xp.sum(volume), G.dtype), out)
 
 
-def slice_spectra(volume: Array, A: np.ndarray, eps: float = EPS, method: str = "auto") -> Array:
+def slice_spectra(
+    volume: Array,
+    A: np.ndarray,
+    eps: float = EPS,
+    method: str = "auto",
+    radius: float | None = None,
+) -> Array:
     r""":math:`\hat P(k) = \hat V(A^T (k_x, k_y, 0))` on the half plane of every orientation,
     ``(B, n, n // 2 + 1)`` complex (origin at ``n // 2``, see the module docstring), within
     Nyquist (``|k| <= n / 2``; 0 beyond, where a slice through the cube's corners would
@@ -193,13 +203,16 @@ def slice_spectra(volume: Array, A: np.ndarray, eps: float = EPS, method: str = 
     method : {"auto", "nufft", "interpolate"}
         See the module docstring; ``"auto"`` is ``"nufft"`` except for a CuPy volume
         without cufinufft installed.
+    radius : float, optional
+        Only frequencies up to this many cycles per box (0 beyond): a low-pass slice at
+        the cost of its points.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
     xp = namespace(volume)
     n = volume.shape[0]
     real = np.float32 if volume.dtype == np.float32 else np.float64
-    inside, w = _slice_frequencies(n, A, real)
+    inside, w = _slice_frequencies(n, A, real, radius)
     if method == "auto":
         method = "nufft" if not is_cupy_array(volume) or _has_cufinufft() else "interpolate"
     values = _nufft_values(volume, w, eps) if method == "nufft" else _interpolated_values(volume, w)
