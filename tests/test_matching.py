@@ -173,3 +173,16 @@ def test_an_exact_projection_of_an_even_box_scores_one():
         fit = match_images(volume, images, gallery, step=30.0, max_shift=1, refine=refine)
         assert symmetry_distance(fit.A, gallery[:4], "C1").max() < 0.1
         np.testing.assert_allclose(fit.score, 1.0, atol=atol)
+
+
+@pytest.mark.parametrize(("n", "shift"), [(77, 38), (93, 46), (28, 13)])
+def test_the_whole_map_peak_reaches_a_shift_of_exactly_max_shift(n, shift):
+    """Where the window would wrap, the whole map is searched: a peak exactly max_shift
+    away along an axis is inside, and its shift is a whole number."""
+    cc = np.zeros((2, n, n))
+    cc[0, 0, shift] = 1.0  # x = shift
+    cc[1, n - shift, 0] = 1.0  # y = -shift
+    assert matching._shift_grid(n, float(shift), square=True) is None
+    found, peak = matching._peak(cc, float(shift))
+    np.testing.assert_array_equal(found, [[shift, 0], [0, -shift]])
+    np.testing.assert_array_equal(peak, 1.0)

@@ -237,7 +237,8 @@ def _peak(cc: np.ndarray, max_shift: float) -> tuple[np.ndarray, np.ndarray]:
         cols = xp.asarray(np.unique(window.shifts[:, 0]).astype(int) % n)
         cut = cc[..., rows[:, None], cols[None, :]]
         return _grid_peak(xp.reshape(cut, cut.shape[:-2] + (-1,)), window)
-    k_host = np.fft.fftfreq(n) * n
+    # whole numbers: fftfreq(n) * n is 38.00000000000001 at n = 77, outside max_shift 38
+    k_host = np.round(np.fft.fftfreq(n) * n)
     allowed = xp.asarray(((k_host[:, None] ** 2 + k_host[None, :] ** 2) <= max_shift**2).ravel())
     k = xp.asarray(k_host)
     flat = xp.reshape(cc, cc.shape[:-2] + (n * n,))
