@@ -11,7 +11,7 @@ from scalign.kernels.ctf import ctf_half_plane
 from scalign.kernels.euler import euler_to_matrix
 from scalign.kernels.matching import match_images
 from scalign.kernels.orientations import orientation_grid, symmetry_distance
-from scalign.kernels.projection import centering_phase
+from scalign.kernels.projection import centering_phase, project
 from scalign.synthetic_em import blob_volume, random_blobs, simulate_particles
 
 N = 32
@@ -178,3 +178,33 @@ def test_direct_and_fft_correlations_match_the_same_orientations(monkeypatch):
     np.testing.assert_allclose(direct.score, fft.score, rtol=1e-5)
     # at this noise on 32² images the matches are within ~1°
     assert symmetry_distance(direct.A, parts.A, "C1").max() < 1.5
+
+
+def test_an_exact_projection_of_an_even_box_scores_one():
+    """A volume with content up to Nyquist (white noise) in an even box: its slices' lone
+    Nyquist entries are complex, which no real image's spectrum is. The images are the
+    volume's own projections at gallery orientations: their normalised correlation at the
+    search's integer shift is 1, as the real projections' norms are the ones that count
+    (with the slices' imaginary parts in the norms: 1 - 1.1e-3). Refined, the sub-pixel
+    interpolant moves it by a few 1e-6."""
+    n = 32
+    volume = np.random.default_rng(7).normal(size=(n, n, n)).astype(np.float32)
+    gallery = euler_to_matrix(*orientation_grid(30.0))[::50]
+    images = project(volume, gallery[:4])
+    for refine, atol in ((False, 5e-7), (True, 1e-5)):
+        fit = match_images(volume, images, gallery, step=30.0, max_shift=1, refine=refine)
+        assert symmetry_distance(fit.A, gallery[:4], "C1").max() < 0.1
+        np.testing.assert_allclose(fit.score, 1.0, atol=atol)
+
+
+@pytest.mark.parametrize(("n", "shift"), [(77, 38), (93, 46), (28, 13)])
+def test_the_whole_map_peak_reaches_a_shift_of_exactly_max_shift(n, shift):
+    """Where the window would wrap, the whole map is searched: a peak exactly max_shift
+    away along an axis is inside, and its shift is a whole number."""
+    cc = np.zeros((2, n, n))
+    cc[0, 0, shift] = 1.0  # x = shift
+    cc[1, n - shift, 0] = 1.0  # y = -shift
+    assert matching._shift_grid(n, float(shift), square=True) is None
+    found, peak = matching._peak(cc, float(shift))
+    np.testing.assert_array_equal(found, [[shift, 0], [0, -shift]])
+    np.testing.assert_array_equal(peak, 1.0)

@@ -119,11 +119,30 @@ def _half_plane_weights(n: int) -> np.ndarray:
     return np.broadcast_to(w / (n * n), (n, w.size))
 
 
+def _power(S: np.ndarray) -> np.ndarray:
+    """:math:`|S|^2` of half-plane spectra ``S (..., n, m)`` as the inverse real DFT sees
+    them: on the columns that stand for themselves only (``kx = 0`` and, ``n`` even,
+    ``n / 2``) a real image's spectrum is Hermitian, :math:`S(-k_y) = \\overline{S(k_y)}`,
+    and the real image is that of their Hermitian part. A projection's slice is not, there:
+    its lone Nyquist entries (``k_y = -n / 2``; ``k_x = n / 2, k_y = 0``) are complex, and
+    their imaginary parts in the norms lowered the normalised scores (an exact projection
+    of a white-noise volume at n = 32 scored 1 - 1.1e-3)."""
+    xp = namespace(S)
+    power = xp.real(S * xp.conj(S))
+    n = S.shape[-2]
+    for col in (0, n // 2) if n % 2 == 0 else (0,):
+        C = S[..., col]
+        H = 0.5 * (C + xp.conj(xp.roll(xp.flip(C, axis=-1), 1, axis=-1)))
+        power[..., col] = xp.real(H * xp.conj(H))
+    return power
+
+
 def _spectrum_norms(S: np.ndarray) -> np.ndarray:
-    """Norms of the real images whose half-plane spectra are ``S (..., n, m)`` (Parseval)."""
+    """Norms of the real images whose half-plane spectra are ``S (..., n, m)`` (Parseval,
+    on :func:`_power`)."""
     xp = namespace(S)
     w = xp.asarray(_half_plane_weights(S.shape[-2]), dtype=np.finfo(S.dtype).dtype)
-    return xp.sqrt(xp.sum(w * xp.real(S * xp.conj(S)), axis=(-2, -1)))
+    return xp.sqrt(xp.sum(w * _power(S), axis=(-2, -1)))
 
 
 def _real_view(S: np.ndarray) -> np.ndarray:
@@ -242,7 +261,8 @@ def _peak(cc: np.ndarray, max_shift: float) -> tuple[np.ndarray, np.ndarray]:
         cols = xp.asarray(np.unique(window.shifts[:, 0]).astype(int) % n)
         cut = cc[..., rows[:, None], cols[None, :]]
         return _grid_peak(xp.reshape(cut, cut.shape[:-2] + (-1,)), window)
-    k_host = np.fft.fftfreq(n) * n
+    # whole numbers: fftfreq(n) * n is 38.00000000000001 at n = 77, outside max_shift 38
+    k_host = np.round(np.fft.fftfreq(n) * n)
     allowed = xp.asarray(((k_host[:, None] ** 2 + k_host[None, :] ** 2) <= max_shift**2).ravel())
     k = xp.asarray(k_host)
     flat = xp.reshape(cc, cc.shape[:-2] + (n * n,))
@@ -365,11 +385,11 @@ def _search(
     B, G = F.shape[0], P.shape[0]
     P = xp.astype(P, xp.complex64)
     w = xp.asarray(_half_plane_weights(n), dtype=xp.float32)
-    power = xp.real(P * xp.conj(P))
     if ctf is None:
         norms_p = xp.broadcast_to(_spectrum_norms(P), (B, G))
     else:
-        norms_p = xp.sqrt(xp.clip(_flat(w * ctf * ctf) @ _flat(power).T, 0.0, None))
+        # the CTF is even, so the Hermitian part of CTF P is CTF times P's
+        norms_p = xp.sqrt(xp.clip(_flat(w * ctf * ctf) @ _flat(_power(P)).T, 0.0, None))
         F = F * ctf
     shift = np.empty((B, G, 2))
     score = np.empty((B, G))
