@@ -363,7 +363,6 @@ def _grid_phases(grid: _ShiftGrid, n: int, like: np.ndarray) -> np.ndarray:
 
 def _search(
     F: np.ndarray,
-    norms_img: np.ndarray,
     ctf: np.ndarray | None,
     P: np.ndarray,
     n: int,
@@ -372,9 +371,10 @@ def _search(
     radius: float = np.inf,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Integer-peak shifts ``(B, G, 2)`` and normalised scores ``(B, G)`` of images (their
-    spectra ``F``, norms and CTFs) against the projections ``P (G, ...)`` of a gallery
-    block, for the global search (which only ranks); ``P`` is zero beyond ``radius``
-    cycles per box (:func:`_search_radius`).
+    spectra ``F`` and CTFs) against the projections ``P (G, ...)`` of a gallery block, for
+    the global search (which only ranks): the normalised cross-correlations of the images
+    and projections low-passed to ``radius`` cycles per box (:func:`_search_radius`;
+    ``P`` is zero beyond it).
 
     With a ``grid`` the correlations at its shifts are one real matrix product,
     :math:`c_{bgs} = \\mathrm{Re} \\sum_k (w\\,\\mathrm{CTF}_b \\hat I_b)_k
@@ -385,6 +385,9 @@ def _search(
     B, G = F.shape[0], P.shape[0]
     P = xp.astype(P, xp.complex64)
     w = xp.asarray(_half_plane_weights(n), dtype=xp.float32)
+    ky, kx = half_plane_frequencies(n)
+    band = kx**2 + ky**2 <= min(radius, n) ** 2  # min: a finite bound beyond the corners
+    norms_img = _spectrum_norms(F * xp.asarray(band, dtype=xp.float32))
     if ctf is None:
         norms_p = xp.broadcast_to(_spectrum_norms(P), (B, G))
     else:
@@ -406,8 +409,7 @@ def _search(
         return shift, score
     # the products run over the half plane's points within the band only: beyond it the
     # projections are zero (and beyond Nyquist, the corners, always)
-    ky, kx = half_plane_frequencies(n)
-    inside = np.flatnonzero(kx**2 + ky**2 <= min(radius, n / 2) ** 2)
+    inside = np.flatnonzero(band & (kx**2 + ky**2 <= (n / 2) ** 2))
     on = xp.asarray(inside)
     Fw = _flat(F * w)[:, on]
     Pb = _flat(P)[:, on]
@@ -502,7 +504,7 @@ def match_images(
     for start in range(0, len(gallery), _GALLERY_BLOCK):
         block = gallery[start : start + _GALLERY_BLOCK]
         P = _centred_projection_spectra(volume, block, eps, radius)
-        shift, score = _search(F, norms, ctf, P, n, max_shift, grid, radius)
+        shift, score = _search(F, ctf, P, n, max_shift, grid, radius)
         # keep the K best gallery entries of each image so far
         pool = np.concatenate([best_score, score], axis=1)
         top = np.argsort(-pool, axis=1, kind="stable")[:, :K]
