@@ -141,6 +141,41 @@ def test_newton_finds_a_known_sub_pixel_shift():
     np.testing.assert_allclose(value[:, 0], norms.astype(np.float64) ** 2, rtol=1e-6)
 
 
+def test_the_model_optimum_is_the_vertex_of_each_axis_parabola():
+    """Scores from an exact separable quadratic: the model optimum is its vertex, bracketed
+    when every vertex lies within the probes; clipped to one step (not bracketed) beyond
+    them; one step to the better side where a parabola opens upwards; no move along an
+    axis whose probe scored -inf."""
+    A = euler_to_matrix(np.array([30.0, -100.0]), np.array([40.0, 120.0]), np.array([5.0, 60.0]))
+    delta = np.array([2.0, 0.5])
+    tau = np.array([[0.3, -0.2, 0.7], [1.5, 0.4, 0.0]])  # the vertex, in steps
+
+    def f(t):
+        return 0.9 - 0.01 * np.sum((t - tau) ** 2, axis=-1)
+
+    probes = [np.zeros(3)] + [s * np.eye(3)[a] for a in range(3) for s in (-1.0, 1.0)]
+    score = np.stack([f(p) for p in probes], axis=1)
+    optimum, bracketed = matching._model_optimum(A, score, delta)
+    t = np.clip(tau, -1, 1)
+    for i in range(2):
+        R = A[i]
+        for axis in range(3):
+            R = matching._axis_rotations(axis, np.array(t[i, axis] * delta[i])) @ R
+        np.testing.assert_allclose(optimum[i], R, atol=1e-12)
+    assert bracketed.tolist() == [True, False]
+    # upwards along y (a minimum there): one step towards the better probe; -inf along z
+    score[0, 3:5] = [0.95, 0.91]
+    score[0, 6] = -np.inf
+    optimum, bracketed = matching._model_optimum(A[:1], score[:1], delta[:1])
+    R = (
+        matching._axis_rotations(1, np.array(-2.0))
+        @ matching._axis_rotations(0, np.array(0.6))
+        @ A[0]
+    )
+    np.testing.assert_allclose(optimum[0], R, atol=1e-12)
+    assert not bracketed[0]
+
+
 def test_candidates_within_each_others_step_keep_only_the_better():
     """Image 0: candidates 0 and 1 are 0.3° apart with steps of 0.5° (1 is worse: dropped);
     2 is 40° away (kept); 3 is inactive. Image 1: 0 and 1 are 0.3° apart but 1's step is

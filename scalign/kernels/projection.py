@@ -48,8 +48,13 @@ Array = Any
 EPS = 1e-6
 #: finufft's upsampling of the volume's grid: 1.25 instead of 2 makes its FFT 4x smaller
 #: and, measured on a 128³ map, was 1.3-1.6x faster at the same ``eps`` and more accurate;
-#: below ``eps`` 1e-8 it cannot reach the accuracy and 2 is used.
+#: below ``eps`` 1e-8 it cannot reach the accuracy and 2 is used. So is it where a call has
+#: more than DENSE_POINTS points per voxel: then the interpolation at the points, whose
+#: kernel is narrower with 2, costs more than the FFT (measured at eps 1e-4, one thread:
+#: 75 points per voxel (32³, 3,000 slices) 2x faster with 2, 12 (64³, 1,000 slices)
+#: 1.3x, 1.8 (128³, 300 slices) 1.6x slower).
 UPSAMPLING = 1.25
+DENSE_POINTS = 4.0
 #: Padding of the volume before its FFT in the ``"interpolate"`` method (RELION: 2).
 PADDING = 2
 METHODS = ("auto", "nufft", "interpolate")
@@ -106,7 +111,12 @@ def _nufft_values(volume: Array, w: tuple, eps: float) -> Array:
     # finufft's modes are indexed from -n/2 (its default ordering): V[n] is mode n - n//2,
     # exactly the transform about the centre c = n // 2; points in radians per voxel
     scale = 2.0 * math.pi / n
-    options = {"eps": eps, "isign": -1, "upsampfac": UPSAMPLING if eps >= 1e-8 else 2.0}
+    dense = w[0].size > DENSE_POINTS * n**3
+    options = {
+        "eps": eps,
+        "isign": -1,
+        "upsampfac": UPSAMPLING if eps >= 1e-8 and not dense else 2.0,
+    }
     if is_cupy_array(volume):
         import cufinufft
         import cupy
