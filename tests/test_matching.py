@@ -42,8 +42,12 @@ def test_the_shift_grid_holds_the_disk_and_its_neighbours(n, max_shift):
 
 def test_no_shift_grid_where_shifts_would_wrap_or_an_fft_is_cheaper():
     assert matching._shift_grid(8, 3.0) is None  # ±4 reaches the other side of an 8² box
-    assert matching._shift_grid(256, 20.0) is None  # ~1,300 shifts: one inverse FFT wins
+    # ~1,300 shifts over the whole spectrum of 256²: one inverse FFT wins ...
+    assert matching._shift_grid(256, 20.0) is None
     assert matching._shift_grid(256, 2.0) is not None
+    # ... but not over the search's band of a 15° step (222 points)
+    assert matching._band_points(256, 11.5) == matching._band_points(32, 11.5) == 222
+    assert matching._shift_grid(256, 20.0, radius=11.5) is not None
 
 
 @pytest.mark.parametrize("max_shift", [0.0, 3.2, 7.5])
@@ -205,7 +209,7 @@ def test_direct_and_fft_correlations_match_the_same_orientations(monkeypatch):
     gallery = euler_to_matrix(*orientation_grid(20.0))
     args = (blob_volume(BLOBS, N), st.images.values, gallery)
     direct = match_images(*args, ctf=H, step=20.0, max_shift=3)
-    monkeypatch.setattr(matching, "_DIRECT_SHIFTS", 0)
+    monkeypatch.setattr(matching, "_DIRECT_COST", 0.0)
     fft = match_images(*args, ctf=H, step=20.0, max_shift=3)
     assert symmetry_distance(direct.A, fft.A, "C1").max() < 0.05
     np.testing.assert_allclose(direct.shifts, fft.shifts, atol=5e-3)

@@ -173,21 +173,23 @@ class _ShiftGrid(NamedTuple):
     neighbours: np.ndarray  # (S, 4) indices of (x - 1, x + 1, y - 1, y + 1); -1 outside
 
 
-# Direct evaluation costs 4 n m flops per shift in a matrix product that runs near the
-# core's peak, against an inverse FFT per pair at a fraction of it. Measured on one core
-# (OpenBLAS, scipy's pocketfft; 200, 100 and 100 images of 32², 64² and 128² against 256
-# CTF-filtered projections), FFT/direct time per pair: 25 shifts (max_shift 2) 19, 14, 9;
-# 113 shifts (max_shift 5) 4.3, 2.4, 3.2; 245 shifts (8) 2.1, 1.3, 1.7; 377 shifts (10)
-# 1.1 at 32² and 64²; 509 shifts (12) 1.6, 0.6, 0.6.
-_DIRECT_SHIFTS = 300
+# Direct evaluation costs ~0.11 ns per shift and spectrum point (a matrix product near the
+# core's peak), an inverse FFT per pair ~2.5 ns × n² log2(n) (with the product spectrum
+# and the window's peak). Measured on one core (OpenBLAS, scipy's pocketfft; 100-200
+# images against 256 CTF-filtered projections in the band of a 15° step), µs per pair,
+# direct vs FFT: 32², 245 shifts: 5.2 vs 15; 64², 889 shifts: 21 vs 50-77; 128², 3,393
+# shifts: 230 vs 200-300. Direct it is while shifts × points <= DIRECT_COST n² log2(n).
+_DIRECT_COST = 20.0
 
 
-def _shift_grid(n: int, max_shift: float, square: bool = False) -> _ShiftGrid | None:
+def _shift_grid(
+    n: int, max_shift: float, square: bool = False, radius: float | None = None
+) -> _ShiftGrid | None:
     """The integer shifts within ``max_shift`` and their four neighbours (the sub-pixel
-    parabola's), or None when they are too many (:data:`_DIRECT_SHIFTS`) or would wrap
-    around the box: the correlation is then one inverse FFT per pair instead. With
-    ``square``, every shift of the square around them, in row-major order (a window cut
-    from such an inverse FFT), however many."""
+    parabola's), or None when they would wrap around the box or cost more than an inverse
+    FFT per pair (:data:`_DIRECT_COST`, for spectra within ``radius`` cycles per box,
+    default Nyquist). With ``square``, every shift of the square around them, in row-major
+    order (a window cut from such an inverse FFT), however many."""
     r = int(np.floor(max_shift)) + 1
     if 2 * r >= n:
         return None
@@ -200,7 +202,7 @@ def _shift_grid(n: int, max_shift: float, square: bool = False) -> _ShiftGrid | 
     near[:-1, :] |= within[1:, :]
     if square:
         near[:] = True
-    elif near.sum() > _DIRECT_SHIFTS:
+    elif near.sum() * _band_points(n, radius) > _DIRECT_COST * n * n * np.log2(n):
         return None
     index = np.full(near.shape, -1)
     index[near] = np.arange(near.sum())
@@ -216,6 +218,13 @@ def _shift_grid(n: int, max_shift: float, square: bool = False) -> _ShiftGrid | 
         axis=1,
     )
     return _ShiftGrid(np.stack([x[near], y[near]], axis=1).astype(float), index[within], neighbours)
+
+
+def _band_points(n: int, radius: float | None) -> int:
+    """Points of the half plane within ``radius`` cycles per box (and Nyquist)."""
+    ky, kx = half_plane_frequencies(n)
+    limit = n / 2 if radius is None else min(radius, n / 2)
+    return int(np.count_nonzero(kx**2 + ky**2 <= limit**2))
 
 
 def _shift_phases(n: int, shifts: np.ndarray) -> np.ndarray:
@@ -417,8 +426,11 @@ def _search(
     on = xp.asarray(inside)
     Fw = _flat(F * w)[:, on]
     Pb = _flat(P)[:, on]
-    phases = _shift_phases(n, grid.shifts).reshape(-1, kx.size)[:, inside]
-    phases = xp.asarray(phases, dtype=P.dtype)
+    # the phases at the band's points only (every gallery block: the full plane's were 10%
+    # of a 64² search)
+    sx, sy = grid.shifts[:, :1], grid.shifts[:, 1:]
+    k_x, k_y = kx.reshape(-1)[inside], ky.reshape(-1)[inside]
+    phases = xp.asarray(np.exp(2j * np.pi * (sx * k_x + sy * k_y) / n), dtype=P.dtype)
     S, row = len(grid.shifts), 2 * inside.size
     if B < G:
         # fewer images than projections: the images are moved by every shift (by e^{+iks},
@@ -493,8 +505,10 @@ def match_images(
     xp = namespace(volume, images)
     B, n = images.shape[0], images.shape[-1]
     gallery = to_numpy(gallery)
-    grid = _shift_grid(n, max_shift)
     radius = _search_radius(n, step)
+    # the search's products run over its band, the refinement's over the whole spectrum
+    search_grid = _shift_grid(n, max_shift, radius=radius)
+    grid = _shift_grid(n, max_shift)
     # single precision: the search ranks candidates and locates peaks, where float32's
     # 1e-7 is ample, at about 1.6x the FFT speed of float64
     F, norms = _image_spectra(xp.astype(xp.asarray(images), xp.float32))
@@ -508,7 +522,7 @@ def match_images(
     for start in range(0, len(gallery), _GALLERY_BLOCK):
         block = gallery[start : start + _GALLERY_BLOCK]
         P = _centred_projection_spectra(volume, block, eps, radius)
-        shift, score = _search(F, ctf, P, n, max_shift, grid, radius)
+        shift, score = _search(F, ctf, P, n, max_shift, search_grid, radius)
         # keep the K best gallery entries of each image so far
         pool = np.concatenate([best_score, score], axis=1)
         top = np.argsort(-pool, axis=1, kind="stable")[:, :K]
