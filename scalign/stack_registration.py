@@ -30,10 +30,18 @@ from dask.array.reductions import cumreduction
 
 from scalign._array import namespace
 from scalign.execution import DEVICES, gpu_batches, to_device
-from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
+from scalign.images import (
+    COL,
+    ROW,
+    check_finite,
+    check_not_constant,
+    validate_stack,
+    warp_stack,
+)
 from scalign.kernels.register import estimate_motion, prepare_template
 from scalign.kernels.register_batch import estimate_motions, prepare_templates
 from scalign.mapping import map_batch
+from scalign.registration import MIN_SIZE
 from scalign.validation import check_count, check_iterations, check_option
 
 REFERENCES = ("first", "previous", "mean")
@@ -52,6 +60,8 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     d = len(spatial)
     check_finite("images", images)
     check_finite("the reference", reference)
+    check_not_constant("images", images, d)
+    check_not_constant("the reference", reference, d)
     shared = reference.ndim == d or reference.shape[0] == 1
     if is_cupy_array(images):
         return _estimate_batch(
@@ -201,7 +211,8 @@ def register_stack(
     Parameters
     ----------
     stack : Dataset with ``images (image, y, x)`` (or ``(volume, z, y, x)``), or that
-        DataArray; chunked along the first dim.
+        DataArray; chunked along the first dim. Each side >= 8 px; finite pixels and no
+        constant image (checked as the chunks are computed: a ValueError).
     reference : "first", "previous", "mean" or an image index
         See the module docstring.
     transform : {"translation", "rigid", "similarity", "affine"}
@@ -239,6 +250,12 @@ def register_stack(
     check_option("transform", transform, TRANSFORMS)
     check_option("loss", loss, LOSSES)
     check_iterations(max_iterations, tol)
+    if min(images.shape[1:]) < MIN_SIZE:
+        # as register_affine_2d/3d: no room for a pyramid or a rotation search
+        raise ValueError(
+            f"stack.images are too small to register: sizes {dict(images.sizes)} "
+            f"(each side >= {MIN_SIZE})"
+        )
     if transform == "similarity" and images.ndim != 3:
         raise ValueError("transform 'similarity' is 2-D only; use 'rigid' or 'affine' for volumes")
     options = {"transform": transform, "loss": loss, "max_iterations": max_iterations, "tol": tol}
