@@ -71,6 +71,18 @@ def check_finite(name: str, arr: np.ndarray) -> None:
         raise ValueError(f"{name} has {bad} non-finite (NaN or inf) pixel(s)")
 
 
+def check_not_constant(name: str, arr: Any, d: int) -> None:
+    """A ValueError naming ``name`` and the count when images (the last ``d`` axes) of
+    ``arr`` have every pixel equal: a registration has nothing to go by and would return
+    an arbitrary motion (NumPy or CuPy)."""
+    axes = tuple(range(arr.ndim - d, arr.ndim))
+    bad = int((arr.max(axis=axes) == arr.min(axis=axes)).sum())
+    if bad:
+        raise ValueError(
+            f"{name} has {bad} constant image(s) (every pixel the same): nothing to register"
+        )
+
+
 def make_stack(images: Any, chunks: int | None = None, attrs: dict | None = None) -> xr.Dataset:
     """Build a stack Dataset from ``(image, y, x)`` images or ``(volume, z, y, x)`` volumes.
 

@@ -39,7 +39,7 @@ from scalign.kernels.warp import check_invertible, check_order, warp_images
 from scalign.validation import check_iterations, check_option
 
 # Fewer pixels than this along an axis leave no room for a pyramid or a rotation search.
-_MIN_SIZE = 8
+MIN_SIZE = 8
 
 
 class RegistrationInfo(NamedTuple):
@@ -74,8 +74,8 @@ def _as_image(name: str, image: Any, d: int) -> np.ndarray:
     if arr.ndim != d:
         kind = "an image (y, x)" if d == 2 else "a volume (z, y, x)"
         raise ValueError(f"{name} must be {kind}, got shape {arr.shape}")
-    if min(arr.shape) < _MIN_SIZE:
-        raise ValueError(f"{name} is too small to register: shape {arr.shape} (>= {_MIN_SIZE})")
+    if min(arr.shape) < MIN_SIZE:
+        raise ValueError(f"{name} is too small to register: shape {arr.shape} (>= {MIN_SIZE})")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} has non-finite (NaN or inf) pixels")
     return arr.astype(np.float64, copy=False)
@@ -121,6 +121,12 @@ def _register(
     if initial is not None:
         initial = check_matrix("initial", initial, d)
         check_invertible("initial", initial)
+    for name, arr in (("ref", ref), ("mov", mov)):
+        # nothing to go by: the fit would return an arbitrary motion
+        if arr.max() == arr.min():
+            raise ValueError(
+                f"{name} is constant (every pixel {arr.flat[0]:g}): nothing to register"
+            )
     template = prepare_template(
         ref, transform, levels=levels, rotation_search=rotation_search and initial is None
     )
@@ -155,7 +161,7 @@ def register_affine_2d(
 
     Parameters
     ----------
-    ref, mov : (H, W) real arrays of the same shape, finite.
+    ref, mov : (H, W) real arrays of the same shape, finite, not constant, each side >= 8.
     transform : {"translation", "rigid", "similarity", "affine"}
     loss : {"mse", "ncc"}
         Mean squared error, or zero-normalised cross-correlation (insensitive to a gain
@@ -212,7 +218,7 @@ def register_affine_3d(
 
     Parameters
     ----------
-    ref, mov : (D, H, W) real arrays of the same shape, finite, each side >= 8.
+    ref, mov : (D, H, W) real arrays of the same shape, finite, not constant, each side >= 8.
     transform : {"translation", "rigid", "affine"}
     loss : {"mse", "ncc"}
         As in :func:`register_affine_2d`.
@@ -233,7 +239,7 @@ def register_affine_3d(
     Raises
     ------
     ValueError, TypeError
-        Invalid arrays (shape, dtype, NaN/inf, too small), options or ``initial``.
+        Invalid arrays (shape, dtype, NaN/inf, constant, too small), options or ``initial``.
     """
     return _register(
         ref,

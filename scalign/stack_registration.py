@@ -15,7 +15,8 @@ References:
   ``cumreduction``), so drift accumulates as it physically does.
 * ``"mean"``: registered to the first image, then ``mean_iterations`` times to the mean
   of the registered stack (each round one pass over the chunks), which removes the bias
-  of any single reference.
+  of any single reference. Each pixel of the mean averages the images that cover it
+  (after a jump an image leaves part of the frame empty).
 """
 
 from __future__ import annotations
@@ -27,13 +28,22 @@ import numpy as np
 import xarray as xr
 from array_api_compat import is_cupy_array
 from dask.array.reductions import cumreduction
+from scipy import ndimage
 
 from scalign._array import namespace
 from scalign.execution import DEVICES, gpu_batches, to_device
-from scalign.images import COL, ROW, check_finite, validate_stack, warp_stack
+from scalign.images import (
+    COL,
+    ROW,
+    check_finite,
+    check_not_constant,
+    validate_stack,
+    warp_stack,
+)
 from scalign.kernels.register import estimate_motion, prepare_template
 from scalign.kernels.register_batch import estimate_motions, prepare_templates
 from scalign.mapping import map_batch
+from scalign.registration import MIN_SIZE
 from scalign.validation import check_count, check_iterations, check_option
 
 REFERENCES = ("first", "previous", "mean")
@@ -52,6 +62,8 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     d = len(spatial)
     check_finite("images", images)
     check_finite("the reference", reference)
+    check_not_constant("images", images, d)
+    check_not_constant("the reference", reference, d)
     shared = reference.ndim == d or reference.shape[0] == 1
     if is_cupy_array(images):
         return _estimate_batch(
@@ -174,14 +186,37 @@ def _previous(images: xr.DataArray, options: dict) -> dict:
     }
 
 
-def _pull_back(
-    images: xr.DataArray, matrix: xr.DataArray, order: int, mode: str = "constant"
-) -> xr.DataArray:
+def _pull_back(images: xr.DataArray, matrix: xr.DataArray, order: int) -> xr.DataArray:
     """``I_k(M_k p)``: each image warped by the inverse of its motion."""
     inverse = map_batch(
         np.linalg.inv, [matrix], [[ROW, COL]], {"inverse": ((ROW, COL), np.float64)}
     )["inverse"]
-    return warp_stack(images, inverse, order=order, mode=mode)
+    return warp_stack(images, inverse, order=order)
+
+
+def _registered_mean(images: xr.DataArray, matrix: xr.DataArray, order: int) -> xr.DataArray:
+    """The mean of the registered stack on the host, each pixel over the images that cover
+    it; a pixel no image covers takes the value of the nearest covered one.
+
+    Zero-filled corners would drag a plain mean towards 0 and bias every fit near the
+    border; edge-extended images smear their last row or column across the mean in
+    streaks as long as the drift (with jumps of 20-40 px the fits to that mean were
+    0.35 px off, 0.06 px without the jumps or with this mean).
+    """
+    dim = images.dims[0]
+    sums = xr.Dataset(
+        {
+            "total": _pull_back(images, matrix, order).sum(dim),
+            # how much of an image each pixel holds (constant mode: 1 inside, 0 outside)
+            "coverage": _pull_back(xr.ones_like(images), matrix, order).sum(dim),
+        }
+    )
+    sums = to_device(sums, "cpu").compute()
+    total, coverage = sums["total"].values, sums["coverage"].values
+    covered = coverage > 0.5
+    mean = np.divide(total, coverage, out=np.zeros_like(total), where=covered)
+    nearest = ndimage.distance_transform_edt(~covered, return_distances=False, return_indices=True)
+    return xr.DataArray(mean[tuple(nearest)], dims=images.dims[1:])
 
 
 def register_stack(
@@ -201,7 +236,8 @@ def register_stack(
     Parameters
     ----------
     stack : Dataset with ``images (image, y, x)`` (or ``(volume, z, y, x)``), or that
-        DataArray; chunked along the first dim.
+        DataArray; chunked along the first dim. Each side >= 8 px; finite pixels and no
+        constant image (checked as the chunks are computed: a ValueError).
     reference : "first", "previous", "mean" or an image index
         See the module docstring.
     transform : {"translation", "rigid", "similarity", "affine"}
@@ -239,6 +275,12 @@ def register_stack(
     check_option("transform", transform, TRANSFORMS)
     check_option("loss", loss, LOSSES)
     check_iterations(max_iterations, tol)
+    if min(images.shape[1:]) < MIN_SIZE:
+        # as register_affine_2d/3d: no room for a pyramid or a rotation search
+        raise ValueError(
+            f"stack.images are too small to register: sizes {dict(images.sizes)} "
+            f"(each side >= {MIN_SIZE})"
+        )
     if transform == "similarity" and images.ndim != 3:
         raise ValueError("transform 'similarity' is 2-D only; use 'rigid' or 'affine' for volumes")
     options = {"transform": transform, "loss": loss, "max_iterations": max_iterations, "tol": tol}
@@ -263,11 +305,7 @@ def register_stack(
         fit = _pin_reference(_register(images, reference_image, options), index)
         if reference == "mean":
             for _ in range(mean_iterations):
-                # Edge-extended warps: zero-filled corners would drag the mean and bias
-                # every fit near the border.
-                pulled = _pull_back(images, fit["matrix"], order, mode="nearest")
-                mean = to_device(pulled.mean(dim), "cpu").compute()
-                fit = _register(images, mean, options)
+                fit = _register(images, _registered_mean(images, fit["matrix"], order), options)
     return xr.Dataset(
         {
             "matrix": fit["matrix"],

@@ -146,6 +146,18 @@ def test_bad_input_gets_clear_errors(args, kwargs, exc, message):
         register_affine_2d(*args, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["ref", "mov"])
+def test_a_constant_image_is_an_error(camera, name):
+    """A constant ``mov`` came back as an arbitrary motion (a 61° turn and a 53 px shift
+    with MSE), a constant ``ref`` as the identity, both without a word."""
+    images = {"ref": camera, "mov": camera}
+    images[name] = np.full_like(camera, 7.0)
+    with pytest.raises(ValueError, match=f"{name} is constant"):
+        register_affine_2d(images["ref"], images["mov"])
+    with pytest.raises(ValueError, match=f"{name} is constant"):
+        register_affine_3d(*(np.stack([im[:64, :64]] * 16) for im in images.values()))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "exc", "message"),
     [

@@ -539,16 +539,28 @@ def _identity(M: np.ndarray, mode: str) -> np.ndarray:
     return np.all(M == np.eye(M.shape[-1]), axis=(-2, -1)) & (mode != "grid-constant")
 
 
+def _cast_for_prefilter(images: Array, order: int, mode: str) -> bool:
+    """Whether integer ``images`` go to scipy's (or cupyx's) ``affine_transform`` cast to
+    the output's float dtype: for its spline prefilter with ``grid-constant`` it pads the
+    input with ``cval`` in the input's own dtype, so a negative, fractional, NaN or too
+    large ``cval`` wraps or truncates (uint16, order 3, ``cval=-1``: edge pixels off by
+    7e4; ``cval=NaN``: no NaN at all). The cast is exact and the prefilter works in
+    float64 either way, so nothing else changes."""
+    return order > 1 and mode == "grid-constant" and images.dtype.kind in "biu"
+
+
 def _warp_scipy(images, M, order, mode, cval, out) -> None:
     mats, offs = pull_matrix(M)
     per_image = M.ndim == 3
     identity = np.broadcast_to(_identity(M, mode), images.shape[:1])
+    cast = _cast_for_prefilter(images, order, mode)
     for b in range(images.shape[0]):
         if identity[b]:
             out[b] = images[b]
             continue
         mat, off = (mats[b], offs[b]) if per_image else (mats, offs)
-        ndi.affine_transform(images[b], mat, off, order=order, mode=mode, cval=cval, output=out[b])
+        img = images[b].astype(out.dtype) if cast else images[b]
+        ndi.affine_transform(img, mat, off, order=order, mode=mode, cval=cval, output=out[b])
 
 
 def _warp_cupy(images, M, order, mode, cval, dtype):
@@ -585,13 +597,14 @@ def _warp_cupy(images, M, order, mode, cval, dtype):
     per_image = M.ndim == 3
     # every matrix uploaded at once, not one host-to-device copy per image
     on_device = cupy.asarray(mats)
+    cast = _cast_for_prefilter(images, order, mode)
     for b in range(images.shape[0]):
         if per_image and identity[b]:
             out[b] = images[b]
             continue
         mat, off = (on_device[b], offs[b]) if per_image else (on_device, offs)
         cndi.affine_transform(
-            images[b],
+            images[b].astype(dtype) if cast else images[b],
             mat,
             offset=[float(v) for v in off],
             order=order,
@@ -646,7 +659,8 @@ def warp_images(
     The warped batch, same shape, ``out_dtype``, same array type as ``images``.
     Equal to ``scipy.ndimage.affine_transform(images[b], *pull_matrix(M_b), order=order,
     mode=mode, cval=cval)`` for every ``b`` (to float rounding: the operator accumulates
-    float32 input in float32).
+    float32 input in float32; integer images as floats, which scipy's ``grid-constant``
+    prefilter needs to pad them with ``cval`` rather than its integer cast).
     """
     d = _check_images(images)
     order, mode, cval = check_order(order), check_mode(mode), check_cval(cval)
