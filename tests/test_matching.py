@@ -246,3 +246,16 @@ def test_the_whole_map_peak_reaches_a_shift_of_exactly_max_shift(n, shift):
     found, peak = matching._peak(cc, float(shift))
     np.testing.assert_array_equal(found, [[shift, 0], [0, -shift]])
     np.testing.assert_array_equal(peak, 1.0)
+
+
+@pytest.mark.parametrize(("ctf", "max_shift"), [(False, 3.0), (True, 3.0), (True, 15.5)])
+def test_an_empty_batch_matches_to_empty_results(ctf, max_shift):
+    """No images, no matches (as before the rewrite): the direct search's flattened spectra
+    of an empty batch were reshaped with -1, which NumPy cannot infer for size 0."""
+    images = np.zeros((0, N, N), dtype=np.float32)
+    H = np.zeros((0, N, N // 2 + 1), dtype=np.float32) if ctf else None
+    gallery = euler_to_matrix(*orientation_grid(30.0))
+    fit = match_images(
+        blob_volume(BLOBS, N), images, gallery, ctf=H, step=30.0, max_shift=max_shift
+    )
+    assert [a.shape for a in fit] == [(0, 3, 3), (0, 2), (0,), (0,)]

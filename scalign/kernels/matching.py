@@ -457,8 +457,9 @@ def _search_radius(n: int, step: float) -> float:
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
-    """``(..., n, m)`` as ``(..., n m)``."""
-    return namespace(x).reshape(x, x.shape[:-2] + (-1,))
+    """``(..., n, m)`` as ``(..., n m)`` (the size spelled out: ``-1`` is ambiguous for an
+    empty batch)."""
+    return namespace(x).reshape(x, x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
 
 
 def _centred_projection_spectra(
