@@ -259,3 +259,26 @@ def test_an_empty_batch_matches_to_empty_results(ctf, max_shift):
         blob_volume(BLOBS, N), images, gallery, ctf=H, step=30.0, max_shift=max_shift
     )
     assert [a.shape for a in fit] == [(0, 3, 3), (0, 2), (0,), (0,)]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"gallery": np.zeros((0, 3, 3))}, r"gallery must be \(G >= 1, 3, 3\)"),
+        ({"gallery": np.eye(3)}, r"gallery must be \(G >= 1, 3, 3\)"),
+        ({"step": 0.0}, "step must be a positive number of degrees"),
+        ({"final_step": float("nan")}, "final_step must be a positive number of degrees"),
+        ({"max_shift": -1.0}, "max_shift must be >= 0 pixels"),
+    ],
+)
+def test_bad_search_settings_are_clear_errors(change, message):
+    """The kernel is public through scalign.kernels: a negative max_shift made a shift
+    grid without the peak's neighbours (read as index -1), an empty gallery failed deep
+    inside numpy."""
+    V = blob_volume(BLOBS, 16)
+    images = np.random.default_rng(0).normal(size=(2, 16, 16))
+    args = {"gallery": euler_to_matrix(*orientation_grid(30.0)), "step": 30.0, "max_shift": 2.0}
+    args |= change
+    gallery = args.pop("gallery")
+    with pytest.raises(ValueError, match=message):
+        match_images(V, images, gallery, **args)

@@ -502,10 +502,23 @@ def match_images(
         one when the step is coarse, the CTF strong or the noise high.
     final_step : the refinement stops when its angular step falls below this (degrees).
     eps : accuracy of the projections' non-uniform FFT.
+
+    Raises
+    ------
+    ValueError
+        A gallery that is not ``(G >= 1, 3, 3)``, a non-positive ``step`` or
+        ``final_step``, a negative ``max_shift`` (or any of them NaN).
     """
     xp = namespace(volume, images)
     B, n = images.shape[0], images.shape[-1]
     gallery = to_numpy(gallery)
+    if gallery.ndim != 3 or gallery.shape[1:] != (3, 3) or len(gallery) == 0:
+        raise ValueError(f"gallery must be (G >= 1, 3, 3) rotations, got shape {gallery.shape}")
+    for name, value in (("step", step), ("final_step", final_step)):
+        if not value > 0:  # NaN fails too
+            raise ValueError(f"{name} must be a positive number of degrees, got {value!r}")
+    if not max_shift >= 0:
+        raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift!r}")
     radius = _search_radius(n, step)
     # the search's products run over its band, the refinement's over the whole spectrum
     search_grid = _shift_grid(n, max_shift, radius=radius)
