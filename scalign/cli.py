@@ -360,11 +360,21 @@ def cmd_register(args) -> int:
             ("time", f"{seconds:.2f} s ({n / seconds:,.1f} images/s)"),
             ("drift of the centre", _stats(shift, " px")),
             ("loss", _stats(written["loss"].values)),
+            ("converged", _converged(written["converged"].values)),
             ("input", args.input),
             ("output", str(out)),
         ]
     print(_table("scalign register: summary", rows))
     return 0
+
+
+def _converged(flags: np.ndarray) -> str:
+    """``"all N"``, or how many did not and which (the first few)."""
+    missed = np.flatnonzero(~flags)
+    if missed.size == 0:
+        return f"all {flags.size:,}"
+    which = ", ".join(map(str, missed[:5])) + (", ..." if missed.size > 5 else "")
+    return f"{flags.size - missed.size:,} of {flags.size:,} (not: image {which})"
 
 
 def cmd_import(args) -> int:

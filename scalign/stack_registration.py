@@ -52,7 +52,8 @@ LOSSES = ("mse", "ncc")
 
 
 def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
-    """Motions, losses and iterations of each image of a chunk onto ``reference``.
+    """Motions, losses, iterations and convergence of each image of a chunk onto
+    ``reference``.
 
     ``reference`` is one image (broadcast: prepared once for the whole chunk) or one per
     image (the ``previous`` pairs). A CuPy chunk is estimated as one batch on the GPU
@@ -78,6 +79,7 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
     matrix = np.empty((n, d + 1, d + 1))
     losses = np.empty(n)
     iterations = np.empty(n, dtype=np.int64)
+    converged = np.empty(n, dtype=bool)
     for k in range(n):
         fit = estimate_motion(
             template if shared else prepare_template(np.asarray(reference[k]), transform),
@@ -87,7 +89,8 @@ def _register_chunk(images, reference, *, transform, loss, max_iterations, tol):
             tol=tol,
         )
         matrix[k], losses[k], iterations[k] = fit.matrix, fit.loss, sum(fit.iterations)
-    return matrix, losses, iterations
+        converged[k] = fit.converged
+    return matrix, losses, iterations, converged
 
 
 def _estimate_batch(images, reference, *, transform, loss, max_iterations, tol):
@@ -100,7 +103,7 @@ def _estimate_batch(images, reference, *, transform, loss, max_iterations, tol):
         prepare_templates(refs, transform), images, loss, max_iterations=max_iterations, tol=tol
     )
     # on the chunk's device, as the graph's meta says; _register brings them back
-    return tuple(xp.asarray(a) for a in (fit.matrix, fit.loss, fit.iterations))
+    return tuple(xp.asarray(a) for a in (fit.matrix, fit.loss, fit.iterations, fit.converged))
 
 
 def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> dict:
@@ -115,6 +118,7 @@ def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> d
             "matrix": ((ROW, COL), np.float64),
             "loss": ((), np.float64),
             "iterations": ((), np.int64),
+            "converged": ((), bool),
         },
         sizes={ROW: d + 1, COL: d + 1},
         kwargs=options,
@@ -123,7 +127,8 @@ def _register(images: xr.DataArray, reference: xr.DataArray, options: dict) -> d
 
 
 def _pin_reference(fit: dict, index: int) -> dict:
-    """The reference's own motion set to exactly the identity (loss 0, no iterations):
+    """The reference's own motion set to exactly the identity (loss 0, no iterations,
+    converged):
     fitted onto itself it comes out ~1e-7 off, enough to move its edge pixels outside
     and zero-fill them when it is pulled back."""
     matrix = fit["matrix"]
@@ -134,6 +139,7 @@ def _pin_reference(fit: dict, index: int) -> dict:
         "matrix": matrix.where(other, eye),
         "loss": fit["loss"].where(other, 0.0),
         "iterations": fit["iterations"].where(other, 0),
+        "converged": fit["converged"].where(other, True),
     }
 
 
@@ -175,6 +181,12 @@ def _previous(images: xr.DataArray, options: dict) -> dict:
     zero = da.zeros((1,), dtype=np.float64)
     start = da.zeros((1,), dtype=np.int64)
     return {
+        "converged": xr.DataArray(
+            da.concatenate([da.ones((1,), dtype=bool), pairs["converged"].data]).rechunk(
+                images.chunks[0]
+            ),
+            dims=(dim,),
+        ),
         "matrix": xr.DataArray(chain_motions(relative), dims=(dim, ROW, COL)),
         "loss": xr.DataArray(
             da.concatenate([zero, pairs["loss"].data]).rechunk(images.chunks[0]), dims=(dim,)
@@ -256,8 +268,8 @@ def register_stack(
         :func:`scalign.execution.gpu_batches`), ``"cpu"`` brings CuPy chunks back first,
         ``"auto"`` computes each chunk where it already is. On the GPU each chunk's
         motions are estimated as one batch (the same estimate, to rounding), the
-        registered stack is warped there, and the motions, losses and iterations come
-        back to the host.
+        registered stack is warped there, and the motions, losses, iterations and
+        convergence flags come back to the host.
 
     Returns
     -------
@@ -266,8 +278,11 @@ def register_stack(
         reference, ``I_k(M_k p) ≈ R(p)`` (exactly the identity for the reference image
         itself, and for the first image with ``"previous"``); ``loss (image)`` (MSE, or
         1 − NCC, of the final fit; 0 for those images); ``iterations (image)`` (0 for
-        them); ``registered (image, y, x)``: every image pulled back onto the reference
-        (the reference image unchanged).
+        them); ``converged (image)``: whether the finest level's fit met ``tol`` within
+        ``max_iterations`` (True for them; a False motion is the last iterate, worth a
+        look: a frame with little to register, or a too small ``max_iterations``);
+        ``registered (image, y, x)``: every image pulled back onto the reference (the
+        reference image unchanged).
     """
     check_option("device", device, DEVICES)
     ds = gpu_batches(validate_stack(stack), device)
@@ -311,6 +326,7 @@ def register_stack(
             "matrix": fit["matrix"],
             "loss": fit["loss"],
             "iterations": fit["iterations"],
+            "converged": fit["converged"],
             "registered": _pull_back(images, fit["matrix"], order),
         },
         attrs=dict(ds.attrs)

@@ -111,6 +111,24 @@ def test_the_reference_gets_the_identity_and_keeps_its_pixels(
             out["registered"].values[index], small["images"].values[index]
         )
         assert np.all(out["iterations"].values[np.arange(12) != index] > 0)
+        assert out["converged"].dtype == bool and out["converged"].values.all()
+
+
+@pytest.mark.parametrize("path", ["per-image", "batched"])
+def test_fits_that_run_out_of_iterations_say_so(drift, monkeypatch, path):
+    """A fit that stops at max_iterations before meeting tol returned its last iterate
+    like any other; ``converged`` now tells them apart (the reference, and the first
+    image with "previous", are converged by definition)."""
+    if path == "batched":
+        monkeypatch.setattr(
+            stack_registration, "_register_chunk", stack_registration._estimate_batch
+        )
+    ds, _ = drift
+    small = ds.isel(image=slice(6))
+    for reference in ("first", "previous"):
+        short = register_stack(small, reference, max_iterations=1, tol=1e-12).compute()
+        assert short["converged"].values.tolist() == [True] + [False] * 5
+        assert register_stack(small, reference).compute()["converged"].values.all()
 
 
 def test_is_lazy_for_fixed_and_previous_references(drift):
@@ -153,7 +171,7 @@ def test_the_images_attrs_stay_on_the_images(drift):
     for reference in ("first", "previous", 1):
         out = register_stack(small, reference)
         assert out["registered"].attrs == {"units": "counts"}
-        for name in ("matrix", "loss", "iterations"):
+        for name in ("matrix", "loss", "iterations", "converged"):
             assert out[name].attrs == {}, (reference, name)
 
 
