@@ -219,12 +219,7 @@ def icp(
 
     Only NumPy (CPU) arrays are supported.
     """
-    X, Y = _check_clouds(source, target)
-    # the precision the clouds came in (they are fitted in float64)
-    eps = max(
-        float(np.finfo(a.dtype).eps) if np.issubdtype(a.dtype, np.floating) else 0.0
-        for a in map(np.asarray, (source, target))
-    )
+    X, Y, eps = _check_clouds(source, target)
     check_iterations(max_iterations, tolerance, "tolerance")
     trim = _check_fraction("trim", trim)
     max_distance = _check_distance(max_correspondence_distance)
@@ -251,15 +246,19 @@ def icp(
 # --- input checks -------------------------------------------------------------------------
 
 
-def _check_clouds(source: ArrayLike, target: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Two finite (n, d) clouds of the same ``d >= 2`` with at least ``d + 1`` points."""
+def _check_clouds(source: ArrayLike, target: ArrayLike) -> tuple[np.ndarray, np.ndarray, float]:
+    """Two finite (n, d) clouds of the same ``d >= 2`` with at least ``d + 1`` points, in
+    float64, and the machine epsilon of the precision they came in (0 for integers)."""
     clouds = []
+    eps = 0.0
     for name, cloud in (("source", source), ("target", target)):
         arr = as_points(name, cloud)
         if arr.ndim != 2:
             raise ValueError(f"{name} must have shape (n_points, d), got shape {arr.shape}")
         if arr.shape[1] < 2:
             raise ValueError(f"{name} must be at least 2-dimensional, got d = {arr.shape[1]}")
+        if np.issubdtype(arr.dtype, np.floating):
+            eps = max(eps, float(np.finfo(arr.dtype).eps))
         clouds.append(arr.astype(np.float64, copy=False))
     X, Y = clouds
     if X.shape[1] != Y.shape[1]:
@@ -273,7 +272,7 @@ def _check_clouds(source: ArrayLike, target: ArrayLike) -> tuple[np.ndarray, np.
                 f"{name} has {len(arr)} point(s) in {d} dimensions: at least {d + 1} are needed"
             )
         check_spread(name, arr)
-    return X, Y
+    return X, Y, eps
 
 
 def _is_real(value) -> bool:

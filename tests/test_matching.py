@@ -91,13 +91,14 @@ def test_grid_correlations_equal_the_inverse_fft_at_every_shift(radius):
     P = np.where(kx**2 + ky**2 <= radius**2, P, 0)
     grid = matching._shift_grid(N, 2.5)
     for ctf in (None, H):
-        direct = matching._search(F, ctf, P, N, 2.5, grid, radius)
-        fft = matching._search(F, ctf, P, N, 2.5, None, radius)
+        direct = matching._search(matching._search_images(F, ctf, N, radius, grid), P, N, 2.5, grid)
+        fft = matching._search(matching._search_images(F, ctf, N, radius, None), P, N, 2.5, None)
         np.testing.assert_allclose(direct[1], fft[1], rtol=2e-5)
         # the sub-pixel parabola divides round-off by the peak's curvature
         np.testing.assert_allclose(direct[0], fft[0], atol=2e-3)
         # fewer images than projections: the images are the side moved by every shift
-        two = matching._search(F[:2], None if ctf is None else ctf[:2], P, N, 2.5, grid, radius)
+        few = matching._search_images(F[:2], None if ctf is None else ctf[:2], N, radius, grid)
+        two = matching._search(few, P, N, 2.5, grid)
         np.testing.assert_allclose(two[1], direct[1][:2], rtol=2e-6, atol=1e-6)
         np.testing.assert_allclose(two[0], direct[0][:2], atol=2e-3)
         # and against float64 brute force: the best of sum_p I(p) P(p - s) / norms over the

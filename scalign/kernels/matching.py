@@ -45,7 +45,12 @@ import numpy as np
 import scipy.fft
 
 from scalign._array import clamp, namespace, to_numpy
-from scalign.kernels.projection import centering_phase, half_plane_frequencies, slice_spectra
+from scalign.kernels.projection import (
+    centering_phase,
+    half_plane_disk,
+    half_plane_frequencies,
+    slice_spectra,
+)
 
 # Gallery projections per cross-correlation block.
 _GALLERY_BLOCK = 256
@@ -222,9 +227,9 @@ def _shift_grid(
 
 def _band_points(n: int, radius: float | None) -> int:
     """Points of the half plane within ``radius`` cycles per box (and Nyquist)."""
-    ky, kx = half_plane_frequencies(n)
-    limit = n / 2 if radius is None else min(radius, n / 2)
-    return int(np.count_nonzero(kx**2 + ky**2 <= limit**2))
+    return int(
+        np.count_nonzero(half_plane_disk(n, n / 2 if radius is None else min(radius, n / 2)))
+    )
 
 
 def _shift_phases(n: int, shifts: np.ndarray) -> np.ndarray:
@@ -374,20 +379,54 @@ def _grid_phases(grid: _ShiftGrid, n: int, like: np.ndarray) -> np.ndarray:
     return xp.asarray(np.ascontiguousarray(E), dtype=np.finfo(like.dtype).dtype)
 
 
+class _SearchImages(NamedTuple):
+    """A chunk's images as every gallery block of the search reads them
+    (:func:`_search_images`)."""
+
+    F: np.ndarray  # (B, n, m) spectra times the CTFs (for the inverse FFTs)
+    norms: np.ndarray  # (B,) norms of the images low-passed to the band
+    ctf_power: np.ndarray | None  # (B, n m) w CTF²: the projections' norms under each CTF
+    Fw: np.ndarray | None  # (B, K) w CTF F at the band's K points (with a grid)
+    inside: np.ndarray | None  # (K,) flat indices of those points (host)
+    phases: np.ndarray | None  # (S, K) e^{i ω_k · s} there, for the grid's S shifts
+
+
+def _search_images(
+    F: np.ndarray, ctf: np.ndarray | None, n: int, radius: float, grid: _ShiftGrid | None
+) -> _SearchImages:
+    """What :func:`_search` needs of the images (spectra ``F``, CTFs), once per call rather
+    than once per gallery block: the images' norms over the band, their CTF-filtered
+    spectra and, with a ``grid``, those spectra at the band's points and the grid's phases
+    there (the band within Nyquist: beyond it the projections are zero)."""
+    xp = namespace(F)
+    w = xp.asarray(_half_plane_weights(n), dtype=xp.float32)
+    norms = _spectrum_norms(F * xp.asarray(half_plane_disk(n, radius), dtype=xp.float32))
+    ctf_power = None if ctf is None else _flat(w * ctf * ctf)
+    if ctf is not None:
+        F = F * ctf
+    if grid is None:
+        return _SearchImages(F, norms, ctf_power, None, None, None)
+    inside = np.flatnonzero(half_plane_disk(n, min(radius, n / 2)))
+    ky, kx = half_plane_frequencies(n)
+    k_x, k_y = kx.reshape(-1)[inside], ky.reshape(-1)[inside]
+    sx, sy = grid.shifts[:, :1], grid.shifts[:, 1:]
+    phases = xp.asarray(np.exp(2j * np.pi * (sx * k_x + sy * k_y) / n), dtype=xp.complex64)
+    Fw = _flat(F * w)[:, xp.asarray(inside)]
+    return _SearchImages(F, norms, ctf_power, Fw, inside, phases)
+
+
 def _search(
-    F: np.ndarray,
-    ctf: np.ndarray | None,
+    images: _SearchImages,
     P: np.ndarray,
     n: int,
     max_shift: float,
     grid: _ShiftGrid | None,
-    radius: float = np.inf,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Integer-peak shifts ``(B, G, 2)`` and normalised scores ``(B, G)`` of images (their
-    spectra ``F`` and CTFs) against the projections ``P (G, ...)`` of a gallery block, for
+    """Integer-peak shifts ``(B, G, 2)`` and normalised scores ``(B, G)`` of the images
+    (:func:`_search_images`) against the projections ``P (G, ...)`` of a gallery block, for
     the global search (which only ranks): the normalised cross-correlations of the images
-    and projections low-passed to ``radius`` cycles per box (:func:`_search_radius`;
-    ``P`` is zero beyond it).
+    and projections low-passed to the band (:func:`_search_radius`; ``P`` is zero beyond
+    it).
 
     With a ``grid`` the correlations at its shifts are one real matrix product,
     :math:`c_{bgs} = \\mathrm{Re} \\sum_k (w\\,\\mathrm{CTF}_b \\hat I_b)_k
@@ -395,52 +434,39 @@ def _search(
     under each CTF another, :math:`\\lVert \\mathrm{CTF}_b P_g \\rVert^2 = \\sum_k w_k
     \\mathrm{CTF}_{bk}^2 |\\hat P_{gk}|^2`."""
     xp = namespace(P)
-    B, G = F.shape[0], P.shape[0]
+    B, G = images.F.shape[0], P.shape[0]
     P = xp.astype(P, xp.complex64)
-    w = xp.asarray(_half_plane_weights(n), dtype=xp.float32)
-    ky, kx = half_plane_frequencies(n)
-    band = kx**2 + ky**2 <= min(radius, n) ** 2  # min: a finite bound beyond the corners
-    norms_img = _spectrum_norms(F * xp.asarray(band, dtype=xp.float32))
-    if ctf is None:
+    if images.ctf_power is None:
         norms_p = xp.broadcast_to(_spectrum_norms(P), (B, G))
     else:
         # the CTF is even, so the Hermitian part of CTF P is CTF times P's
-        norms_p = xp.sqrt(xp.clip(_flat(w * ctf * ctf) @ _flat(_power(P)).T, 0.0, None))
-        F = F * ctf
+        norms_p = xp.sqrt(xp.clip(images.ctf_power @ _flat(_power(P)).T, 0.0, None))
     shift = np.empty((B, G, 2))
     score = np.empty((B, G))
 
     def scored(rows, cols, s, peak):
         with np.errstate(invalid="ignore", divide="ignore"):
-            sc = to_numpy(peak / (norms_img[rows, None] * norms_p[rows, cols]))
+            sc = to_numpy(peak / (images.norms[rows, None] * norms_p[rows, cols]))
         shift[rows, cols], score[rows, cols] = to_numpy(s), np.where(np.isnan(sc), -np.inf, sc)
 
     if grid is None:
         for part in _parts(B, _SEARCH_BYTES * n * n * G):
-            cc = _irfft2(F[part, None] * xp.conj(P[None]), n)
+            cc = _irfft2(images.F[part, None] * xp.conj(P[None]), n)
             scored(part, slice(None), *_peak(cc, max_shift))
         return shift, score
-    # the products run over the half plane's points within the band only: beyond it the
-    # projections are zero (and beyond Nyquist, the corners, always)
-    inside = np.flatnonzero(band & (kx**2 + ky**2 <= (n / 2) ** 2))
-    on = xp.asarray(inside)
-    Fw = _flat(F * w)[:, on]
-    Pb = _flat(P)[:, on]
-    # the phases at the band's points only (every gallery block: the full plane's were 10%
-    # of a 64² search)
-    sx, sy = grid.shifts[:, :1], grid.shifts[:, 1:]
-    k_x, k_y = kx.reshape(-1)[inside], ky.reshape(-1)[inside]
-    phases = xp.asarray(np.exp(2j * np.pi * (sx * k_x + sy * k_y) / n), dtype=P.dtype)
-    S, row = len(grid.shifts), 2 * inside.size
+    Fw, phases = images.Fw, images.phases
+    K = images.inside.size
+    Pb = _flat(P)[:, xp.asarray(images.inside)]
+    S, row = len(grid.shifts), 2 * K
     if B < G:
         # fewer images than projections: the images are moved by every shift (by e^{+iks},
         # the same products) and their rows meet the projections'
-        for part in _parts(B, 8 * S * inside.size, _MOVED_BUDGET):
+        for part in _parts(B, 8 * S * K, _MOVED_BUDGET):
             moved = xp.reshape(_real_rows(Fw[part, None] * phases), (-1, row))
             c = xp.reshape(moved @ _real_rows(Pb).T, (-1, S, G))
             scored(part, slice(None), *_grid_peak(xp.moveaxis(c, 1, 2), grid))
         return shift, score
-    for gpart in _parts(G, 8 * S * inside.size, _MOVED_BUDGET):
+    for gpart in _parts(G, 8 * S * K, _MOVED_BUDGET):
         # the projections moved by every shift: their rows meet the images' in one product
         moved = xp.reshape(_real_rows(Pb[gpart, None] * xp.conj(phases)), (-1, row))
         g = gpart.stop - gpart.start
@@ -533,10 +559,11 @@ def match_images(
     best_g = np.zeros((B, K), dtype=int)
     best_shift = np.zeros((B, K, 2))
     rows = np.arange(B)[:, None]
+    prepared = _search_images(F, ctf, n, radius, search_grid)
     for start in range(0, len(gallery), _GALLERY_BLOCK):
         block = gallery[start : start + _GALLERY_BLOCK]
         P = _centred_projection_spectra(volume, block, eps, radius)
-        shift, score = _search(F, ctf, P, n, max_shift, search_grid, radius)
+        shift, score = _search(prepared, P, n, max_shift, search_grid)
         # keep the K best gallery entries of each image so far
         pool = np.concatenate([best_score, score], axis=1)
         top = np.argsort(-pool, axis=1, kind="stable")[:, :K]

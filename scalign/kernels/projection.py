@@ -73,6 +73,13 @@ def half_plane_frequencies(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_to(ky[:, None], (n, kx.size)), np.broadcast_to(kx[None, :], (n, kx.size))
 
 
+def half_plane_disk(n: int, radius: float) -> np.ndarray:
+    """The points of the half plane ``(n, n // 2 + 1)`` within ``radius`` cycles per box
+    (a bool mask; every point for an infinite radius)."""
+    ky, kx = half_plane_frequencies(n)
+    return kx * kx + ky * ky <= radius * radius
+
+
 def centering_phase(n: int, shifts: Array | None = None) -> np.ndarray:
     """``exp(-2πi k·(c + s)/n)`` on the half plane: moves the origin from pixel 0 (the
     DFT's) to ``c = n // 2``, and the content by ``s``; ``(B, n, n // 2 + 1)`` or
@@ -94,8 +101,7 @@ def _slice_frequencies(
     ``ω = Aᵀ (k_x, k_y, 0)`` in cycles per box, ``(ω_x, ω_y, ω_z)`` each flat
     ``(B * points,)``."""
     ky, kx = half_plane_frequencies(n)
-    limit = n / 2 if radius is None else min(radius, n / 2)
-    inside = kx * kx + ky * ky <= limit**2
+    inside = half_plane_disk(n, n / 2 if radius is None else min(radius, n / 2))
     fy, fx = (k[inside].astype(real) for k in (ky, kx))
     A = np.asarray(A, dtype=real)
     return inside, tuple(
