@@ -32,7 +32,7 @@ def test_block_size_is_whole_warps(n, threads):
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="no usable CUDA device (cupy.is_available())")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [3, 37, 129, 1000])
+@pytest.mark.parametrize("n", [3, 37, 129, 1000, 5000])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_fused_moments_equal_numpy_moments(dtype, n, weighted):
     import cupy
@@ -50,3 +50,36 @@ def test_fused_moments_equal_numpy_moments(dtype, n, weighted):
     for a, b in zip(expected, got, strict=True):
         assert isinstance(b, cupy.ndarray)
         np.testing.assert_allclose(b.get(), np.broadcast_to(a, b.shape), rtol=1e-10, atol=1e-9)
+
+
+def test_layout_is_a_warp_per_item_up_to_warp_points():
+    assert moments_cuda.layout(moments_cuda.WARP_POINTS) == "warp"
+    assert moments_cuda.layout(moments_cuda.WARP_POINTS + 1) == "block"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no usable CUDA device (cupy.is_available())")
+@pytest.mark.parametrize("n", [1, 33, 1000])
+def test_warp_and_block_kernels_give_the_same_sums(n):
+    """Both layouts on the same items, against float64 sums in NumPy (B not a multiple of
+    the 8 items of a warp kernel's block, and more items than resident warps)."""
+    import cupy
+
+    rng = np.random.default_rng(n)
+    X = (rng.standard_normal((40_001, n, 3)) * 3 + 10).astype(np.float32)
+    Yc = rng.standard_normal((n, 3))
+    p = rng.uniform(0.5, 1.5, n)
+    p /= p.sum()
+    x = X.astype(np.float64)
+    want = np.concatenate(
+        [
+            np.einsum("bka,kc->bac", x, p[:, None] * Yc).reshape(-1, 9),
+            np.einsum("bka,k->ba", x, p),
+            np.einsum("bk,k->b", (x * x).sum(-1), p)[:, None],
+        ],
+        axis=1,
+    )
+    args = (cupy.asarray(X), cupy.asarray(Yc), cupy.asarray(p))
+    for per in ("warp", "block"):
+        got = moments_cuda.moment_sums(*args, per=per).get()
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9, err_msg=per)

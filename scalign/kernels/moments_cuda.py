@@ -9,8 +9,9 @@ probability vector ``p (n,)``, :func:`fused_moments` returns what
            \\sigma^2_{x,b} = \\sum_k p_k \\lVert x_{bk}\\rVert^2 - \\lVert \\bar x_b\\rVert^2,
 
 (``H`` needs no centring of ``X`` because ``Y - ȳ`` sums to zero under ``p``) in one read of
-``X``: one CUDA block per item, each thread accumulating the 13 sums of its points in
-float64, then a warp-shuffle and shared-memory reduction. The NumPy path does the same with
+``X``: each thread accumulates the 13 sums of its points in float64, then a warp-shuffle
+reduction; items of up to :data:`WARP_POINTS` points take one warp each, larger ones one
+block each (the warps' sums then meet in shared memory). The NumPy path does the same with
 one GEMM per cache block; on a GPU that GEMM would need a float64 copy of ``X`` first
 (three times the memory traffic of reading float32 once), and memory traffic is what bounds
 this computation.
@@ -26,11 +27,48 @@ Array = Any
 
 #: Sums per item: H (9, row-major ``H[a, c]``), Σ p x (3), Σ p |x|² (1).
 SUMS = 13
-#: Points each thread takes before the block grows by one warp (up to MAX_THREADS).
+#: Points each thread of the block-per-item kernel takes before the block grows by one
+#: warp (up to MAX_THREADS).
 POINTS_PER_THREAD = 4
 MAX_THREADS = 256
+#: Items up to this many points take one warp each (the block-per-item kernel's barriers
+#: and shared-memory reduction cost as much as ~4 points per thread); larger ones a block.
+WARP_POINTS = 4096
+#: Threads per block of the warp-per-item kernel (8 items per block).
+WARP_BLOCK = 256
 
 _SOURCE = r"""
+// The 13 sums of point k of item x: H (9), p x (3), p |x|^2, accumulated in float64.
+__device__ __forceinline__ void accumulate_{name}(
+    double acc[13], const {ctype}* __restrict__ x, const double* __restrict__ Yc,
+    const double* __restrict__ p, const int k)
+{{
+    const double x0 = (double)x[3 * k];
+    const double x1 = (double)x[3 * k + 1];
+    const double x2 = (double)x[3 * k + 2];
+    const double pk = p[k];
+    const double y0 = pk * Yc[3 * k];
+    const double y1 = pk * Yc[3 * k + 1];
+    const double y2 = pk * Yc[3 * k + 2];
+    acc[0] += x0 * y0; acc[1] += x0 * y1; acc[2] += x0 * y2;
+    acc[3] += x1 * y0; acc[4] += x1 * y1; acc[5] += x1 * y2;
+    acc[6] += x2 * y0; acc[7] += x2 * y1; acc[8] += x2 * y2;
+    acc[9] += pk * x0; acc[10] += pk * x1; acc[11] += pk * x2;
+    acc[12] += pk * (x0 * x0 + x1 * x1 + x2 * x2);
+}}
+
+// Lane 0 ends with the warp's sums.
+__device__ __forceinline__ void warp_sum(double acc[13])
+{{
+    #pragma unroll
+    for (int j = 0; j < 13; ++j) {{
+        #pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1)
+            acc[j] += __shfl_down_sync(0xffffffffu, acc[j], offset);
+    }}
+}}
+
+// One block per item (many points): warps' sums meet in shared memory.
 extern "C" __global__ void shared_moments_{name}(
     const {ctype}* __restrict__ X,     // (B, n, 3), C order
     const double* __restrict__ Yc,     // (n, 3): the target minus its weighted centroid
@@ -48,26 +86,8 @@ extern "C" __global__ void shared_moments_{name}(
         double acc[13];
         #pragma unroll
         for (int j = 0; j < 13; ++j) acc[j] = 0.0;
-        for (int k = threadIdx.x; k < n; k += blockDim.x) {{
-            const double x0 = (double)x[3 * k];
-            const double x1 = (double)x[3 * k + 1];
-            const double x2 = (double)x[3 * k + 2];
-            const double pk = p[k];
-            const double y0 = pk * Yc[3 * k];
-            const double y1 = pk * Yc[3 * k + 1];
-            const double y2 = pk * Yc[3 * k + 2];
-            acc[0] += x0 * y0; acc[1] += x0 * y1; acc[2] += x0 * y2;
-            acc[3] += x1 * y0; acc[4] += x1 * y1; acc[5] += x1 * y2;
-            acc[6] += x2 * y0; acc[7] += x2 * y1; acc[8] += x2 * y2;
-            acc[9] += pk * x0; acc[10] += pk * x1; acc[11] += pk * x2;
-            acc[12] += pk * (x0 * x0 + x1 * x1 + x2 * x2);
-        }}
-        #pragma unroll
-        for (int j = 0; j < 13; ++j) {{
-            #pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1)
-                acc[j] += __shfl_down_sync(0xffffffffu, acc[j], offset);
-        }}
+        for (int k = threadIdx.x; k < n; k += blockDim.x) accumulate_{name}(acc, x, Yc, p, k);
+        warp_sum(acc);
         if (lane == 0) {{
             #pragma unroll
             for (int j = 0; j < 13; ++j) partial[j][warp] = acc[j];
@@ -81,6 +101,34 @@ extern "C" __global__ void shared_moments_{name}(
         __syncthreads();
     }}
 }}
+
+// One warp per item (up to WARP_POINTS points): no shared memory, no block barriers; the
+// item loop is uniform across a warp, so the full-mask shuffles see every lane.
+extern "C" __global__ void warp_moments_{name}(
+    const {ctype}* __restrict__ X,
+    const double* __restrict__ Yc,
+    const double* __restrict__ p,
+    const long long B,
+    const int n,
+    double* __restrict__ out)
+{{
+    const int lane = threadIdx.x & 31;
+    const long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long stride = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long b = first; b < B; b += stride) {{
+        const {ctype}* x = X + b * (long long)n * 3;
+        double acc[13];
+        #pragma unroll
+        for (int j = 0; j < 13; ++j) acc[j] = 0.0;
+        #pragma unroll 4
+        for (int k = lane; k < n; k += 32) accumulate_{name}(acc, x, Yc, p, k);
+        warp_sum(acc);
+        if (lane == 0) {{
+            #pragma unroll
+            for (int j = 0; j < 13; ++j) out[b * 13 + j] = acc[j];
+        }}
+    }}
+}}
 """
 
 _CTYPES = {"float32": "float", "float64": "double"}
@@ -92,17 +140,46 @@ def source(dtype_name: str) -> str:
 
 
 @functools.cache
-def _kernel(dtype_name: str):
+def _kernel(dtype_name: str, per: str):
     import cupy
 
-    return cupy.RawKernel(source(dtype_name), f"shared_moments_{dtype_name}")
+    name = "warp_moments" if per == "warp" else "shared_moments"
+    return cupy.RawKernel(source(dtype_name), f"{name}_{dtype_name}")
 
 
 def threads_per_item(n: int) -> int:
-    """Block size for ``n`` points: whole warps, ~:data:`POINTS_PER_THREAD` points per
-    thread, at most :data:`MAX_THREADS`."""
+    """Block size of the block-per-item kernel for ``n`` points: whole warps,
+    ~:data:`POINTS_PER_THREAD` points per thread, at most :data:`MAX_THREADS`."""
     warps = math.ceil(n / (32 * POINTS_PER_THREAD))
     return int(min(MAX_THREADS, 32 * max(1, warps)))
+
+
+def layout(n: int) -> str:
+    """``"warp"`` (one warp per item) up to :data:`WARP_POINTS` points, else ``"block"``."""
+    return "warp" if n <= WARP_POINTS else "block"
+
+
+def moment_sums(X: Array, Yc: Array, p: Array, per: str | None = None) -> Array:
+    """The ``(B, 13)`` float64 sums of the module docstring for a C-contiguous CuPy ``X
+    (B, n, 3)``, the centred target ``Yc (n, 3)`` and ``p (n,)`` (float64, contiguous), by
+    the kernel ``per`` item (``"warp"`` or ``"block"``; default :func:`layout`)."""
+    import cupy
+
+    B, n, _ = X.shape
+    per = layout(n) if per is None else per
+    out = cupy.empty((B, SUMS), dtype=cupy.float64)
+    if B:
+        resident = 32 * _multiprocessors(cupy.cuda.Device().id)
+        if per == "warp":
+            threads = WARP_BLOCK
+            blocks = min(math.ceil(B * 32 / threads), resident)
+        else:
+            threads = threads_per_item(n)
+            blocks = min(B, resident)
+        _kernel(X.dtype.name, per)(
+            (int(blocks),), (threads,), (X, Yc, p, cupy.int64(B), cupy.int32(n), out)
+        )
+    return out
 
 
 def fused_moments(X: Array, Y: Array, p: Array | None):
@@ -119,14 +196,7 @@ def fused_moments(X: Array, Y: Array, p: Array | None):
     p = cupy.full((n,), 1.0 / n) if p is None else cupy.asarray(p, dtype=cupy.float64)
     cy = p @ Y
     Yc = cupy.ascontiguousarray(Y - cy)
-    out = cupy.empty((B, SUMS), dtype=cupy.float64)
-    if B:
-        blocks = int(min(B, 32 * _multiprocessors(cupy.cuda.Device().id)))
-        _kernel(X.dtype.name)(
-            (blocks,),
-            (threads_per_item(n),),
-            (X, Yc, cupy.ascontiguousarray(p), cupy.int64(B), cupy.int32(n), out),
-        )
+    out = moment_sums(X, Yc, cupy.ascontiguousarray(p))
     H = out[:, :9].reshape(B, 3, 3)
     cx = out[:, 9:12]
     gx = out[:, 12] - cupy.sum(cx * cx, axis=-1)

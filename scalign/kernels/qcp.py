@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from array_api_compat import is_cupy_namespace
+
 Array = Any
 
 # Newton stops when every step is below this fraction of lambda (Theobald's evalprec);
@@ -169,7 +171,14 @@ def largest_eigenvalue(xp, S: Array, bound: Array):
     -------
     lam : (B,) :math:`\\lambda_{max}`.
     error : (B,) bound on :math:`|\\lambda - \\lambda_{max}|` (inf where :math:`P' = 0`).
+
+    CuPy batches are solved by :mod:`scalign.kernels.qcp_cuda` instead (Jacobi, one thread
+    per item; the same outputs).
     """
+    if is_cupy_namespace(xp):
+        from scalign.kernels import qcp_cuda
+
+        return qcp_cuda.largest_eigenvalue(S)
     norm2, det, cof2 = _invariants(S)
     c2 = -2.0 * norm2
     c1 = -8.0 * det
@@ -220,7 +229,13 @@ def qcp_rotation(xp, S: Array, bound: Array):
     R : (B, 3, 3) rotation with ``R x ≈ y`` (rows: ``Y ≈ X R^T``).
     lam : (B,) :math:`\\lambda_{max} = \\mathrm{tr}(\\Sigma D)`.
     unsure : (B,) bool, items whose rotation is ill-determined by QCP (re-solve by SVD).
+
+    CuPy batches: :mod:`scalign.kernels.qcp_cuda` (the same outputs, the same ``unsure`` rule).
     """
+    if is_cupy_namespace(xp):
+        from scalign.kernels import qcp_cuda
+
+        return qcp_cuda.qcp_rotation(S, bound)
     lam, error = largest_eigenvalue(xp, S, bound)
     shifted = _horn_entries(S)
     for i in range(4):

@@ -1,0 +1,124 @@
+"""The fused Jacobi solve of Horn's matrix (scalign.kernels.qcp_cuda): compiled with NVRTC
+wherever CuPy is installed, and checked against LAPACK on a CUDA device (``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from scalign.execution import gpu_available
+from scalign.kernels import qcp_cuda
+from scalign.kernels.kabsch import _svd_rotation
+from scalign.kernels.qcp import horn_matrix
+from scalign.synthetic import helix
+
+gpu = pytest.mark.skipif(not gpu_available(), reason="no usable CUDA device (cupy.is_available())")
+
+
+def covariances(X, Y):
+    Xc = X - X.mean(-2, keepdims=True)
+    Yc = Y - Y.mean(-2, keepdims=True)
+    n = X.shape[-2]
+    bound = 0.5 * ((Xc**2).sum((-2, -1)) + (Yc**2).sum((-2, -1))) / n
+    return np.swapaxes(Xc, -1, -2) @ Yc / n, bound
+
+
+def cases():
+    """Random sets, rods (a 300 Å helix of radius 2.3 Å, where Newton on the quartic can pin
+    λmax down only to ~1e-8 of it), near-collinear pairs and their mirror images."""
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((300, 30, 3))
+    X = Y @ Rotation.random(300, random_state=1).as_matrix() + 0.5 * rng.standard_normal(Y.shape)
+    rod = helix(200)
+    rods = rod @ Rotation.random(40, random_state=2).as_matrix() + 0.3 * rng.standard_normal(
+        (40, 200, 3)
+    )
+    line = np.outer(np.arange(20.0), [1.0, 2.0, 3.0])
+    lines = np.stack([line @ Rotation.random(random_state=s).as_matrix() for s in range(6)])
+    lines = np.concatenate([lines, lines[:, ::-1] * [1.0, 1.0, -1.0]])
+    lines = lines + 1e-6 * rng.standard_normal(lines.shape)
+    i, j = np.triu_indices(40, 1)
+    k, m = np.triu_indices(12, 1)
+    parts = [covariances(X, Y), covariances(rods[i], rods[j]), covariances(lines[k], lines[m])]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def test_kernel_source_compiles_with_nvrtc():
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy")
+    inputs = ", ".join(f"double {s}" for s in qcp_cuda._S) + ", double bound"
+    outputs = "bool& unsure, " + ", ".join(f"double& {r}" for r in qcp_cuda._R)
+    source = (
+        qcp_cuda.source()
+        + f"\n__device__ void rotation({inputs}, double& lam, {outputs})\n{{\n"
+        + qcp_cuda._ROTATION
+        + f"}}\n__device__ void eigenvalue({inputs}, double& lam, double& err)\n{{\n"
+        + qcp_cuda._LAMBDA
+        + "}\n"
+    )
+    try:
+        program = nvrtc.createProgram(source, "qcp.cu", [], [])
+    except Exception as exc:  # the NVRTC library itself is missing
+        pytest.skip(f"NVRTC unavailable: {exc}")
+    try:
+        nvrtc.compileProgram(program, ["-arch=compute_90"])
+    except Exception:
+        pytest.fail(nvrtc.getProgramLog(program))
+
+
+def test_horn_source_is_horn_matrix():
+    """The C assignments, evaluated as Python on one S, give horn_matrix(S)."""
+    S = np.random.default_rng(3).standard_normal((3, 3))
+    k = np.zeros((4, 4))
+    env = {"s": S.reshape(-1), "k": k}
+    for line in qcp_cuda._horn_source().splitlines():
+        exec(line.strip().rstrip(";"), env)
+    np.testing.assert_array_equal(k, horn_matrix(np, S))
+
+
+@pytest.mark.gpu
+@gpu
+def test_largest_eigenvalue_matches_lapack_with_a_bound_that_holds():
+    import cupy
+
+    S, _ = cases()
+    lam, error = qcp_cuda.largest_eigenvalue(cupy.asarray(S))
+    lam, error = lam.get(), error.get()
+    exact = np.linalg.eigvalsh(horn_matrix(np, S))[:, -1]
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(lam, exact, rtol=0, atol=1e-14 * scale)
+    assert np.all(np.abs(lam - exact) <= error + 1e-15 * scale)
+    assert np.all(error < 1e-12 * scale)
+
+
+@pytest.mark.gpu
+@gpu
+def test_rotations_match_the_svd_and_repeated_roots_are_flagged():
+    import cupy
+
+    S, bound = cases()
+    R, lam, unsure = qcp_cuda.qcp_rotation(cupy.asarray(S), cupy.asarray(bound))
+    R, lam, unsure = R.get(), lam.get(), unsure.get()
+    R_svd, trace = _svd_rotation(np, S, reflection=False)
+    sure = ~unsure
+    assert sure[: 300 + 780].all()  # random sets and rods: the rotation is well determined
+    np.testing.assert_allclose(R[sure], R_svd[sure], atol=1e-9)
+    np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=1e-12)
+    np.testing.assert_allclose(lam, trace, rtol=1e-12)
+    line = np.outer(np.arange(5.0), [1.0, 2.0, 3.0])
+    S1, b1 = covariances((line @ Rotation.random(random_state=4).as_matrix())[None], line[None])
+    assert qcp_cuda.qcp_rotation(cupy.asarray(S1), cupy.asarray(b1))[2].get().all()
+
+
+@pytest.mark.gpu
+@gpu
+def test_strided_batches_of_any_shape():
+    """pairwise_rmsd hands the kernel (a, b, 3, 3) views of one GEMM's output."""
+    import cupy
+
+    G = np.random.default_rng(5).standard_normal((3, 7, 3, 5))
+    H = np.transpose(G, (1, 3, 0, 2))
+    lam, _ = qcp_cuda.largest_eigenvalue(cupy.transpose(cupy.asarray(G), (1, 3, 0, 2)))
+    assert lam.shape == (7, 5)
+    exact = np.linalg.eigvalsh(horn_matrix(np, H))[..., -1]
+    np.testing.assert_allclose(lam.get(), exact, rtol=1e-13)
