@@ -648,12 +648,18 @@ def bench_warp(cfg: dict, repeat: int, res: Results) -> None:
     )
     each_c = np.concatenate(cpu["cpu"])
 
+    # cupyx interpolates float32 images at float32 coordinates (scipy: float64), which round
+    # by up to ~S 2^-24 px; on noise in [0, 1) (slopes up to 1 per px) the values then differ
+    # by that much: 1.1e-4 at 1,024² on the H200.
+    tol = 4 * S * float(np.finfo(np.float32).eps)
     inside = inner_mask((S, S), M)
     d = float(np.abs(host(out["shared"][:m])[:, inside] - shared_c[:, inside]).max())
-    res.check("warp shared", d < 1e-4, f"GPU vs CPU, 1 px inside the source, max |diff| {d:.1e}")
+    note = f"GPU vs CPU, 1 px inside the source, max |diff| {d:.1e} (< {tol:.1e})"
+    res.check("warp shared", d < tol, note)
     inside = inner_mask((S, S), Ms[:m])
     d = float(np.abs(host(out["each"][:m]) - each_c)[inside].max())
-    res.check("warp per image", d < 1e-4, f"GPU vs CPU, 1 px inside the source, max |diff| {d:.1e}")
+    note = f"GPU vs CPU, 1 px inside the source, max |diff| {d:.1e} (< {tol:.1e})"
+    res.check("warp per image", d < tol, note)
 
 
 def bench_register(cfg: dict, repeat: int, res: Results) -> None:

@@ -94,16 +94,17 @@ def centering_phase(n: int, shifts: Array | None = None) -> np.ndarray:
 
 
 def _slice_frequencies(
-    n: int, A: np.ndarray, real, radius: float | None = None
+    n: int, A: np.ndarray, real, radius: float | None = None, xp=np
 ) -> tuple[np.ndarray, tuple]:
     """The half plane's points within Nyquist (or ``radius`` cycles per box, if smaller; a
     bool ``(n, n // 2 + 1)`` mask) and, for every orientation, their 3-D frequencies
     ``ω = Aᵀ (k_x, k_y, 0)`` in cycles per box, ``(ω_x, ω_y, ω_z)`` each flat
-    ``(B * points,)``."""
+    ``(B * points,)`` in the namespace ``xp``: on the device that uses them (computed on
+    the host and copied, they cost a CuPy projection more than the projection itself)."""
     ky, kx = half_plane_frequencies(n)
     inside = half_plane_disk(n, n / 2 if radius is None else min(radius, n / 2))
-    fy, fx = (k[inside].astype(real) for k in (ky, kx))
-    A = np.asarray(A, dtype=real)
+    fy, fx = (xp.asarray(k[inside].astype(real)) for k in (ky, kx))
+    A = xp.asarray(A, dtype=real)
     return inside, tuple(
         (fx * A[:, 0, a, None] + fy * A[:, 1, a, None]).reshape(-1) for a in range(3)
     )
@@ -228,7 +229,7 @@ def slice_spectra(
     xp = namespace(volume)
     n = volume.shape[0]
     real = np.float32 if volume.dtype == np.float32 else np.float64
-    inside, w = _slice_frequencies(n, A, real, radius)
+    inside, w = _slice_frequencies(n, A, real, radius, xp)
     if method == "auto":
         method = "nufft" if not is_cupy_array(volume) or _has_cufinufft() else "interpolate"
     values = _nufft_values(volume, w, eps) if method == "nufft" else _interpolated_values(volume, w)

@@ -29,6 +29,10 @@ How it is computed (NumPy), chosen automatically by :func:`choose_method`:
 CuPy input is warped with ``cupyx.scipy.ndimage.affine_transform``: for a shared matrix
 and ``order <= 1`` in one call over the whole batch (identity along the batch axis, where
 the coordinates are integers and the second tap has weight 0); otherwise image by image.
+cupyx interpolates float32 images at float32 coordinates, which round by up to
+:math:`\\sim S\\, 2^{-24}` px on an image of side :math:`S`: its values differ from scipy's
+(float64 coordinates) by that times the image's slope (up to 1.1e-4 on 1,024² uniform
+noise in [0, 1), measured on an H200).
 
 An image whose matrix is exactly the identity is copied (any order and path; every mode
 but ``grid-constant``).
