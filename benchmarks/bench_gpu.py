@@ -42,6 +42,7 @@ line and exits 0. The exit status is 1 when a correctness check or a section fai
 Run:  python benchmarks/bench_gpu.py              # full sizes (~1-3 min on an H200)
       python benchmarks/bench_gpu.py --quick      # smoke run: 20,000 x 200, 200 x 256², 64³
       python benchmarks/bench_gpu.py --only kabsch,warp
+      python benchmarks/bench_gpu.py --profile match,project   # + cProfile of their GPU rows
       bash benchmarks/gpu_check.sh                # device machine: GPU tests, then this
 """
 
@@ -209,7 +210,28 @@ def gpu_time(
         fn()
         sync()
 
-    return best_time(run, repeat, setup=before, warmup=warmup)
+    times = best_time(run, repeat, setup=before, warmup=warmup)
+    if PROFILE["section"] in PROFILE["sections"]:
+        profile_call(run, before)
+    return times
+
+
+#: Sections whose GPU rows are profiled once more after timing (--profile) and the current one.
+PROFILE: dict = {"sections": set(), "section": None}
+
+
+def profile_call(run: Callable[[], object], before: Callable[[], object], top: int = 14) -> None:
+    """One more call of ``run`` under cProfile; prints the functions with the most own time
+    (where the host waits for the device, the time shows at the synchronising call)."""
+    import cProfile
+    import pstats
+
+    before()
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    print(f"  profile of one more call ({PROFILE['section']}), {top} largest own times:")
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
 
 
 def halves(n: int) -> list[slice]:
@@ -1001,9 +1023,15 @@ def parse_args(argv):
         default=",".join(SECTIONS),
         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})",
     )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated sections whose GPU rows get one more call under cProfile",
+    )
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(args.sections) - set(SECTIONS))
+    args.profile = {s.strip() for s in args.profile.split(",") if s.strip()}
+    unknown = sorted((set(args.sections) | args.profile) - set(SECTIONS))
     if unknown:
         p.error(f"unknown section(s) {unknown}: expected some of {SECTIONS}")
     report.require(p, args, {"repeat": 1})
@@ -1024,7 +1052,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     res = Results()
+    PROFILE["sections"] = args.profile
     for name in args.sections:
+        PROFILE["section"] = name
         before = {r.key for r in res.rows}
         print(f"\n[{name}] ...", flush=True)
         t0 = time.perf_counter()

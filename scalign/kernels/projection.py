@@ -80,17 +80,19 @@ def half_plane_disk(n: int, radius: float) -> np.ndarray:
     return kx * kx + ky * ky <= radius * radius
 
 
-def centering_phase(n: int, shifts: Array | None = None) -> np.ndarray:
+def centering_phase(n: int, shifts: Array | None = None, xp=np) -> Array:
     """``exp(-2πi k·(c + s)/n)`` on the half plane: moves the origin from pixel 0 (the
     DFT's) to ``c = n // 2``, and the content by ``s``; ``(B, n, n // 2 + 1)`` or
-    ``(n, n // 2 + 1)`` without shifts."""
+    ``(n, n // 2 + 1)`` without shifts, complex128 in the namespace ``xp`` (computed there:
+    ``B`` shifted phases are as large as the projections' spectra)."""
     ky, kx = half_plane_frequencies(n)
     c = box_center(n)
     if shifts is None:
-        return np.exp(-2j * np.pi * (kx * c + ky * c) / n)
-    s = np.asarray(shifts, dtype=np.float64)
+        return xp.asarray(np.exp(-2j * np.pi * (kx * c + ky * c) / n))
+    ky, kx = xp.asarray(ky), xp.asarray(kx)
+    s = xp.asarray(shifts, dtype=xp.float64)
     sx, sy = s[:, 0, None, None], s[:, 1, None, None]
-    return np.exp(-2j * np.pi * (kx * (c + sx) + ky * (c + sy)) / n)
+    return xp.exp(-2j * np.pi * (kx * (c + sx) + ky * (c + sy)) / n)
 
 
 def _slice_frequencies(
@@ -296,7 +298,7 @@ def project(
     A = to_numpy(A)
     shifts = None if shifts is None else to_numpy(shifts)
     spectra = slice_spectra(volume, A, eps, method)
-    spectra *= xp.asarray(centering_phase(n, shifts), dtype=spectra.dtype)
+    spectra *= xp.astype(centering_phase(n, shifts, xp), spectra.dtype)
     if ctf is not None:
         spectra *= xp.asarray(ctf)
     return xp.astype(xp.fft.irfft2(spectra, s=(n, n)), volume.dtype, copy=False)
