@@ -235,6 +235,35 @@ def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
     Y = xp.astype(Y, xp.float64, copy=False)
     p = _probabilities(xp, weights)
     shared = Y.ndim == 2 and (p is None or p.ndim == 1)
+    fused = shared and d == 3 and not reflection and X.dtype.name in ("float32", "float64")
+    if fused and is_cupy_namespace(xp):
+        out = _fit_cupy(xp, X, Y, p, scale)
+    else:
+        out = _fit(xp, X, Y, p, scale, reflection, shared)
+    shapes = (batch + (d, d), batch + (d,), batch, batch, batch)
+    return Superposition(*(xp.reshape(a, shape) for a, shape in zip(out, shapes, strict=True)))
+
+
+def _fit_cupy(xp, X, Y, p, scale):
+    """A CuPy batch against one target: the fused moments, then the fused finish
+    (:mod:`scalign.kernels.kabsch_cuda`); the items it flags go through :func:`_fit`."""
+    from scalign.kernels import kabsch_cuda
+    from scalign.kernels.moments_cuda import fused_moments
+
+    *out, redo = kabsch_cuda.finish(*fused_moments(X, Y, p), scale)
+    if bool(xp.any(redo)):
+        idx = xp.nonzero(redo)[0]
+        again = _fit(xp, X[idx], Y, p, scale, False, True)
+        for a, b in zip(out, again, strict=True):
+            a[idx] = b
+    return tuple(out)
+
+
+def _fit(xp, X, Y, p, scale, reflection, shared):
+    """``(rotation, translation, scale, rmsd, r2)`` of ``X (B, n, d)`` onto ``Y`` with
+    probabilities ``p``, flat over the batch (module docstring)."""
+    d = X.shape[-1]
+    n = X.shape[-2]
     moments = _shared_moments if shared else _batched_moments
     cx, cy, H, gx, gy = moments(xp, X, Y if shared else xp.reshape(Y, (-1, n, d)), p)
     B = X.shape[0]
@@ -271,15 +300,13 @@ def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
     t = cy - s[:, None] * (R @ cx[:, :, None])[:, :, 0]
     nan = xp.asarray(float("nan"), dtype=xp.float64)
     r2 = xp.where(gy > 0, 1.0 - e2 / xp.where(gy > 0, gy, 1.0), nan)
-    out = (
+    return (
         xp.where(ok[:, None, None], R, nan),
         xp.where(ok[:, None], t, nan),
         xp.where(ok, s, nan),
         xp.where(ok, xp.sqrt(e2), nan),
         xp.where(ok, r2, nan),
     )
-    shapes = (batch + (d, d), batch + (d,), batch, batch, batch)
-    return Superposition(*(xp.reshape(a, shape) for a, shape in zip(out, shapes, strict=True)))
 
 
 def apply_transform(X: Array, rotation: Array, translation: Array, scale: Array) -> Array:

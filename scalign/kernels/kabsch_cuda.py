@@ -1,0 +1,102 @@
+"""Fused CUDA finish of a CuPy superposition: from the moments to the fit in one kernel.
+
+After :func:`scalign.kernels.moments_cuda.fused_moments`, what
+:func:`scalign.kernels.kabsch.superpose` computes per item (the rotation from Horn's
+matrix, the scale, :math:`e^2 = \\sigma_y^2 - 2 s \\lambda_{max} + s^2 \\sigma_x^2`, the
+translation :math:`t = \\bar y - s R \\bar x`, :math:`r^2` and the NaN of a non-finite item)
+is some forty array operations over the batch on a GPU, a third of the time of reading the
+structures once. Here one thread per item does all of it, with the Jacobi solve of
+:mod:`scalign.kernels.qcp_cuda`, and flags the items the general path must redo: those
+whose rotation is ill-determined (``unsure``, re-solved by SVD there), those whose closed
+form :math:`e^2` has cancelled (below ``_CANCELLATION`` of the second moments: refitted from
+the explicit residual there), and those far from the origin relative to their size (beyond
+``_FAR_FROM_ORIGIN``: their moments are taken again, centred first).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from scalign.kernels.kabsch import _CANCELLATION, _FAR_FROM_ORIGIN
+from scalign.kernels.qcp import _ADJUGATE_RTOL, _EIGENVALUE_RTOL
+from scalign.kernels.qcp_cuda import _R, _S, source
+
+Array = Any
+
+_CX = ("cx0", "cx1", "cx2")
+_CY = ("cy0", "cy1", "cy2")
+_T = ("t0", "t1", "t2")
+
+_FINISH = rf"""
+const double s[9] = {{{", ".join(_S)}}};
+const double cx[3] = {{{", ".join(_CX)}}};
+const double cy[3] = {{{", ".join(_CY)}}};
+bool ok = isfinite(gx) && isfinite(gy);
+for (int k = 0; k < 9; ++k) ok = ok && isfinite(s[k]);
+// a non-finite item is solved for the identity (NaN results below), as the general path
+const double eye[9] = {{1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0}};
+double h[9];
+for (int k = 0; k < 9; ++k) h[k] = ok ? s[k] : eye[k];
+const double bound = ok ? 0.5 * (gx + gy) : 1.5;
+double q[4], gaps, error;
+const double lam = qcp_solve(h, q, &gaps, &error);
+const double range = fabs(lam) + fabs(bound);
+const bool unsure = !(gaps > {_ADJUGATE_RTOL!r} * range * range * range)
+                    || !(error <= {_EIGENVALUE_RTOL!r} * range);
+const double qw = q[0], qx = q[1], qy = q[2], qz = q[3];
+const double R[9] = {{
+    qw * qw + qx * qx - qy * qy - qz * qz, 2.0 * (qx * qy - qw * qz), 2.0 * (qx * qz + qw * qy),
+    2.0 * (qy * qx + qw * qz), qw * qw - qx * qx + qy * qy - qz * qz, 2.0 * (qy * qz - qw * qx),
+    2.0 * (qz * qx - qw * qy), 2.0 * (qz * qy + qw * qx), qw * qw - qx * qx - qy * qy + qz * qz}};
+const double sc = (scaled && gx > 0.0) ? lam / gx : 1.0;
+const double e2 = gy - 2.0 * sc * lam + sc * sc * gx;
+const double norm2 = cx[0] * cx[0] + cx[1] * cx[1] + cx[2] * cx[2];
+const double size = sc * sc * gx + gy + norm2;
+const bool close = ok && e2 < {_CANCELLATION!r} * size;
+const bool far = ok && norm2 > {_FAR_FROM_ORIGIN!r} * gx;
+redo = ok && (unsure || close || far);
+const double nan_ = nan("");
+const double e2c = e2 < 0.0 ? 0.0 : e2;
+double t[3];
+for (int a = 0; a < 3; ++a)
+    t[a] = cy[a] - sc * (R[3 * a] * cx[0] + R[3 * a + 1] * cx[1] + R[3 * a + 2] * cx[2]);
+{"".join(f"{r} = ok ? R[{k}] : nan_;{chr(10)}" for k, r in enumerate(_R))}
+{"".join(f"{v} = ok ? t[{a}] : nan_;{chr(10)}" for a, v in enumerate(_T))}
+scale = ok ? sc : nan_;
+rmsd = ok ? sqrt(e2c) : nan_;
+r2 = (ok && gy > 0.0) ? 1.0 - e2c / gy : nan_;
+"""
+
+
+@functools.cache
+def _kernel():
+    import cupy
+
+    inputs = ", ".join(f"float64 {v}" for v in (*_S, *_CX, *_CY, "gx", "gy"))
+    outputs = ", ".join(f"float64 {v}" for v in (*_R, *_T, "scale", "rmsd", "r2"))
+    return cupy.ElementwiseKernel(
+        inputs + ", bool scaled",
+        outputs + ", bool redo",
+        _FINISH,
+        "scalign_superpose_finish",
+        preamble=source(),
+    )
+
+
+def finish(cx: Array, cy: Array, H: Array, gx: Array, gy: Array, scale: bool):
+    """``(rotation, translation, scale, rmsd, r2, redo)`` of a batch from its float64 CuPy
+    moments (``cx (B, 3)``, ``cy (3,)`` or ``(B, 3)``, ``H (B, 3, 3)``, ``gx``, ``gy``
+    ``(B,)``; any strides), as :func:`scalign.kernels.kabsch.superpose` returns them for
+    proper rotations; ``redo (B,)`` flags the items the general path must compute again
+    (module docstring)."""
+    import cupy
+
+    B = H.shape[0]
+    cy = cupy.broadcast_to(cy, (B, 3))
+    columns = [H[:, r, c] for r in range(3) for c in range(3)]
+    columns += [cx[:, a] for a in range(3)] + [cy[:, a] for a in range(3)]
+    *out, redo = _kernel()(*columns, gx, gy, bool(scale))
+    rotation = cupy.stack(out[:9], axis=-1).reshape(B, 3, 3)
+    translation = cupy.stack(out[9:12], axis=-1)
+    return rotation, translation, out[12], out[13], out[14], redo
