@@ -156,7 +156,7 @@ def largest_eigenvalue(xp, S: Array, bound: Array):
     :math:`m = \\lambda^4 + |c_2| \\lambda^2 + |c_1 \\lambda| + |c_0|`, so an iterate
     :math:`\\lambda` lies within :math:`2 (|P| + \\epsilon m) / |P'|` of the root (the 2
     covers a double root, where a Newton step only halves the distance); the returned
-    bound is that of the last iterate plus the last step. As
+    bound is that, evaluated at the returned :math:`\\lambda`. As
     :math:`P'(\\lambda_{max}) = \\prod_k (\\lambda_{max} - \\lambda_k)` over the other
     eigenvalues, it grows as :math:`\\lambda_{max}` nears a repeated root (collinear and
     near-collinear sets), where Newton reaches only about :math:`\\sqrt{\\epsilon}\\,
@@ -197,17 +197,19 @@ def largest_eigenvalue(xp, S: Array, bound: Array):
         dp = (4.0 * lam2 + two_c2) * lam + c1
         nonzero = dp != 0
         step = xp.where(nonzero, p / xp.where(nonzero, dp, 1.0), 0.0)
-        last = lam
         lam = xp.maximum(lam - step, floor)
-        size = xp.abs(step)
-        if not bool(xp.any(size > _NEWTON_RTOL * lam)):
+        if not bool(xp.any(xp.abs(step) > _NEWTON_RTOL * lam)):
             break
-    # from the last iterate's P and P' (no extra evaluation): 2 |P / P'| = 2 |step|
-    terms = lam2 * (lam2 - c2) + xp.abs(c1 * last) + xp.abs(c0)
+    # P and P' once more at the returned lambda: the last step left it far closer to the
+    # root than that step's size (quadratic convergence), which bounded it before (and
+    # sent nearly every pair of 70 A helices of radius 10 A, a DNA-like shape, to the SVD)
+    lam2 = lam * lam
+    p = (lam2 + c2) * lam2 + c1 * lam + c0
+    dp = xp.abs((4.0 * lam2 + two_c2) * lam + c1)
+    terms = lam2 * (lam2 - c2) + xp.abs(c1 * lam) + xp.abs(c0)
     rounding = (2.0 * _ROUNDING_ULPS * xp.finfo(lam.dtype).eps) * terms
-    dp = xp.abs(dp)
-    slope = xp.where(dp > 0, rounding / xp.where(dp > 0, dp, 1.0), xp.inf)
-    return lam, slope + 3.0 * size
+    error = xp.where(dp > 0, (2.0 * xp.abs(p) + rounding) / xp.where(dp > 0, dp, 1.0), xp.inf)
+    return lam, error
 
 
 def quaternion_rotation(xp, q: Array) -> Array:
