@@ -179,6 +179,10 @@ def _interpolated_values(volume: Array, w: tuple, padding: int = PADDING) -> Arr
     r""":math:`\hat V(ω)` by trilinear interpolation of :func:`padded_spectrum`."""
     xp = namespace(volume)
     G = _spectrum_of(volume, padding)
+    if is_cupy_array(G):
+        from scalign.kernels import projection_cuda
+
+        return projection_cuda.trilinear(G, w, padding, xp.sum(volume))
     N = G.shape[0]
     flat = xp.reshape(G, (-1,))
     # grid coordinates (z, y, x) of every point; |ω| <= n/2 keeps them in [0, N], and the
