@@ -369,3 +369,38 @@ def test_compare_and_rank_candidate_volumes(tmp_path, capsys):
     assert main([*args, str(bad), "--symmetry", "X3"]) == 2
     assert "symmetry" in capsys.readouterr().err and not bad.exists()
     assert main(["rank", str(tmp_path / "missing.zarr")]) == 2
+
+
+def test_coordinate_attrs_survive_every_command(tmp_path, capsys):
+    """Every mapped op dropped the attrs of the coordinates (a time axis in ns, pixel
+    positions in µm): the outputs of align, rmsd, warp and register lost their units."""
+    from scalign import align
+    from scalign.images import make_stack
+
+    ens = helix_ensemble(40, 8, chunks=20).assign_coords(
+        structure=("structure", np.arange(40) * 0.5, {"units": "ns"})
+    )
+    save_zarr(ens, tmp_path / "ens.zarr")
+    frames = np.random.default_rng(0).random((4, 24, 24)).astype(np.float32)
+    stack = make_stack(frames, chunks=2).assign_coords(
+        image=("image", np.arange(4) * 2.0, {"units": "s"}),
+        y=("y", np.arange(24) * 1.5, {"units": "um"}),
+        x=("x", np.arange(24) * 1.5, {"units": "um"}),
+    )
+    save_zarr(stack, tmp_path / "stack.zarr")
+    np.save(tmp_path / "m.npy", np.eye(3))
+    runs = [
+        (["align", "ens.zarr", "a.zarr"], {"structure": "ns"}),
+        (["rmsd", "ens.zarr", "r.zarr"], {"structure": "ns", "structure_other": "ns"}),
+        (["warp", "stack.zarr", "w.zarr", "--matrix", "m.npy"], {"image": "s", "x": "um"}),
+        (["register", "stack.zarr", "g.zarr"], {"image": "s", "y": "um"}),
+    ]
+    for args, units in runs:
+        argv = [str(tmp_path / a) if a.endswith((".zarr", ".npy")) else a for a in args]
+        assert main([*argv, "--quiet"]) == 0
+        written = xr.open_zarr(tmp_path / args[2], consolidated=False)
+        for name, unit in units.items():
+            assert written[name].attrs == {"units": unit}, (args[0], name)
+    # other labels of the items too, in the Python API
+    labelled = ens.assign_coords(frame=("structure", np.arange(40), {"long_name": "frame"}))
+    assert align(labelled, "mean")["frame"].attrs == {"long_name": "frame"}
