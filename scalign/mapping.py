@@ -23,6 +23,9 @@ from scalign._array import is_gpu_backed, move
 def _whole_core_dims(arr: xr.DataArray, core: Sequence[str]) -> xr.DataArray:
     if arr.chunks is None:
         return arr
+    # a label opened from zarr (a frame time) has its own chunks, often one for all the
+    # items: xarray refuses the array's chunk sizes until they agree with the data's
+    arr = arr.unify_chunks()
     split = [dim for dim in core if len(arr.chunksizes.get(dim, (0,))) > 1]
     return arr.chunk(dict.fromkeys(split, -1)) if split else arr
 

@@ -404,3 +404,27 @@ def test_coordinate_attrs_survive_every_command(tmp_path, capsys):
     # other labels of the items too, in the Python API
     labelled = ens.assign_coords(frame=("structure", np.arange(40), {"long_name": "frame"}))
     assert align(labelled, "mean")["frame"].attrs == {"long_name": "frame"}
+
+
+def test_labels_stored_in_their_own_chunks_do_not_stop_a_command(tmp_path, capsys):
+    """A label over the items written from memory (a frame number) is one zarr chunk
+    while the data has several: align, warp and register failed with xarray's
+    "inconsistent chunks along dimension structure ... call unify_chunks()"."""
+    from scalign.images import make_stack
+
+    ens = helix_ensemble(40, 8, chunks=10).assign_coords(frame=("structure", np.arange(40)))
+    save_zarr(ens, tmp_path / "ens.zarr")
+    frames = np.random.default_rng(0).random((4, 24, 24)).astype(np.float32)
+    stack = make_stack(frames, chunks=2).assign_coords(time=("image", np.arange(4) * 2.0))
+    save_zarr(stack, tmp_path / "stack.zarr")
+    np.save(tmp_path / "m.npy", np.eye(3))
+    runs = [
+        (["align", "ens.zarr", "a.zarr"], "frame", np.arange(40)),
+        (["warp", "stack.zarr", "w.zarr", "--matrix", "m.npy"], "time", np.arange(4) * 2.0),
+        (["register", "stack.zarr", "g.zarr"], "time", np.arange(4) * 2.0),
+    ]
+    for args, label, values in runs:
+        argv = [str(tmp_path / a) if a.endswith((".zarr", ".npy")) else a for a in args]
+        assert main([*argv, "--quiet"]) == 0, capsys.readouterr().err
+        written = xr.open_zarr(tmp_path / args[2], consolidated=False)
+        np.testing.assert_array_equal(written[label].values, values)
