@@ -428,3 +428,28 @@ def test_labels_stored_in_their_own_chunks_do_not_stop_a_command(tmp_path, capsy
         assert main([*argv, "--quiet"]) == 0, capsys.readouterr().err
         written = xr.open_zarr(tmp_path / args[2], consolidated=False)
         np.testing.assert_array_equal(written[label].values, values)
+
+
+def test_compare_tells_apart_maps_of_the_same_file_name(tmp_path, capsys):
+    """a/map.mrc and b/map.mrc were both ranked as "map": which one won was lost."""
+    from scalign.formats import write_volume
+    from scalign.synthetic_em import blob_volume, random_blobs, simulate_particles
+
+    blobs = random_blobs(10, radius=8.0, sigma=1.8, seed=1)
+    parts = simulate_particles(blobs, 32, 6, noise=0.3, seed=2)
+    save_zarr(parts.stack, tmp_path / "p.zarr")
+    for folder, seed in (("a", 5), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        volume = blob_volume(random_blobs(10, radius=8.0, sigma=1.8, seed=seed), 32)
+        write_volume(tmp_path / folder / "map.mrc", volume, pixel_size=3.0)
+    maps = [str(tmp_path / "a" / "map.mrc"), str(tmp_path / "b" / "map.mrc")]
+    out = tmp_path / "out.zarr"
+    args = ["compare", str(tmp_path / "p.zarr"), *maps, str(out), "--angles", "--quiet"]
+    assert main(args) == 0
+    assert f"best volume (cost)  {maps[1]}" in capsys.readouterr().out
+    assert xr.open_zarr(out, consolidated=False).attrs["volume_names"] == maps
+    assert main(["rank", str(out)]) == 0
+    assert f"best volume: {maps[1]}" in capsys.readouterr().out
+    twice = ["compare", str(tmp_path / "p.zarr"), maps[0], maps[0], str(tmp_path / "t.zarr")]
+    assert main([*twice, "--angles"]) == 2
+    assert "is given twice" in capsys.readouterr().err
