@@ -85,7 +85,14 @@ def _cluster_args(parser: argparse.ArgumentParser, local_default: bool) -> None:
         help="compute on GPUs with CuPy chunks: a dask-cuda LocalCUDACluster, or the "
         "GPU workers of the scheduler given by --scheduler",
     )
-    group.add_argument("--workers", type=int, default=None, help="workers of a local cluster")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="workers of the cluster started here ("
+        + ("the LocalCluster or --gpu" if local_default else "with --local or --gpu")
+        + "; an error otherwise)",
+    )
     group.add_argument(
         "--rmm-pool",
         metavar="SIZE",
