@@ -121,7 +121,9 @@ def _resolve_weights(ds: xr.Dataset, weights) -> xr.DataArray | None:
             )
         if weights.sizes[POINT] != n:
             raise ValueError(f"weights has {weights.sizes[POINT]} points but coords has {n}")
-        if weights.chunks is None:
+        # one weight per point is small enough to check now, even when lazy (a variable of
+        # a zarr store): invalid ones would make every structure NaN
+        if weights.chunks is None or weights.dims == (POINT,):
             as_weights("weights", host(weights), n)
         return weights.rename("weights")
     w = as_weights("weights", weights, n)
@@ -334,8 +336,9 @@ def align(
         ``scale``, ``rmsd`` and ``r2`` over ``structure``; ``reference (point, space)``.
         The input's coordinates and attributes are carried (``coords``' attributes, such
         as its units, by ``aligned``). A structure with a NaN/inf
-        coordinate, or with invalid lazily-given weights, gets NaN results; the rest of
-        its chunk is unaffected.
+        coordinate, or with invalid lazily-given per-structure weights, gets NaN results;
+        the rest of its chunk is unaffected (per-point weights are checked at once, lazy
+        or not).
     """
     check_option("device", device, DEVICES)
     ds = gpu_batches(validate_ensemble(ensemble), device)

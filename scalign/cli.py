@@ -85,7 +85,14 @@ def _cluster_args(parser: argparse.ArgumentParser, local_default: bool) -> None:
         help="compute on GPUs with CuPy chunks: a dask-cuda LocalCUDACluster, or the "
         "GPU workers of the scheduler given by --scheduler",
     )
-    group.add_argument("--workers", type=int, default=None, help="workers of a local cluster")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="workers of the cluster started here ("
+        + ("the LocalCluster or --gpu" if local_default else "with --local or --gpu")
+        + "; an error otherwise)",
+    )
     group.add_argument(
         "--rmm-pool",
         metavar="SIZE",
@@ -444,8 +451,12 @@ def cmd_import_star(args) -> int:
 
 def _read_volumes(paths: list[str]) -> xr.DataArray:
     """MRC volumes (or zarr stores holding ``volume``/``volumes``), stacked along volume,
-    with the pixel size their headers or attrs give (they must agree)."""
-    arrays, names, pixels = [], [], {}
+    with the pixel size their headers or attrs give (they must agree), each named by its
+    file name, or by its path as given where two files in different folders share one."""
+    if len(set(paths)) < len(paths):
+        twice = next(p for p in paths if paths.count(p) > 1)
+        raise ValueError(f"the volume {twice} is given twice")
+    arrays, sources, pixels = [], [], {}
     for path in paths:
         if Path(path).suffix == ".zarr":
             ds = open_store(path)
@@ -456,14 +467,18 @@ def _read_volumes(paths: list[str]) -> xr.DataArray:
             pixel = ds[name].attrs.get("pixel_size", ds.attrs.get("pixel_size"))
             for k, vol in enumerate(data if data.ndim == 4 else data[None]):
                 arrays.append(vol)
-                names.append(Path(path).stem if data.ndim == 3 else f"{Path(path).stem}[{k}]")
+                sources.append((path, None if data.ndim == 3 else k))
         else:
             volume = read_volume(path)
             arrays.append(volume.values)
-            names.append(Path(path).stem)
+            sources.append((path, None))
             pixel = volume.attrs.get("pixel_size")
         if pixel is not None:
             pixels[path] = float(pixel)
+    stems = [Path(path).stem for path, _ in sources]
+    # a/map.mrc and b/map.mrc would both be "map" in the ranking
+    files = stems if len(set(stems)) == len(set(paths)) else [path for path, _ in sources]
+    names = [f if k is None else f"{f}[{k}]" for f, (_, k) in zip(files, sources, strict=True)]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"the volumes differ in shape: {sorted(shapes)}")

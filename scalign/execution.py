@@ -147,7 +147,9 @@ def scheduler(
     ------
     ValueError
         ``threads`` with another choice, ``rmm_pool_size`` without a local ``gpu``
-        cluster, or a non-positive worker/thread count (``TypeError`` for a non-integer).
+        cluster, ``n_workers`` without a cluster started here (``threads_per_worker``
+        without a ``local`` one), or a non-positive worker/thread count (``TypeError``
+        for a non-integer).
     RuntimeError
         ``gpu`` without CuPy (or dask-cuda, or a usable device for a local cluster).
     ConnectionError
@@ -164,6 +166,14 @@ def scheduler(
             check_count(name, value)
     if rmm_pool_size is not None and not (gpu and not address):
         raise ValueError("rmm_pool_size needs gpu=True without a scheduler address (--gpu)")
+    # counts for a cluster that is not started here would be silently ignored
+    if n_workers is not None and not ((local or gpu) and not address):
+        raise ValueError(
+            "n_workers (--workers) sizes a cluster started here: it needs local=True "
+            "(--local) or gpu=True (--gpu) without a scheduler address"
+        )
+    if threads_per_worker is not None and not (local and not (gpu or address)):
+        raise ValueError("threads_per_worker needs local=True without a scheduler address")
     if gpu and address:
         # the workers hold the GPUs, but graphs of CuPy chunks are built here
         _import_cupy()

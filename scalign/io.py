@@ -431,13 +431,19 @@ def load_ensemble(
     FileNotFoundError
         No file at ``path``.
     ValueError
-        Another suffix, a missing (named or default) array, NaN/inf coordinates, or the
-        errors of :func:`make_ensemble`.
+        Another suffix, ``key`` or ``weights`` for a ``.npy`` file, a missing (named or
+        default) array, NaN/inf coordinates, or the errors of :func:`make_ensemble`.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no file at {path}")
     if path.suffix == ".npy":
+        if key is not None or weights is not None:
+            given = "key" if weights is None else "weights" if key is None else "key and weights"
+            raise ValueError(
+                f"{given} name arrays of an .npz, but {path} is a .npy file: it holds the "
+                "coordinates only"
+            )
         coords = _npy_coords(path, chunks)
         return make_ensemble(coords, chunks=chunks, attrs={"source": path.name})
     if path.suffix != ".npz":

@@ -23,6 +23,9 @@ from scalign._array import is_gpu_backed, move
 def _whole_core_dims(arr: xr.DataArray, core: Sequence[str]) -> xr.DataArray:
     if arr.chunks is None:
         return arr
+    # a label opened from zarr (a frame time) has its own chunks, often one for all the
+    # items: xarray refuses the array's chunk sizes until they agree with the data's
+    arr = arr.unify_chunks()
     split = [dim for dim in core if len(arr.chunksizes.get(dim, (0,))) > 1]
     return arr.chunk(dict.fromkeys(split, -1)) if split else arr
 
@@ -75,7 +78,7 @@ def map_batch(
     Returns
     -------
     dict of DataArray, keyed like ``outputs``; dask-backed when any input is. They
-    carry the inputs' coordinates but no attributes.
+    carry the inputs' coordinates (with their attributes) but no attributes of their own.
 
     Notes
     -----
@@ -105,6 +108,16 @@ def map_batch(
     )
     if len(outputs) == 1:
         result = (result,)
+    # keep_attrs=False drops the coordinates' attrs too (a time axis's units), though the
+    # outputs' labels are the inputs' own
+    labels: dict[Any, dict] = {}
+    for arr in inputs:
+        for name, coord in arr.coords.items():
+            labels.setdefault(name, coord.attrs)
+    result = [
+        out.assign_coords({k: out[k].assign_attrs(labels[k]) for k in out.coords if labels.get(k)})
+        for out in result
+    ]
     return dict(zip(outputs, result, strict=True))
 
 
@@ -172,7 +185,8 @@ def map_pairs(
     Returns
     -------
     DataArray over ``dims``, one dask task per block (chunk of ``a`` x chunk of ``b``),
-    with the batch coordinates of ``a`` and ``b`` (the index as ``dims``; another label
+    with the batch coordinates of ``a`` and ``b`` and their attributes (the index as
+    ``dims``; another label
     ``name`` of ``a``'s items as ``name``, of ``b``'s as ``name`` + the suffix that makes
     ``dims[1]`` of ``dims[0]``, e.g. ``time_other``).
     """
@@ -216,9 +230,10 @@ def map_pairs(
             if coord.dims != (batch,):
                 continue
             if name == batch:
-                coords[dim] = coord.values
+                coords[dim] = (dim, coord.values, coord.attrs)
             else:
                 # other labels of the items (a frame time, say), lazy ones kept lazy; the
                 # second axis's get the suffix of its dim
-                coords[name if axis == 0 else f"{name}{dim[len(dims[0]) :]}"] = (dim, coord.data)
+                label = name if axis == 0 else f"{name}{dim[len(dims[0]) :]}"
+                coords[label] = (dim, coord.data, coord.attrs)
     return xr.DataArray(data, dims=dims, coords=coords)

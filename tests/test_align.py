@@ -164,6 +164,24 @@ def test_lazy_per_structure_weights_invalid_row_gives_nan_for_that_structure(ens
     assert np.isnan(out["rmsd"][4]) and np.isfinite(out["rmsd"][5])
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [(-np.ones(24), "negative"), (np.zeros(24), "all zero"), (np.full(24, np.nan), "non-finite")],
+)
+def test_stored_point_weights_are_checked_though_lazy(ens, tmp_path, capsys, values, message):
+    """Per-point weights read lazily from a zarr store (``--weights masses``) were not
+    checked: invalid ones made every structure NaN, and the command exited 0."""
+    from scalign.cli import main
+
+    source = tmp_path / "in.zarr"
+    scalign.save_zarr(ens.assign(masses=("point", values)), source)
+    with pytest.raises(ValueError, match=message):
+        align(scalign.open_ensemble(source), 0, weights="masses")
+    out = tmp_path / "out.zarr"
+    assert main(["align", str(source), str(out), "--weights", "masses", "--quiet"]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_threaded_and_cluster_results_are_identical(ens, client):
     threaded = align(ens, "mean", scale=True).compute(scheduler="threads")
     on_cluster = align(ens, "mean", scale=True).compute()

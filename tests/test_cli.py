@@ -369,3 +369,87 @@ def test_compare_and_rank_candidate_volumes(tmp_path, capsys):
     assert main([*args, str(bad), "--symmetry", "X3"]) == 2
     assert "symmetry" in capsys.readouterr().err and not bad.exists()
     assert main(["rank", str(tmp_path / "missing.zarr")]) == 2
+
+
+def test_coordinate_attrs_survive_every_command(tmp_path, capsys):
+    """Every mapped op dropped the attrs of the coordinates (a time axis in ns, pixel
+    positions in µm): the outputs of align, rmsd, warp and register lost their units."""
+    from scalign import align
+    from scalign.images import make_stack
+
+    ens = helix_ensemble(40, 8, chunks=20).assign_coords(
+        structure=("structure", np.arange(40) * 0.5, {"units": "ns"})
+    )
+    save_zarr(ens, tmp_path / "ens.zarr")
+    frames = np.random.default_rng(0).random((4, 24, 24)).astype(np.float32)
+    stack = make_stack(frames, chunks=2).assign_coords(
+        image=("image", np.arange(4) * 2.0, {"units": "s"}),
+        y=("y", np.arange(24) * 1.5, {"units": "um"}),
+        x=("x", np.arange(24) * 1.5, {"units": "um"}),
+    )
+    save_zarr(stack, tmp_path / "stack.zarr")
+    np.save(tmp_path / "m.npy", np.eye(3))
+    runs = [
+        (["align", "ens.zarr", "a.zarr"], {"structure": "ns"}),
+        (["rmsd", "ens.zarr", "r.zarr"], {"structure": "ns", "structure_other": "ns"}),
+        (["warp", "stack.zarr", "w.zarr", "--matrix", "m.npy"], {"image": "s", "x": "um"}),
+        (["register", "stack.zarr", "g.zarr"], {"image": "s", "y": "um"}),
+    ]
+    for args, units in runs:
+        argv = [str(tmp_path / a) if a.endswith((".zarr", ".npy")) else a for a in args]
+        assert main([*argv, "--quiet"]) == 0
+        written = xr.open_zarr(tmp_path / args[2], consolidated=False)
+        for name, unit in units.items():
+            assert written[name].attrs == {"units": unit}, (args[0], name)
+    # other labels of the items too, in the Python API
+    labelled = ens.assign_coords(frame=("structure", np.arange(40), {"long_name": "frame"}))
+    assert align(labelled, "mean")["frame"].attrs == {"long_name": "frame"}
+
+
+def test_labels_stored_in_their_own_chunks_do_not_stop_a_command(tmp_path, capsys):
+    """A label over the items written from memory (a frame number) is one zarr chunk
+    while the data has several: align, warp and register failed with xarray's
+    "inconsistent chunks along dimension structure ... call unify_chunks()"."""
+    from scalign.images import make_stack
+
+    ens = helix_ensemble(40, 8, chunks=10).assign_coords(frame=("structure", np.arange(40)))
+    save_zarr(ens, tmp_path / "ens.zarr")
+    frames = np.random.default_rng(0).random((4, 24, 24)).astype(np.float32)
+    stack = make_stack(frames, chunks=2).assign_coords(time=("image", np.arange(4) * 2.0))
+    save_zarr(stack, tmp_path / "stack.zarr")
+    np.save(tmp_path / "m.npy", np.eye(3))
+    runs = [
+        (["align", "ens.zarr", "a.zarr"], "frame", np.arange(40)),
+        (["warp", "stack.zarr", "w.zarr", "--matrix", "m.npy"], "time", np.arange(4) * 2.0),
+        (["register", "stack.zarr", "g.zarr"], "time", np.arange(4) * 2.0),
+    ]
+    for args, label, values in runs:
+        argv = [str(tmp_path / a) if a.endswith((".zarr", ".npy")) else a for a in args]
+        assert main([*argv, "--quiet"]) == 0, capsys.readouterr().err
+        written = xr.open_zarr(tmp_path / args[2], consolidated=False)
+        np.testing.assert_array_equal(written[label].values, values)
+
+
+def test_compare_tells_apart_maps_of_the_same_file_name(tmp_path, capsys):
+    """a/map.mrc and b/map.mrc were both ranked as "map": which one won was lost."""
+    from scalign.formats import write_volume
+    from scalign.synthetic_em import blob_volume, random_blobs, simulate_particles
+
+    blobs = random_blobs(10, radius=8.0, sigma=1.8, seed=1)
+    parts = simulate_particles(blobs, 32, 6, noise=0.3, seed=2)
+    save_zarr(parts.stack, tmp_path / "p.zarr")
+    for folder, seed in (("a", 5), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        volume = blob_volume(random_blobs(10, radius=8.0, sigma=1.8, seed=seed), 32)
+        write_volume(tmp_path / folder / "map.mrc", volume, pixel_size=3.0)
+    maps = [str(tmp_path / "a" / "map.mrc"), str(tmp_path / "b" / "map.mrc")]
+    out = tmp_path / "out.zarr"
+    args = ["compare", str(tmp_path / "p.zarr"), *maps, str(out), "--angles", "--quiet"]
+    assert main(args) == 0
+    assert f"best volume (cost)  {maps[1]}" in capsys.readouterr().out
+    assert xr.open_zarr(out, consolidated=False).attrs["volume_names"] == maps
+    assert main(["rank", str(out)]) == 0
+    assert f"best volume: {maps[1]}" in capsys.readouterr().out
+    twice = ["compare", str(tmp_path / "p.zarr"), maps[0], maps[0], str(tmp_path / "t.zarr")]
+    assert main([*twice, "--angles"]) == 2
+    assert "is given twice" in capsys.readouterr().err

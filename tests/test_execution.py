@@ -114,6 +114,32 @@ def test_worker_counts_must_be_positive_integers(value, exc):
             pass
 
 
+def test_worker_counts_without_a_cluster_started_here_are_an_error(
+    cluster, tmp_path, monkeypatch, capsys
+):
+    """``scalign align IN OUT --workers 4`` (no --local) ran on the threaded scheduler
+    and said nothing; with --scheduler or --threads the count was dropped too."""
+    from scalign import helix_ensemble, save_zarr
+    from scalign.cli import main
+
+    with pytest.raises(ValueError, match=r"n_workers \(--workers\) sizes a cluster"):
+        with scheduler(n_workers=2):
+            pass
+    with pytest.raises(ValueError, match="threads_per_worker needs local=True"):
+        with scheduler(cluster.scheduler_address, threads_per_worker=1):
+            pass
+    source, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
+    save_zarr(helix_ensemble(20, 6, chunks=10), source)
+    address = cluster.scheduler_address
+    for extra in (["--workers", "4"], ["--scheduler", address, "--workers", "4"]):
+        assert main(["align", str(source), str(out), "--quiet", *extra]) == 2
+        assert "--workers" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv("SCALIGN_SCHEDULER", address)
+    assert main(["demo", "--structures", "20", "--points", "6", "--workers", "1"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert main(["demo", "--structures", "20", "--threads", "--workers", "1"]) == 2
+
+
 @pytest.mark.parametrize("word", ["threads", "local", "gpu"])
 def test_a_word_for_an_address_is_a_clear_error(word, monkeypatch, capsys):
     """``scheduler("threads")`` reached distributed as a host name and failed there with

@@ -218,6 +218,23 @@ def test_import_errors(tmp_path):
         open_ensemble(tmp_path / "nothing.zarr")
 
 
+@pytest.mark.parametrize(
+    ("options", "given"),
+    [(["--weights", "masses"], "weights"), (["--key", "xyz"], "key")],
+)
+def test_import_of_a_npy_file_refuses_npz_options(tmp_path, capsys, options, given):
+    """``scalign import coords.npy OUT --weights masses`` wrote an unweighted ensemble
+    and exited 0: a .npy holds one array, and --key/--weights were silently ignored."""
+    from scalign.cli import main
+
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).random((4, 5, 3)))
+    with pytest.raises(ValueError, match=f"^{given} name arrays of an .npz"):
+        load_ensemble(tmp_path / "c.npy", **{given: options[1]})
+    out = tmp_path / "out.zarr"
+    assert main(["import", str(tmp_path / "c.npy"), str(out), *options]) == 2
+    assert "is a .npy file" in capsys.readouterr().err and not out.exists()
+
+
 def test_make_ensemble_keeps_dask_input_lazy():
     import dask.array as da
 
