@@ -18,7 +18,7 @@ import xarray as xr
 from scalign.align import align
 from scalign.ensemble import STRUCTURE
 from scalign.execution import SCHEDULER_ENV, run, scheduler
-from scalign.formats import import_star, read_volume
+from scalign.formats import _partial, import_star, read_volume
 from scalign.icp import icp
 from scalign.images import validate_stack, warp_stack
 from scalign.io import (
@@ -286,18 +286,24 @@ def cmd_icp(args) -> int:
         ("time", f"{seconds:.2f} s"),
     ]
     if out is not None:
-        with open(out, "wb") as f:
-            np.savez(
-                f,
-                aligned=aligned,
-                rotation=R,
-                translation=t,
-                scale=info.scale,
-                transformation=info.transformation,
-                correspondences=info.correspondences,
-                fitness=info.fitness,
-                inlier_rmse=info.inlier_rmse,
-            )
+        # written beside and moved into place: an interrupted write leaves the old file
+        partial = _partial(out)
+        try:
+            with open(partial, "wb") as f:
+                np.savez(
+                    f,
+                    aligned=aligned,
+                    rotation=R,
+                    translation=t,
+                    scale=info.scale,
+                    transformation=info.transformation,
+                    correspondences=info.correspondences,
+                    fitness=info.fitness,
+                    inlier_rmse=info.inlier_rmse,
+                )
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
         rows.append(("output", str(out)))
     print(_table("scalign icp: summary", rows))
     return 0

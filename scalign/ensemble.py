@@ -66,9 +66,12 @@ def make_ensemble(
     """
     if isinstance(coords, da.Array):
         # as for in-memory input (as_points), lazily: the ops take floats only
-        if coords.dtype.kind not in "biuf":
+        if coords.dtype.kind not in "iuf":
             raise TypeError(f"coords must be an array of real numbers, got dtype {coords.dtype}")
-        arr = coords if coords.dtype.kind == "f" else coords.astype(np.float64)
+        if coords.dtype.kind != "f":
+            arr = coords.astype(np.float64)
+        else:
+            arr = coords.astype(np.float32) if coords.dtype == np.float16 else coords
     else:
         arr = as_points("coords", coords, min_ndim=0)
     if arr.ndim != 3:

@@ -157,6 +157,11 @@ def scheduler(
     """
     if threads and (address or local or gpu):
         raise ValueError("threads=True (--threads) excludes a scheduler address, local and gpu")
+    if local and address:
+        # the address would win and the local cluster be silently dropped
+        raise ValueError(
+            "local=True (--local) starts a cluster here: it excludes a scheduler address"
+        )
     if not (address or local or gpu or threads):
         address = os.environ.get(SCHEDULER_ENV) or None
     if address is not None:

@@ -16,12 +16,14 @@ from scalign._array import to_numpy
 
 def as_points(name: str, X: Any, *, min_ndim: int = 2) -> np.ndarray:
     """``X`` as a finite floating array of point sets ``(..., n, d)``, in host memory (a
-    CuPy array is copied)."""
+    CuPy array is copied): float32 and float64 as they are, integers as float64, float16
+    as float32 (its 11-bit significand holds a 100 Å coordinate to 0.06 Å); booleans are
+    no coordinates."""
     try:
         arr = to_numpy(X)
     except Exception as exc:  # ragged lists and other objects numpy cannot hold
         raise TypeError(f"{name} must be an array of points, got {type(X).__name__}") from exc
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"{name} must be a numeric array, got dtype {arr.dtype}")
     if np.iscomplexobj(arr):
         raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
@@ -31,6 +33,8 @@ def as_points(name: str, X: Any, *, min_ndim: int = 2) -> np.ndarray:
         raise ValueError(f"{name} is empty: shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
     if not np.all(np.isfinite(arr)):
         bad = int(np.count_nonzero(~np.isfinite(arr)))
         raise ValueError(f"{name} has {bad} non-finite (NaN or inf) coordinate(s)")

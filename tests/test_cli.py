@@ -281,6 +281,13 @@ def test_icp_registers_point_files(tmp_path, capsys):
     assert main(args) == 2  # exists, no --overwrite
     assert main(["icp", str(tmp_path / "src.npy"), str(tmp_path / "tgt.csv"), "--trim", "2"]) == 2
     assert "trim must be in (0, 1]" in capsys.readouterr().err
+    # --overwrite writes beside and moves into place (it opened the old file and wrote into
+    # it: an interrupted write destroyed it); nothing is left beside
+    out.write_bytes(b"old")
+    assert main([*args, "--overwrite"]) == 0
+    with np.load(out) as reg:
+        np.testing.assert_allclose(reg["rotation"], R.T, atol=1e-8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reg.npz", "src.npy", "tgt.csv"]
 
 
 def test_warp_and_register_stacks(tmp_path, capsys):

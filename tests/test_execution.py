@@ -128,6 +128,10 @@ def test_worker_counts_without_a_cluster_started_here_are_an_error(
     with pytest.raises(ValueError, match="threads_per_worker needs local=True"):
         with scheduler(cluster.scheduler_address, threads_per_worker=1):
             pass
+    # --local --scheduler ADDR: the address won and --local was dropped silently
+    with pytest.raises(ValueError, match=r"local=True \(--local\) starts a cluster here"):
+        with scheduler(cluster.scheduler_address, local=True):
+            pass
     source, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
     save_zarr(helix_ensemble(20, 6, chunks=10), source)
     address = cluster.scheduler_address

@@ -191,6 +191,19 @@ def test_a_npy_file_is_read_chunk_by_chunk_in_any_dtype_and_order(tmp_path, monk
         load_ensemble(tmp_path / "n.npy")
 
 
+def test_half_floats_become_float32_and_booleans_are_no_coordinates(tmp_path):
+    """float16 coordinates were kept (float16 aligned output), booleans imported as 0/1."""
+    coords = np.random.default_rng(2).standard_normal((4, 5, 3))
+    np.save(tmp_path / "h.npy", coords.astype(np.float16))
+    for ds in (load_ensemble(tmp_path / "h.npy"), make_ensemble(coords.astype(np.float16))):
+        assert ds["coords"].dtype == np.float32
+        np.testing.assert_allclose(ds["coords"].values, coords, atol=2e-3)
+    np.save(tmp_path / "b.npy", coords > 0)
+    for source in (tmp_path / "b.npy", None):
+        with pytest.raises(TypeError, match="coords must be a numeric array, got dtype bool"):
+            load_ensemble(source) if source else make_ensemble(coords > 0)
+
+
 def test_import_the_real_adk_npz(adk, tmp_path):
     from conftest import ADK
 
