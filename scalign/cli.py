@@ -471,9 +471,15 @@ def _read_volumes(paths: list[str]) -> xr.DataArray:
                 raise ValueError(f"{path} has no 'volume' or 'volumes' variable")
             data = ds[name].values
             pixel = ds[name].attrs.get("pixel_size", ds.attrs.get("pixel_size"))
-            for k, vol in enumerate(data if data.ndim == 4 else data[None]):
-                arrays.append(vol)
-                sources.append((path, None if data.ndim == 3 else k))
+            if data.ndim == 3:
+                arrays.append(data)
+                sources.append((path, None))
+            else:
+                # the store's own labels of its volumes, else their positions
+                first = ds[name].dims[0]
+                labels = ds[first].values if first in ds[name].coords else range(len(data))
+                arrays.extend(data)
+                sources.extend((path, label) for label in labels)
         else:
             volume = read_volume(path)
             arrays.append(volume.values)

@@ -460,3 +460,27 @@ def test_compare_tells_apart_maps_of_the_same_file_name(tmp_path, capsys):
     twice = ["compare", str(tmp_path / "p.zarr"), maps[0], maps[0], str(tmp_path / "t.zarr")]
     assert main([*twice, "--angles"]) == 2
     assert "is given twice" in capsys.readouterr().err
+
+
+def test_compare_names_a_stores_volumes_by_its_own_labels(tmp_path, capsys):
+    """A zarr store of several volumes with a ``volume`` label ("class1", ...): its maps
+    were named ``maps[0]``, ``maps[1]``, the labels ignored."""
+    from scalign.synthetic_em import blob_volume, random_blobs, simulate_particles
+
+    blobs = random_blobs(10, radius=8.0, sigma=1.8, seed=1)
+    parts = simulate_particles(blobs, 32, 6, noise=0.3, seed=2)
+    save_zarr(parts.stack, tmp_path / "p.zarr")
+    volumes = np.stack(
+        [blob_volume(random_blobs(10, radius=8.0, sigma=1.8, seed=s), 32) for s in (5, 1)]
+    )
+    labelled = xr.Dataset(
+        {"volumes": (("volume", "z", "y", "x"), volumes, {"pixel_size": 3.0})},
+        coords={"volume": np.array(["class1", "class2"], dtype=object)},
+    )
+    labelled.to_zarr(tmp_path / "maps.zarr", consolidated=False)
+    out = tmp_path / "out.zarr"
+    args = ["compare", str(tmp_path / "p.zarr"), str(tmp_path / "maps.zarr"), str(out)]
+    assert main([*args, "--angles", "--quiet"]) == 0
+    assert "best volume (cost)  maps[class2]" in capsys.readouterr().out
+    names = xr.open_zarr(out, consolidated=False).attrs["volume_names"]
+    assert names == ["maps[class1]", "maps[class2]"]
