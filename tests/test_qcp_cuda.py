@@ -122,3 +122,43 @@ def test_strided_batches_of_any_shape():
     assert lam.shape == (7, 5)
     exact = np.linalg.eigvalsh(horn_matrix(np, H))[..., -1]
     np.testing.assert_allclose(lam.get(), exact, rtol=1e-13)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("scale", [1e-165, 1e-80, 1e150])
+def test_any_scale_of_the_covariances(scale):
+    """K is solved as 2^-e K: at 1e-165 the squares in the stopping test underflowed, the
+    sweeps stopped at once and lambda came back 67% off with a bound of 0."""
+    import cupy
+
+    S, _ = cases()
+    S = S[:300] * scale
+    lam, error = qcp_cuda.largest_eigenvalue(cupy.asarray(S))
+    exact = np.linalg.eigvalsh(horn_matrix(np, S / scale))[:, -1] * scale
+    np.testing.assert_allclose(lam.get(), exact, rtol=1e-13)
+    assert np.all(np.abs(lam.get() - exact) <= error.get())
+
+
+@pytest.mark.gpu
+@gpu
+def test_near_identical_pairs_need_no_svd():
+    """Jacobi's own bound (~1e-14 of |K|) sent pairs with e2 between 1e-9 and 1e-8 of g to
+    the SVD in pairwise_rmsd; the quartic's bound at the same lambda, also returned, does
+    not."""
+    import cupy
+
+    from scalign.kernels.pairwise import _CLOSE, _RESOLVE
+
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((100, 3)) * 10
+    X = Y @ Rotation.random(40, random_state=1).as_matrix()
+    X = X + rng.uniform(1e-4, 6e-4, (40, 1, 1)) * rng.standard_normal(X.shape)
+    i, j = np.triu_indices(40, 1)
+    S, bound = covariances(X[i], X[j])
+    lam, error = (a.get() for a in qcp_cuda.largest_eigenvalue(cupy.asarray(S)))
+    g = 2 * bound
+    e2 = g - 2 * lam
+    decided = e2 >= _CLOSE * g  # the rest are refitted whole
+    assert decided.sum() > 500
+    assert np.all((error * error <= _RESOLVE * _RESOLVE * e2 * g)[decided])

@@ -40,10 +40,9 @@ double h[9];
 for (int k = 0; k < 9; ++k) h[k] = ok ? s[k] : eye[k];
 const double bound = ok ? 0.5 * (gx + gy) : 1.5;
 double q[4], gaps, error;
-const double lam = qcp_solve(h, q, &gaps, &error);
-const double range = fabs(lam) + fabs(bound);
-const bool unsure = !(gaps > {_ADJUGATE_RTOL!r} * range * range * range)
-                    || !(error <= {_EIGENVALUE_RTOL!r} * range);
+const double lam = qcp_solve(h, bound, q, &gaps, &error);
+const bool unsure = !(gaps > {_ADJUGATE_RTOL!r})
+                    || !(error <= {_EIGENVALUE_RTOL!r} * (fabs(lam) + fabs(bound)));
 const double qw = q[0], qx = q[1], qy = q[2], qz = q[3];
 const double R[9] = {{
     qw * qw + qx * qx - qy * qy - qz * qz, 2.0 * (qx * qy - qw * qz), 2.0 * (qx * qz + qw * qy),
