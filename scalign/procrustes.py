@@ -282,15 +282,18 @@ def procrustes_r2(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
 
 
 def rotation_angle(R1: ArrayLike, R2: ArrayLike, *, degrees: bool = True) -> np.ndarray:
-    """Angle of the rotation ``R1^T R2`` (batched): ``arccos((tr(R1^T R2) - 1) / 2)``.
+    """Angle of the rotation ``R1^T R2`` (batched), 2-D or 3-D.
 
     The geodesic distance between two rotations; use it to compare a fitted rotation with a
-    known one. Near 0 its precision is limited to about 1e-8 rad by the arccos.
+    known one. 3-D: ``arccos((tr(R1^T R2) - 1) / 2)``, whose precision near 0 is limited to
+    about 1e-8 rad by the arccos; 2-D: ``|theta|`` of ``R1^T R2`` (by ``atan2``, exact near
+    0).
 
     Parameters
     ----------
-    R1, R2 : (..., 3, 3) array
-        Rotation matrices; the batch shapes broadcast. Not checked to be rotations.
+    R1, R2 : (..., 2, 2) or (..., 3, 3) array
+        Rotation matrices of the same dimension; the batch shapes broadcast. Not checked
+        to be rotations.
     degrees : bool
         Return degrees (default) rather than radians.
 
@@ -299,10 +302,27 @@ def rotation_angle(R1: ArrayLike, R2: ArrayLike, *, degrees: bool = True) -> np.
     ndarray
         float64 angles in [0, 180] degrees (or [0, π] rad) over the broadcast batch shape
         (a NumPy scalar for two single matrices).
+
+    Raises
+    ------
+    ValueError
+        ``R1`` or ``R2`` not of shape ``(..., 2, 2)`` or ``(..., 3, 3)``, or of different
+        dimensions.
     """
     R1, R2 = np.asarray(R1, dtype=np.float64), np.asarray(R2, dtype=np.float64)
-    cos = (np.trace(np.swapaxes(R1, -1, -2) @ R2, axis1=-2, axis2=-1) - 1.0) / 2.0
-    angle = np.arccos(np.clip(cos, -1.0, 1.0))
+    d = R1.shape[-1] if R1.ndim else 0
+    if d not in (2, 3) or R1.shape[-2:] != (d, d) or R2.shape[-2:] != (d, d):
+        raise ValueError(
+            "R1 and R2 must be 2-D or 3-D rotations of one dimension, shape (..., 2, 2) or "
+            f"(..., 3, 3); got {R1.shape} and {R2.shape}"
+        )
+    M = np.swapaxes(R1, -1, -2) @ R2
+    if d == 2:
+        # the 3-D formula gave 60 degrees for the 2-D identity (tr I = 2, not 3)
+        angle = np.abs(np.arctan2(M[..., 1, 0] - M[..., 0, 1], M[..., 0, 0] + M[..., 1, 1]))
+    else:
+        cos = (np.trace(M, axis1=-2, axis2=-1) - 1.0) / 2.0
+        angle = np.arccos(np.clip(cos, -1.0, 1.0))
     return np.degrees(angle) if degrees else angle
 
 

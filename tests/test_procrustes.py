@@ -82,6 +82,25 @@ def test_works_in_2d():
     assert error < 1e-12
 
 
+def test_rotation_angle_in_2d_and_3d_against_scipy():
+    """The geodesic angle of 2-D rotations (the library fits them) is |theta|: the 3-D
+    formula arccos((tr - 1) / 2) gave 60 degrees for the 2-D identity."""
+    theta = np.deg2rad([0.0, 33.0, -120.0, 180.0])
+    c, s = np.cos(theta), np.sin(theta)
+    R2 = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+    np.testing.assert_allclose(
+        scalign.rotation_angle(np.eye(2), R2), [0.0, 33.0, 120.0, 180.0], atol=1e-6
+    )
+    R3 = Rotation.random(5, random_state=3)
+    np.testing.assert_allclose(
+        scalign.rotation_angle(np.eye(3), R3.as_matrix()), np.degrees(R3.magnitude()), rtol=1e-9
+    )
+    with pytest.raises(ValueError, match=r"R1 and R2 must be 2-D or 3-D rotations.*\(4, 4\)"):
+        scalign.rotation_angle(np.eye(4), np.eye(4))
+    with pytest.raises(ValueError, match=r"R1 and R2 must be 2-D or 3-D rotations.*\(3, 3\)"):
+        scalign.rotation_angle(np.eye(2), np.eye(3))
+
+
 def test_collinear_points_give_a_defined_rmsd_and_alignment():
     """The rotation about the line is not unique: test RMSD and coordinates, not R."""
     Y = np.outer(np.arange(6.0), [1, 2, 2])
