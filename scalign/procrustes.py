@@ -339,8 +339,9 @@ def iteratively_reweighted_procrustes(
 
     Iterates a weighted fit and a reweighting of each point from its residual norm
     :math:`r_k` over the robust scale :math:`\\hat\\sigma = 1.4826\\,\\mathrm{median}\\,
-    r_k`: Huber (c = 1.345), Tukey's bisquare (c = 4.685) or Welsch (c = 2.985); see
-    :mod:`scalign.kernels.robust`. Stops when no weight changes by more than ``tol``.
+    r_k` (over the points of positive prior weight): Huber (c = 1.345), Tukey's bisquare
+    (c = 4.685) or Welsch (c = 2.985); see :mod:`scalign.kernels.robust`. Stops when no
+    weight changes by more than ``tol``.
 
     Parameters
     ----------
