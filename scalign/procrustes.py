@@ -403,7 +403,8 @@ def coarsen(X: ArrayLike, factor: int, weights: ArrayLike | None = None):
     Block ``j`` holds points ``j*factor ... (j+1)*factor - 1``; when ``n`` is not a
     multiple of ``factor`` the last block holds the remaining ``n mod factor`` points.
     Each block's position is the (weighted) mean of its points and its weight is the sum
-    of their weights (their count without weights), so a short last block weighs less.
+    of their weights (their count without weights), so a short last block weighs less. A
+    block whose weights are all zero sits at the plain mean of its points, with weight 0.
 
     Parameters
     ----------
