@@ -43,6 +43,12 @@ def _checked(X, Y, weights=None):
     X = as_points("X", X)
     Y = as_points("Y", Y)
     check_pair(X, Y)
+    if Y.ndim > 2 and Y.shape[:-2] != X.shape[:-2]:
+        # the results have X's batch shape: one target for all, or one per set of X
+        raise ValueError(
+            f"Y has {int(np.prod(Y.shape[:-2]))} sets (batch shape {Y.shape[:-2]}) but X has "
+            f"batch shape {X.shape[:-2]}: Y must be one set (n, d) or one per set of X"
+        )
     check_spread("X", X)
     check_spread("Y", Y)
     w = None if weights is None else as_weights("weights", weights, X.shape[-2])
@@ -75,7 +81,7 @@ def kabsch(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     weights : (n,) or (..., n) array, optional
         Non-negative per-point weights (not all zero); one row per set of ``X`` when
         batched. Centroids are weighted too.
@@ -113,7 +119,7 @@ def umeyama(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     weights : (n,) or (..., n) array, optional
         Non-negative per-point weights (not all zero); one row per set of ``X`` when
         batched. Centroids are weighted too.
@@ -151,7 +157,7 @@ def procrustes_align(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     scale : bool
         Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
 
@@ -190,7 +196,7 @@ def weighted_procrustes(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     weights : (n,) or (..., n) array
         Non-negative per-point weights (not all zero); one row per set of ``X`` when
         batched.
@@ -227,7 +233,7 @@ def procrustes_rmse(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     scale : bool
         Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
 
@@ -247,7 +253,7 @@ def procrustes_distance(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> floa
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     scale : bool
         Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
 
@@ -269,7 +275,7 @@ def procrustes_r2(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     scale : bool
         Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
 
@@ -348,7 +354,7 @@ def iteratively_reweighted_procrustes(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     robust_loss : {"huber", "tukey", "welsch"}
     max_iterations : int
         Reweighting iterations at most (after the initial least-squares fit).

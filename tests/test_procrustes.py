@@ -128,6 +128,19 @@ BAD = [
     ("points", lambda X, Y: (X[:-1], Y), ValueError, "X has 9 points but Y has 10"),
     ("dims", lambda X, Y: (X[:, :2], Y), ValueError, "X is 2-dimensional but Y is 3-dimensional"),
     ("too few", lambda X, Y: (X[:2], Y[:2]), ValueError, "at least 3 are needed"),
+    # numpy's broadcasting error ("operands could not be broadcast ...") before
+    (
+        "batches",
+        lambda X, Y: (np.stack([X] * 5), np.stack([Y] * 4)),
+        ValueError,
+        r"Y has 4 sets \(batch shape \(4,\)\) but X has batch shape \(5,\)",
+    ),
+    (
+        "batch of targets",
+        lambda X, Y: (X, np.stack([Y] * 4)),
+        ValueError,
+        r"Y has 4 sets \(batch shape \(4,\)\) but X has batch shape \(\)",
+    ),
     ("1-D", lambda X, Y: (X.ravel(), Y), ValueError, "X must have shape"),
     ("empty", lambda X, Y: (X[:0], Y[:0]), ValueError, "X is empty"),
     ("strings", lambda X, Y: (X.astype(str), Y), TypeError, "X must be a numeric array"),
