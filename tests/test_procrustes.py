@@ -101,6 +101,29 @@ def test_rotation_angle_in_2d_and_3d_against_scipy():
         scalign.rotation_angle(np.eye(2), np.eye(3))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_coordinates_are_not_called_coincident(dtype):
+    """Localisation-microscopy points in metres (a 200 nm cloud 5 µm from the origin, as
+    float32): the coincidence tolerance was relative to 1 + max|x|, i.e. absolute below
+    unit coordinates, and called the cloud degenerate (all points coincide)."""
+    rng = np.random.default_rng(0)
+    Y = rng.normal(size=(200, 3)) * [200e-9, 200e-9, 50e-9] + [5e-6, 3e-6, 0.0]
+    Q = Rotation.random(random_state=1).as_matrix()
+    X = ((Y - Y.mean(0)) @ Q + Y.mean(0)).astype(dtype)
+    aligned, R, error = procrustes_align(X, Y.astype(dtype))
+    np.testing.assert_allclose(R, Q, atol=1e-5 if dtype == np.float32 else 1e-9)
+    assert error < (1e-12 if dtype == np.float32 else 1e-18)
+    torch = pytest.importorskip("torch")
+    from scalign.differentiable import torch_procrustes_align
+
+    _, R_t, _ = torch_procrustes_align(torch.from_numpy(X), torch.from_numpy(Y.astype(dtype)))
+    np.testing.assert_allclose(R_t.numpy(), Q, atol=1e-4 if dtype == np.float32 else 1e-9)
+    with pytest.raises(ValueError, match="X is degenerate"):  # still: truly coincident points
+        procrustes_align(np.broadcast_to(X[:1], X.shape), Y)
+    with pytest.raises(ValueError, match="X is degenerate"):  # squares subnormal: RMSD 0
+        procrustes_align(X.astype(np.float64) * 1e-150, Y * 1e-150)
+
+
 def test_collinear_points_give_a_defined_rmsd_and_alignment():
     """The rotation about the line is not unique: test RMSD and coordinates, not R."""
     Y = np.outer(np.arange(6.0), [1, 2, 2])
