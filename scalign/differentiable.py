@@ -142,12 +142,15 @@ def _check_finite(name: str, X: torch.Tensor) -> None:
 
 def _check_spread(name: str, X: torch.Tensor) -> None:
     """At least two distinct points per item, or no rotation (nor scale) is defined; the
-    tolerance is NumPy's (:func:`scalign.validation.check_spread`)."""
+    tolerance is NumPy's (:func:`scalign.validation.check_spread`), with the floor of the
+    dtype the sums are taken in."""
     X = X.detach()
-    tol = coincidence_rtol(torch.finfo(X.dtype).eps) * (
-        1.0 + X.abs().amax(dim=(-2, -1), keepdim=True)
-    )
-    same = ((X - X.mean(dim=-2, keepdim=True)).abs() <= tol).flatten(-2).all(dim=-1)
+    finfo = torch.finfo(X.dtype)
+    # sums of squares are taken in the input dtype here
+    magnitude = X.abs().amax(dim=(-2, -1), keepdim=True)
+    tol = (coincidence_rtol(finfo.eps) * magnitude).clamp(min=finfo.tiny**0.5)
+    centred = X.double() - X.mean(dim=-2, keepdim=True, dtype=torch.float64)
+    same = (centred.abs() <= tol).flatten(-2).all(dim=-1)
     raise_if_coincident(name, same.cpu().numpy())
 
 

@@ -43,6 +43,12 @@ def _checked(X, Y, weights=None):
     X = as_points("X", X)
     Y = as_points("Y", Y)
     check_pair(X, Y)
+    if Y.ndim > 2 and Y.shape[:-2] != X.shape[:-2]:
+        # the results have X's batch shape: one target for all, or one per set of X
+        raise ValueError(
+            f"Y has {int(np.prod(Y.shape[:-2]))} sets (batch shape {Y.shape[:-2]}) but X has "
+            f"batch shape {X.shape[:-2]}: Y must be one set (n, d) or one per set of X"
+        )
     check_spread("X", X)
     check_spread("Y", Y)
     w = None if weights is None else as_weights("weights", weights, X.shape[-2])
@@ -75,7 +81,7 @@ def kabsch(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     weights : (n,) or (..., n) array, optional
         Non-negative per-point weights (not all zero); one row per set of ``X`` when
         batched. Centroids are weighted too.
@@ -113,7 +119,7 @@ def umeyama(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     weights : (n,) or (..., n) array, optional
         Non-negative per-point weights (not all zero); one row per set of ``X`` when
         batched. Centroids are weighted too.
@@ -151,7 +157,7 @@ def procrustes_align(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     scale : bool
         Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
 
@@ -190,7 +196,7 @@ def weighted_procrustes(
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     weights : (n,) or (..., n) array
         Non-negative per-point weights (not all zero); one row per set of ``X`` when
         batched.
@@ -227,7 +233,7 @@ def procrustes_rmse(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     scale : bool
         Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
 
@@ -247,7 +253,7 @@ def procrustes_distance(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> floa
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     scale : bool
         Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
 
@@ -269,7 +275,7 @@ def procrustes_r2(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     scale : bool
         Also fit an isotropic scale ``s`` of ``X`` (Umeyama); ``s = 1`` otherwise.
 
@@ -282,15 +288,18 @@ def procrustes_r2(X: ArrayLike, Y: ArrayLike, scale: bool = False) -> float:
 
 
 def rotation_angle(R1: ArrayLike, R2: ArrayLike, *, degrees: bool = True) -> np.ndarray:
-    """Angle of the rotation ``R1^T R2`` (batched): ``arccos((tr(R1^T R2) - 1) / 2)``.
+    """Angle of the rotation ``R1^T R2`` (batched), 2-D or 3-D.
 
     The geodesic distance between two rotations; use it to compare a fitted rotation with a
-    known one. Near 0 its precision is limited to about 1e-8 rad by the arccos.
+    known one. 3-D: ``arccos((tr(R1^T R2) - 1) / 2)``, whose precision near 0 is limited to
+    about 1e-8 rad by the arccos; 2-D: ``|theta|`` of ``R1^T R2`` (by ``atan2``, exact near
+    0).
 
     Parameters
     ----------
-    R1, R2 : (..., 3, 3) array
-        Rotation matrices; the batch shapes broadcast. Not checked to be rotations.
+    R1, R2 : (..., 2, 2) or (..., 3, 3) array
+        Rotation matrices of the same dimension; the batch shapes broadcast. Not checked
+        to be rotations.
     degrees : bool
         Return degrees (default) rather than radians.
 
@@ -299,10 +308,27 @@ def rotation_angle(R1: ArrayLike, R2: ArrayLike, *, degrees: bool = True) -> np.
     ndarray
         float64 angles in [0, 180] degrees (or [0, π] rad) over the broadcast batch shape
         (a NumPy scalar for two single matrices).
+
+    Raises
+    ------
+    ValueError
+        ``R1`` or ``R2`` not of shape ``(..., 2, 2)`` or ``(..., 3, 3)``, or of different
+        dimensions.
     """
     R1, R2 = np.asarray(R1, dtype=np.float64), np.asarray(R2, dtype=np.float64)
-    cos = (np.trace(np.swapaxes(R1, -1, -2) @ R2, axis1=-2, axis2=-1) - 1.0) / 2.0
-    angle = np.arccos(np.clip(cos, -1.0, 1.0))
+    d = R1.shape[-1] if R1.ndim else 0
+    if d not in (2, 3) or R1.shape[-2:] != (d, d) or R2.shape[-2:] != (d, d):
+        raise ValueError(
+            "R1 and R2 must be 2-D or 3-D rotations of one dimension, shape (..., 2, 2) or "
+            f"(..., 3, 3); got {R1.shape} and {R2.shape}"
+        )
+    M = np.swapaxes(R1, -1, -2) @ R2
+    if d == 2:
+        # the 3-D formula gave 60 degrees for the 2-D identity (tr I = 2, not 3)
+        angle = np.abs(np.arctan2(M[..., 1, 0] - M[..., 0, 1], M[..., 0, 0] + M[..., 1, 1]))
+    else:
+        cos = (np.trace(M, axis1=-2, axis2=-1) - 1.0) / 2.0
+        angle = np.arccos(np.clip(cos, -1.0, 1.0))
     return np.degrees(angle) if degrees else angle
 
 
@@ -319,15 +345,16 @@ def iteratively_reweighted_procrustes(
 
     Iterates a weighted fit and a reweighting of each point from its residual norm
     :math:`r_k` over the robust scale :math:`\\hat\\sigma = 1.4826\\,\\mathrm{median}\\,
-    r_k`: Huber (c = 1.345), Tukey's bisquare (c = 4.685) or Welsch (c = 2.985); see
-    :mod:`scalign.kernels.robust`. Stops when no weight changes by more than ``tol``.
+    r_k` (over the points of positive prior weight): Huber (c = 1.345), Tukey's bisquare
+    (c = 4.685) or Welsch (c = 2.985); see :mod:`scalign.kernels.robust`. Stops when no
+    weight changes by more than ``tol``.
 
     Parameters
     ----------
     X : (..., n, d) array
         Moving point set(s), points as rows; any leading batch shape.
     Y : (n, d) or (..., n, d) array
-        Target point set(s), paired point by point with ``X``.
+        Target: one set, or one per set of ``X`` (its batch shape); paired point by point.
     robust_loss : {"huber", "tukey", "welsch"}
     max_iterations : int
         Reweighting iterations at most (after the initial least-squares fit).
@@ -382,7 +409,8 @@ def coarsen(X: ArrayLike, factor: int, weights: ArrayLike | None = None):
     Block ``j`` holds points ``j*factor ... (j+1)*factor - 1``; when ``n`` is not a
     multiple of ``factor`` the last block holds the remaining ``n mod factor`` points.
     Each block's position is the (weighted) mean of its points and its weight is the sum
-    of their weights (their count without weights), so a short last block weighs less.
+    of their weights (their count without weights), so a short last block weighs less. A
+    block whose weights are all zero sits at the plain mean of its points, with weight 0.
 
     Parameters
     ----------

@@ -61,10 +61,16 @@ def check_pair(X: np.ndarray, Y: np.ndarray, x_name: str = "X", y_name: str = "Y
     check_enough_points(x_name, X.shape[-2], X.shape[-1])
 
 
+_FLOAT64_SQRT_TINY = float(np.sqrt(np.finfo(np.float64).tiny))
+
+
 def coincidence_rtol(eps: float) -> float:
-    """Points coincide when every centred coordinate is within this fraction of
-    ``1 + max|x|`` (per item): ``1e-12``, raised to a few of the dtype's ``eps`` (the
-    mean of equal float32 values is off by an ulp or so)."""
+    """Points coincide when every centred coordinate is within this fraction of ``max|x|``
+    (per item), or below the square root of the smallest normal number of the precision
+    the fit sums squares in (their squares lose their digits): ``1e-12``, raised
+    to a few of the dtype's ``eps`` (points equal to the dtype's precision coincide).
+    Relative to ``1 + max|x|``, as it was, the tolerance was absolute below unit
+    coordinates: a 200 nm float32 cloud in metres was called coincident."""
     return max(1e-12, 8 * eps)
 
 
@@ -80,9 +86,12 @@ def raise_if_coincident(name: str, same: np.ndarray) -> None:
 def check_spread(name: str, X: np.ndarray) -> None:
     """At least two distinct points per item, or no rotation is defined at all (the
     tolerance is relative to each item's own magnitude: :func:`coincidence_rtol`)."""
-    centred = X - X.mean(axis=-2, keepdims=True)
+    # centred in float64: the float32 mean of equal values is off by several ulps
+    centred = X - X.mean(axis=-2, keepdims=True, dtype=np.float64)
     eps = np.finfo(X.dtype).eps if np.issubdtype(X.dtype, np.floating) else 0.0
-    tol = coincidence_rtol(eps) * (1.0 + np.abs(X).max(axis=(-2, -1), keepdims=True))
+    # the fits accumulate in float64 whatever the input dtype
+    magnitude = np.abs(X).max(axis=(-2, -1), keepdims=True)
+    tol = np.maximum(coincidence_rtol(eps) * magnitude, _FLOAT64_SQRT_TINY)
     raise_if_coincident(name, np.all(np.abs(centred) <= tol, axis=(-2, -1)))
 
 

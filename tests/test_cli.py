@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -288,6 +289,16 @@ def test_icp_registers_point_files(tmp_path, capsys):
     with np.load(out) as reg:
         np.testing.assert_allclose(reg["rotation"], R.T, atol=1e-8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reg.npz", "src.npy", "tgt.csv"]
+
+
+def test_icp_summary_gives_the_angle_of_a_2d_rotation(tmp_path, capsys):
+    """A pure translation of 2-D points was reported as a 60° rotation (the 3-D formula)."""
+    P = np.random.default_rng(2).normal(size=(100, 2)) * [5, 2]
+    np.save(tmp_path / "src.npy", P)
+    np.save(tmp_path / "tgt.npy", P + 1.0)
+    assert main(["icp", str(tmp_path / "src.npy"), str(tmp_path / "tgt.npy")]) == 0
+    angle = re.search(r"rotation +(\S+)° from the identity", capsys.readouterr().out)
+    assert abs(float(angle.group(1))) < 1e-6
 
 
 def test_warp_and_register_stacks(tmp_path, capsys):

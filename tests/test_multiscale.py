@@ -37,6 +37,27 @@ def test_coarsen_is_the_block_mean_with_a_short_last_block():
     np.testing.assert_allclose(beads_w[0], w[:3] @ X[:3] / 6)
 
 
+def test_a_block_of_zero_weights_is_left_out_not_nan(adk):
+    """AdK's Cα trace with its first 12 residues weighted 0 (a disordered terminus, say):
+    a block whose weights are all zero has no weighted mean; it sits at its points' plain
+    mean with weight 0 and the weighted fits leave it out. 0 / 0 made every result NaN."""
+    ca = adk["ca_indices"]
+    target, high = adk["coords"][0][ca], adk["coords"][40][ca]
+    w = np.ones(len(ca))
+    w[:12] = 0.0
+    beads, block_weights = coarsen(high, 4, w)
+    np.testing.assert_array_equal(block_weights[:4], [0, 0, 0, 4])
+    np.testing.assert_allclose(beads[:3], high[:12].astype(float).reshape(3, 4, 3).mean(1))
+    low = coarsen(target, 4)[0]
+    keep = block_weights > 0
+    _, R_ref, error_ref = scalign.weighted_procrustes(beads[keep], low[keep], block_weights[keep])
+    _, R, error = multiscale_procrustes(low, high, 4, "weighted", weights=w)
+    np.testing.assert_allclose(R, R_ref, atol=1e-12)
+    assert error == pytest.approx(error_ref, rel=1e-12)
+    out = scalign.align(scalign.make_ensemble(np.stack([target, high])), 0, weights=w, coarsen=4)
+    np.testing.assert_allclose(out["rotation"].values[1], R_ref, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("n", [200, 203])  # a multiple of the factor and not
 def test_recovers_a_known_transform_between_resolutions(method, n):

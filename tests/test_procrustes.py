@@ -82,6 +82,48 @@ def test_works_in_2d():
     assert error < 1e-12
 
 
+def test_rotation_angle_in_2d_and_3d_against_scipy():
+    """The geodesic angle of 2-D rotations (the library fits them) is |theta|: the 3-D
+    formula arccos((tr - 1) / 2) gave 60 degrees for the 2-D identity."""
+    theta = np.deg2rad([0.0, 33.0, -120.0, 180.0])
+    c, s = np.cos(theta), np.sin(theta)
+    R2 = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+    np.testing.assert_allclose(
+        scalign.rotation_angle(np.eye(2), R2), [0.0, 33.0, 120.0, 180.0], atol=1e-6
+    )
+    R3 = Rotation.random(5, random_state=3)
+    np.testing.assert_allclose(
+        scalign.rotation_angle(np.eye(3), R3.as_matrix()), np.degrees(R3.magnitude()), rtol=1e-9
+    )
+    with pytest.raises(ValueError, match=r"R1 and R2 must be 2-D or 3-D rotations.*\(4, 4\)"):
+        scalign.rotation_angle(np.eye(4), np.eye(4))
+    with pytest.raises(ValueError, match=r"R1 and R2 must be 2-D or 3-D rotations.*\(3, 3\)"):
+        scalign.rotation_angle(np.eye(2), np.eye(3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_coordinates_are_not_called_coincident(dtype):
+    """Localisation-microscopy points in metres (a 200 nm cloud 5 µm from the origin, as
+    float32): the coincidence tolerance was relative to 1 + max|x|, i.e. absolute below
+    unit coordinates, and called the cloud degenerate (all points coincide)."""
+    rng = np.random.default_rng(0)
+    Y = rng.normal(size=(200, 3)) * [200e-9, 200e-9, 50e-9] + [5e-6, 3e-6, 0.0]
+    Q = Rotation.random(random_state=1).as_matrix()
+    X = ((Y - Y.mean(0)) @ Q + Y.mean(0)).astype(dtype)
+    aligned, R, error = procrustes_align(X, Y.astype(dtype))
+    np.testing.assert_allclose(R, Q, atol=1e-5 if dtype == np.float32 else 1e-9)
+    assert error < (1e-12 if dtype == np.float32 else 1e-18)
+    torch = pytest.importorskip("torch")
+    from scalign.differentiable import torch_procrustes_align
+
+    _, R_t, _ = torch_procrustes_align(torch.from_numpy(X), torch.from_numpy(Y.astype(dtype)))
+    np.testing.assert_allclose(R_t.numpy(), Q, atol=1e-4 if dtype == np.float32 else 1e-9)
+    with pytest.raises(ValueError, match="X is degenerate"):  # still: truly coincident points
+        procrustes_align(np.broadcast_to(X[:1], X.shape), Y)
+    with pytest.raises(ValueError, match="X is degenerate"):  # squares subnormal: RMSD 0
+        procrustes_align(X.astype(np.float64) * 1e-150, Y * 1e-150)
+
+
 def test_collinear_points_give_a_defined_rmsd_and_alignment():
     """The rotation about the line is not unique: test RMSD and coordinates, not R."""
     Y = np.outer(np.arange(6.0), [1, 2, 2])
@@ -109,6 +151,19 @@ BAD = [
     ("points", lambda X, Y: (X[:-1], Y), ValueError, "X has 9 points but Y has 10"),
     ("dims", lambda X, Y: (X[:, :2], Y), ValueError, "X is 2-dimensional but Y is 3-dimensional"),
     ("too few", lambda X, Y: (X[:2], Y[:2]), ValueError, "at least 3 are needed"),
+    # numpy's broadcasting error ("operands could not be broadcast ...") before
+    (
+        "batches",
+        lambda X, Y: (np.stack([X] * 5), np.stack([Y] * 4)),
+        ValueError,
+        r"Y has 4 sets \(batch shape \(4,\)\) but X has batch shape \(5,\)",
+    ),
+    (
+        "batch of targets",
+        lambda X, Y: (X, np.stack([Y] * 4)),
+        ValueError,
+        r"Y has 4 sets \(batch shape \(4,\)\) but X has batch shape \(\)",
+    ),
     ("1-D", lambda X, Y: (X.ravel(), Y), ValueError, "X must have shape"),
     ("empty", lambda X, Y: (X[:0], Y[:0]), ValueError, "X is empty"),
     ("strings", lambda X, Y: (X.astype(str), Y), TypeError, "X must be a numeric array"),

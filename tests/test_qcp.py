@@ -139,3 +139,26 @@ def test_elongated_pairs_need_no_svd():
     g = 2 * bound
     e2 = g - 2 * lam
     assert np.all(error * error <= _RESOLVE * _RESOLVE * e2 * g)
+
+
+@pytest.mark.parametrize("unit", [1e-10, 1.0, 1e26, 1e30, 1e40])
+def test_rotation_does_not_depend_on_the_unit_of_the_coordinates(unit):
+    """Horn's adjugate grows as the cube of the covariances and its squared norm as their
+    sixth power: from coordinates of ~1e26 (galaxy positions in metres) it overflowed and
+    the quaternion, and the rotation, came out 0 while the RMSD stayed right; from ~1e38
+    the quartic overflowed and pairwise RMSDs came out NaN."""
+    from scalign.kernels.pairwise import pairwise_rmsd
+
+    rng = np.random.default_rng(10)
+    Q = Rotation.random(random_state=11).as_matrix()
+    X = rng.standard_normal((30, 3))
+    Y = X @ Q.T + 0.01 * rng.standard_normal((30, 3))
+    want = superpose(X, Y)
+    with np.errstate(over="raise"):
+        fit = superpose(X * unit, Y * unit)
+    np.testing.assert_allclose(fit.rotation, want.rotation, atol=1e-12)
+    np.testing.assert_allclose(fit.rmsd / unit, want.rmsd, rtol=1e-9)
+    np.testing.assert_allclose(fit.translation / unit, want.translation, atol=1e-12)
+    with np.errstate(over="raise"):
+        D = pairwise_rmsd(np.stack([X, Y]) * unit)
+    np.testing.assert_allclose(D[0, 1] / unit, want.rmsd, rtol=1e-9)

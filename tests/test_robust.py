@@ -126,6 +126,27 @@ def test_prior_weights_multiply_the_robust_weights():
     np.testing.assert_allclose(weights[~outlier] / prior[~outlier], 1.0, atol=0.35)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_zero_prior_weights_leave_points_out_of_the_robust_scale(adk, loss):
+    """A 0/1 mask (the Cα atoms of AdK) gives the robust fit of the masked subset: the
+    residual scale is the median over the points in the fit. Over all points, the other
+    atoms' residuals set it (0.07° off the subset's fit on AdK, and a planted outlier
+    among the fitted points kept its weight)."""
+    X, Y = adk["coords"][60].astype(np.float64), adk["coords"][0].astype(np.float64)
+    ca = adk["ca_indices"]
+    X[ca[100]] += 15.0  # an outlier among the fitted atoms
+    mask = np.zeros(len(X))
+    mask[ca] = 1.0
+    _, R, error, weights = iteratively_reweighted_procrustes(X, Y, loss, weights=mask)
+    _, R_ca, error_ca, weights_ca = iteratively_reweighted_procrustes(X[ca], Y[ca], loss)
+    assert scalign.rotation_angle(R, R_ca) < 1e-6
+    np.testing.assert_allclose(error, error_ca, rtol=1e-9)
+    np.testing.assert_allclose(weights[ca], weights_ca, atol=1e-9)
+    assert weights[ca[100]] < 0.25 and np.all(weights[mask == 0] == 0)
+    out = scalign.align(scalign.make_ensemble(np.stack([Y, X])), 0, weights=mask, robust=loss)
+    assert scalign.rotation_angle(out["rotation"].values[1], R_ca) < 1e-6
+
+
 def test_batched_kernel_gives_nan_for_a_nan_item_only():
     X, Y, Q, _ = corrupted_pair(seed=3)
     batch = np.stack([X, X, X])

@@ -16,7 +16,9 @@ def block_means(X: Array, factor: int, weights: Array | None = None) -> tuple[Ar
     w_k` over the block :math:`B_j = \\{j f, \\dots, (j+1) f - 1\\}`; when ``n`` is not a
     multiple of ``f`` the last block holds the remaining ``n mod f`` points. The block
     weight is :math:`\\sum_{k \\in B_j} w_k` (the count without weights), so a short last
-    block weighs less.
+    block weighs less. A block whose weights are all zero has no weighted mean: it is
+    placed at the plain mean of its points, with block weight 0 (a fit weighted by the
+    block weights leaves it out).
 
     Parameters
     ----------
@@ -41,4 +43,9 @@ def block_means(X: Array, factor: int, weights: Array | None = None) -> tuple[Ar
         w = xp.concat([w, xp.zeros((*batch, pad), dtype=xp.float64)], axis=-1)
     sums = xp.sum(xp.reshape(Xw, (*batch, blocks, factor, d)), axis=-2)
     block_weights = xp.sum(xp.reshape(w, (*batch, blocks, factor)), axis=-1)
-    return sums / block_weights[..., None], block_weights
+    beads = sums / xp.where(block_weights > 0, block_weights, 1.0)[..., None]
+    empty = block_weights == 0
+    if bool(xp.any(empty)):
+        # 0 / 0 made the bead NaN, and with it every fit that used the beads
+        beads = xp.where(empty[..., None], block_means(X, factor)[0], beads)
+    return beads, block_weights

@@ -179,6 +179,23 @@ def largest_eigenvalue(xp, S: Array, bound: Array):
         from scalign.kernels import qcp_cuda
 
         return qcp_cuda.largest_eigenvalue(S)
+    unit = _unit(xp, bound)
+    lam, error = _newton(xp, S / unit[..., None, None], bound / unit)
+    return lam * unit, error * unit
+
+
+def _unit(xp, bound: Array) -> Array:
+    """Per-item unit of the solve: the bound, :math:`|S_{ij}| \\le \\sqrt{\\sigma_x^2
+    \\sigma_y^2} \\le` bound. The problem is homogeneous in ``S`` (:math:`\\lambda` scales
+    as ``S``, the rotation not at all); solved in these units, the quartic's terms
+    (:math:`\\sim S^4`) and the adjugate's squared norm (:math:`\\sim S^6`) cannot overflow.
+    In the units of the input they did from coordinates of ~1e26 (galaxy positions in
+    metres): the quaternion, hence the rotation, came out 0 and the RMSDs NaN."""
+    return xp.where(bound > 0, bound, 1.0)
+
+
+def _newton(xp, S: Array, bound: Array):
+    """:func:`largest_eigenvalue` on the NumPy path, in the units of ``S``."""
     norm2, det, cof2 = _invariants(S)
     c2 = -2.0 * norm2
     c1 = -8.0 * det
@@ -238,7 +255,9 @@ def qcp_rotation(xp, S: Array, bound: Array):
         from scalign.kernels import qcp_cuda
 
         return qcp_cuda.qcp_rotation(S, bound)
-    lam, error = largest_eigenvalue(xp, S, bound)
+    unit = _unit(xp, bound)
+    S, bound = S / unit[..., None, None], bound / unit
+    lam, error = _newton(xp, S, bound)
     shifted = _horn_entries(S)
     for i in range(4):
         shifted[i][i] = shifted[i][i] - lam
@@ -251,4 +270,4 @@ def qcp_rotation(xp, S: Array, bound: Array):
     scale = xp.abs(lam) + xp.abs(bound)
     unsure = ~(norm > _ADJUGATE_RTOL * scale * scale * scale) | ~(error <= _EIGENVALUE_RTOL * scale)
     q = column / xp.where(unsure, 1.0, norm)[:, None]
-    return quaternion_rotation(xp, q), lam, unsure
+    return quaternion_rotation(xp, q), lam * unit, unsure

@@ -7,7 +7,8 @@ scaled by a robust estimate of the residual scale,
 .. math::  u_k = r_k / \\hat\\sigma, \\qquad \\hat\\sigma = 1.4826\\,\\mathrm{median}_k\\, r_k
 
 (the median absolute deviation of the residuals about their ideal centre, zero, scaled to
-be consistent for Gaussian residuals), with the weight function of an M-estimator:
+be consistent for Gaussian residuals; the median is over the points of positive prior
+weight, those in the fit), with the weight function of an M-estimator:
 
 =========  =====================================================  ===========
 loss       weight :math:`w(u)`                                     tuning ``c``
@@ -76,11 +77,19 @@ def robust_weight(xp, u: Array, loss: str, c: float) -> Array:
     return xp.exp(-z2)
 
 
-def _median(xp, a: Array) -> Array:
-    """Median over the last axis (the array API has ``sort`` but no ``median``)."""
-    s = xp.sort(a, axis=-1)
-    n = s.shape[-1]
-    return 0.5 * (s[..., (n - 1) // 2] + s[..., n // 2])
+def _median(xp, a: Array, mask: Array | None = None) -> Array:
+    """Median over the last axis (the array API has ``sort`` but no ``median``), of the
+    entries where ``mask`` is true when given (at least one per row)."""
+    if mask is None:
+        s = xp.sort(a, axis=-1)
+        n = s.shape[-1]
+        return 0.5 * (s[..., (n - 1) // 2] + s[..., n // 2])
+    # the masked-out entries sort last; the median is that of the first k
+    s = xp.sort(xp.where(mask, a, xp.inf), axis=-1)
+    k = xp.sum(xp.astype(mask, xp.int64), axis=-1, keepdims=True)
+    low = xp.take_along_axis(s, xp.maximum(k - 1, 0) // 2, axis=-1)
+    high = xp.take_along_axis(s, k // 2, axis=-1)
+    return 0.5 * (low + high)[..., 0]
 
 
 def residual_norms(X: Array, Y: Array, fit: Superposition) -> Array:
@@ -162,7 +171,10 @@ def irls_superpose(
             Xa, Ya = X[idx], (Y if shared else Y[idx])
             r = residual_norms(Xa, Ya, Superposition(*(a[idx] for a in fit)))
             scale_a = size if shared else size[idx]
-            sigma = xp.maximum(_MAD_TO_SIGMA * _median(xp, r), _SIGMA_FLOOR * scale_a)
+            # The residual scale of the points in the fit: zero-weight points (a mask,
+            # e.g. all but the Calpha atoms) would otherwise set it with their residuals.
+            inside = None if weights is None else prior[idx] > 0
+            sigma = xp.maximum(_MAD_TO_SIGMA * _median(xp, r, inside), _SIGMA_FLOOR * scale_a)
             new = prior[idx] * robust_weight(xp, r / sigma[:, None], loss, c)
             change = xp.max(xp.abs(new - w[idx]), axis=-1)
             iterations[idx] += 1
