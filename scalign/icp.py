@@ -42,7 +42,7 @@ from scipy.spatial.transform import Rotation
 from scipy.stats import special_ortho_group
 
 from scalign.kernels.kabsch import apply_transform, superpose
-from scalign.validation import as_points, check_iterations, check_spread
+from scalign.validation import as_points, check_flag, check_iterations, check_spread
 
 # Global search: a fixed-seed subsample of the source keeps the search at a fixed cost
 # (~0.1-0.2 s) whatever the cloud size; the final ICP uses every point. Candidates are
@@ -223,8 +223,8 @@ def icp(
     check_iterations(max_iterations, tolerance, "tolerance")
     trim = _check_fraction("trim", trim)
     max_distance = _check_distance(max_correspondence_distance)
-    _check_flag("scale", scale)
-    _check_flag("global_search", global_search)
+    check_flag("scale", scale)
+    check_flag("global_search", global_search)
     d = X.shape[1]
     tree = cKDTree(Y)
     keep_fraction = 1.0 if trim is None else trim
@@ -297,11 +297,6 @@ def _check_distance(value: float | None) -> float | None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"max_correspondence_distance must be positive and finite, got {value!r}")
     return float(value)
-
-
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _parse_init(init, d: int) -> _Pose:

@@ -21,6 +21,7 @@ from scalign.validation import (
     as_weights,
     check_enough_points,
     check_factor,
+    check_flag,
     check_iterations,
     check_option,
     check_pair,
@@ -60,6 +61,8 @@ def _checked(X, Y, weights=None):
 
 
 def _fit(X, Y, weights=None, *, scale=False, reflection=False):
+    check_flag("scale", scale)
+    check_flag("reflection", reflection)
     X, Y, w = _checked(X, Y, weights)
     return X, superpose(X, Y, w, scale=scale, reflection=reflection)
 
@@ -388,6 +391,7 @@ def iteratively_reweighted_procrustes(
     """
     check_option("robust_loss", robust_loss, ROBUST_LOSSES)
     check_iterations(max_iterations, tol)
+    check_flag("scale", scale)
     X, Y, prior = _checked(X, Y, weights)
     result = irls_superpose(
         X,

@@ -148,3 +148,9 @@ def check_iterations(max_iterations: int, tol: float, tol_name: str = "tol") -> 
 def check_factor(factor: int, name: str = "factor") -> None:
     """A coarsening factor: a positive integer."""
     check_count(name, factor)
+
+
+def check_flag(name: str, value: Any) -> None:
+    """``value`` is a boolean: a string such as ``"no"`` would count as true."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -219,3 +219,30 @@ def test_bad_weights_get_a_clear_error(weights, message):
 def test_public_api_is_exported():
     for name in scalign.__all__:
         assert hasattr(scalign, name), name
+
+
+@pytest.mark.parametrize(
+    "fit",
+    [
+        lambda X, Y, flag: scalign.procrustes_align(X, Y, scale=flag),
+        lambda X, Y, flag: scalign.procrustes_rmse(X, Y, flag),
+        lambda X, Y, flag: scalign.iteratively_reweighted_procrustes(X, Y, scale=flag),
+    ],
+)
+def test_flags_are_booleans(fit):
+    """scale="no" is a non-empty string, so it fitted a scale."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((10, 3)), rng.standard_normal((10, 3))
+    with pytest.raises(TypeError, match="scale must be True or False, got 'no'"):
+        fit(X, Y, "no")
+
+
+def test_rmsd_kernel_refuses_unpaired_sets():
+    """scalign.rmsd(X, Y[:1]) broadcast the one target point: 1.67, no error."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((10, 3)), rng.standard_normal((10, 3))
+    with pytest.raises(ValueError, match="X and Y must be paired point sets"):
+        scalign.rmsd(X, Y[:1])
+    with pytest.raises(ValueError, match=r"weights must have one value per point \(10\)"):
+        scalign.rmsd(X, Y, np.ones(9))
+    assert scalign.rmsd(X, Y, np.full(10, 2.0)) == pytest.approx(scalign.rmsd(X, Y))

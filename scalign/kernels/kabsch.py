@@ -349,8 +349,25 @@ def rmsd(X: Array, Y: Array, weights: Array | None = None) -> Array:
     -------
     array
         float64 ``(...)``: the batch shape (a NumPy scalar for one pair of NumPy arrays).
+
+    Raises
+    ------
+    ValueError
+        ``X`` and ``Y`` of different numbers of points or dimensions, or ``weights`` not
+        one per point (they broadcast silently: a target of one point was the distance to
+        it). Weights' values are not checked here (NaN for all-zero ones).
     """
     xp = namespace(X, Y, weights)
+    X, Y = xp.asarray(X), xp.asarray(Y)
+    if X.ndim < 2 or Y.ndim < 2 or X.shape[-2:] != Y.shape[-2:]:
+        raise ValueError(
+            f"X and Y must be paired point sets (..., n, d) of the same n and d, got shapes "
+            f"{X.shape} and {Y.shape}"
+        )
+    if weights is not None and (weights.ndim < 1 or weights.shape[-1] != X.shape[-2]):
+        raise ValueError(
+            f"weights must have one value per point ({X.shape[-2]}), got {weights.shape}"
+        )
     diff = xp.astype(X, xp.float64) - xp.astype(Y, xp.float64)
     sq = xp.sum(diff * diff, axis=-1)
     p = _probabilities(xp, weights)
