@@ -50,3 +50,17 @@ def adk():
         pytest.skip(f"AdK data not found at {ADK} (set SCALIGN_ADK)")
     with np.load(ADK, allow_pickle=False) as data:
         return {k: data[k] for k in ("coords", "masses", "ca_indices")}
+
+
+def assert_compiles_with_nvrtc(source: str, name: str) -> None:
+    """``source`` compiles with NVRTC for compute_90 (Hopper), wherever CuPy is installed;
+    no GPU needed. Skips without CuPy or its NVRTC library."""
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy")
+    try:
+        program = nvrtc.createProgram(source, name, [], [])
+    except Exception as exc:  # the NVRTC library itself is missing
+        pytest.skip(f"NVRTC unavailable: {exc}")
+    try:
+        nvrtc.compileProgram(program, ["-arch=compute_90"])
+    except Exception:
+        pytest.fail(nvrtc.getProgramLog(program))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_compiles_with_nvrtc
 from scipy.spatial.transform import Rotation
 
 from scalign.execution import gpu_available
@@ -32,7 +33,6 @@ def batch():
 
 
 def test_kernel_source_compiles_with_nvrtc():
-    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy")
     names = (*qcp_cuda._S, *kabsch_cuda._CX, *kabsch_cuda._CY, "gx", "gy")
     inputs = ", ".join(f"double {v}" for v in names) + ", bool scaled"
     outputs = ", ".join(
@@ -44,14 +44,7 @@ def test_kernel_source_compiles_with_nvrtc():
         + kabsch_cuda._FINISH
         + "}\n"
     )
-    try:
-        program = nvrtc.createProgram(source, "finish.cu", [], [])
-    except Exception as exc:  # the NVRTC library itself is missing
-        pytest.skip(f"NVRTC unavailable: {exc}")
-    try:
-        nvrtc.compileProgram(program, ["-arch=compute_90"])
-    except Exception:
-        pytest.fail(nvrtc.getProgramLog(program))
+    assert_compiles_with_nvrtc(source, "finish.cu")
 
 
 @pytest.mark.gpu

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_compiles_with_nvrtc
 
 from scalign.execution import gpu_available
 from scalign.kernels import moments_cuda
@@ -13,15 +14,7 @@ from scalign.kernels.kabsch import _shared_moments
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_kernel_source_compiles_with_nvrtc(dtype):
-    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy")
-    try:
-        program = nvrtc.createProgram(moments_cuda.source(dtype), "moments.cu", [], [])
-    except Exception as exc:  # the NVRTC library itself is missing
-        pytest.skip(f"NVRTC unavailable: {exc}")
-    try:
-        nvrtc.compileProgram(program, ["-arch=compute_90"])
-    except Exception:
-        pytest.fail(nvrtc.getProgramLog(program))
+    assert_compiles_with_nvrtc(moments_cuda.source(dtype), "moments.cu")
 
 
 @pytest.mark.parametrize(("n", "threads"), [(1, 32), (128, 32), (129, 64), (1000, 256)])

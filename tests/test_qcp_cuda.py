@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_compiles_with_nvrtc
 from scipy.spatial.transform import Rotation
 
 from scalign.execution import gpu_available
@@ -45,7 +46,6 @@ def cases():
 
 
 def test_kernel_source_compiles_with_nvrtc():
-    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy")
     inputs = ", ".join(f"double {s}" for s in qcp_cuda._S) + ", double bound"
     outputs = "bool& unsure, " + ", ".join(f"double& {r}" for r in qcp_cuda._R)
     source = (
@@ -56,14 +56,7 @@ def test_kernel_source_compiles_with_nvrtc():
         + qcp_cuda._LAMBDA
         + "}\n"
     )
-    try:
-        program = nvrtc.createProgram(source, "qcp.cu", [], [])
-    except Exception as exc:  # the NVRTC library itself is missing
-        pytest.skip(f"NVRTC unavailable: {exc}")
-    try:
-        nvrtc.compileProgram(program, ["-arch=compute_90"])
-    except Exception:
-        pytest.fail(nvrtc.getProgramLog(program))
+    assert_compiles_with_nvrtc(source, "qcp.cu")
 
 
 def test_horn_source_is_horn_matrix():
