@@ -10,6 +10,7 @@ copies of the first items: a smaller batch, every figure per item):
   written) and both, ``moments_cuda.fused_moments`` alone, and the moments kernel's other
   layout (a warp or a block per item) for comparison;
   structures/s, and GB/s of X read as a share of the copy bandwidth (target >= 50%);
+  then superpose on 1,000-point helices (rods: every e2 from the explicit residual);
 * pairwise RMSD: the op ``pairwise_rmsd`` on 20,000 globules of 200 points moved to the
   GPU (``to_device``), and the kernel on one block of 4,000 structures; pairs/s (matrix
   entries);
@@ -149,6 +150,7 @@ PAIRS = [
     ("Kabsch superpose (RMSD + rotation)", "gpu.superpose", "cpu.superpose"),
     ("Kabsch apply_transform", "gpu.apply", "cpu.apply"),
     ("Kabsch superpose + apply_transform", "gpu.superpose_apply", "cpu.superpose_apply"),
+    ("Kabsch superpose, rods (explicit e2)", "gpu.superpose_rods", "cpu.superpose_rods"),
     ("pairwise RMSD op", "gpu.pairwise_op", "cpu.pairwise_op"),
     ("pairwise RMSD kernel", "gpu.pairwise_kernel", "cpu.pairwise_kernel"),
     ("warp, one shared matrix", "gpu.warp_shared", "cpu.warp_shared"),
@@ -384,12 +386,13 @@ def globule_ensemble(N: int, n: int, noise: float, chunks: int, seed: int):
     return scalign.make_ensemble(X.astype(np.float32), chunks=chunks)
 
 
-def kabsch_data(N: int, n: int, seed: int, block: int = 50_000):
-    """``(X (N, n, 3) float32, Y (n, 3) float64)`` on the GPU: a :func:`globule` moved by
-    random rotations and translations with 0.3 Å noise, built in blocks of ``block``."""
+def kabsch_data(N: int, n: int, seed: int, block: int = 50_000, shape=None):
+    """``(X (N, n, 3) float32, Y (n, 3) float64)`` on the GPU: a :func:`globule` (or the
+    points ``shape``) moved by random rotations and translations with 0.3 Å noise, built
+    in blocks of ``block``."""
     import cupy
 
-    Y = cupy.asarray(globule(n, seed))
+    Y = cupy.asarray(globule(n, seed) if shape is None else shape)
     X = cupy.empty((N, n, 3), dtype=cupy.float32)
     rs = cupy.random.RandomState(seed)
     Q = Rotation.random(N, random_state=seed).as_matrix()
@@ -517,6 +520,30 @@ def bench_kabsch(cfg: dict, repeat: int, res: Results) -> None:
     a_gpu = host(out["aligned"][:m]).astype(np.float64)
     d = float(np.abs(a_gpu - aligned_c).max() / np.abs(aligned_c).max())
     res.check("kabsch aligned", d < 1e-5, f"aligned coordinates, max |diff| / extent {d:.1e}")
+    out.clear()
+
+    # rods: a helix of n points is n x 1.5 A long, its noise below 1e-6 of its second
+    # moments, so every e2 is taken from the explicit residual (kabsch_cuda.residual)
+    N_rods, m_rods = max(1, N // 5), max(1, m // 5)
+    X, Y = kabsch_data(N_rods, n, 1, shape=scalign.helix(n))
+    t = gpu_time(lambda: superpose(X, Y), repeat)
+    res.add(
+        Row(
+            "gpu.superpose_rods",
+            f"GPU superpose, {n:,}-point helices (every e2 explicit)",
+            "kabsch",
+            t,
+            N_rods,
+            res.bandwidth(2 * X.nbytes, min(t), "X read twice"),
+        )
+    )
+    Xc, Yc = host(X[:m_rods]), host(Y)
+    t = cpu_time(lambda s: superpose(Xc[s], Yc), m_rods, repeat)
+    res.add(Row("cpu.superpose_rods", "CPU superpose, helices", "kabsch", t, m_rods, CPU_NOTE))
+    r_cpu = superpose(Xc, Yc).rmsd
+    d = float(np.abs(host(superpose(X[:m_rods], Y).rmsd) - r_cpu).max() / r_cpu.max())
+    note = f"helices: GPU vs CPU rmsd, max |diff| / max rmsd {d:.1e} (< 1e-8)"
+    res.check("kabsch rods", d < 1e-8, note)
 
 
 def bench_pairwise(cfg: dict, repeat: int, res: Results) -> None:

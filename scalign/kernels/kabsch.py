@@ -246,11 +246,23 @@ def _superpose(xp, X, Y, weights, scale, reflection) -> Superposition:
 
 def _fit_cupy(xp, X, Y, p, scale):
     """A CuPy batch against one target: the fused moments, then the fused finish
-    (:mod:`scalign.kernels.kabsch_cuda`); the items it flags go through :func:`_fit`."""
+    (:mod:`scalign.kernels.kabsch_cuda`); the items whose e2 cancelled get the explicit
+    residual, those it flags otherwise go through :func:`_fit`."""
     from scalign.kernels import kabsch_cuda
     from scalign.kernels.moments_cuda import fused_moments
 
-    *out, redo = kabsch_cuda.finish(*fused_moments(X, Y, p), scale)
+    cx, cy, H, gx, gy = fused_moments(X, Y, p)
+    *out, redo, refit = kabsch_cuda.finish(cx, cy, H, gx, gy, scale)
+    if bool(xp.any(refit)):
+        # the rotation is right, the closed-form e2 has cancelled: the explicit residual
+        idx = xp.nonzero(refit)[0]
+        n = X.shape[1]
+        probabilities = xp.full((n,), 1.0 / n) if p is None else p
+        e2 = kabsch_cuda.residual(X, Y, probabilities, idx, out[0][idx], cx[idx], cy, out[2][idx])
+        e2 = clamp(e2, 0.0)
+        g = gy[idx]
+        out[3][idx] = xp.sqrt(e2)
+        out[4][idx] = xp.where(g > 0, 1.0 - e2 / xp.where(g > 0, g, 1.0), xp.nan)
     if bool(xp.any(redo)):
         idx = xp.nonzero(redo)[0]
         again = _fit(xp, X[idx], Y, p, scale, False, True)
