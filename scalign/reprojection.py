@@ -98,7 +98,9 @@ def _shared(array: np.ndarray, dims: tuple[str, ...]) -> xr.DataArray:
 
 
 def _volumes(volumes: Any) -> tuple[np.ndarray, list[str], float | None]:
-    """``(V, names, pixel_size)`` with ``V (n_volumes, n, n, n)`` float32."""
+    """``(V, names, pixel_size)`` with ``V (n_volumes, n, n, n)`` float32; the pixel size
+    is the volumes' attr, else (a Dataset) the Dataset's, as ``save_zarr`` of a volume
+    Dataset and the CLI's ``_read_volumes`` place it."""
     pixel = None
     if isinstance(volumes, xr.Dataset):
         names = [v for v in ("volumes", "volume") if v in volumes.data_vars]
@@ -106,9 +108,10 @@ def _volumes(volumes: Any) -> tuple[np.ndarray, list[str], float | None]:
             raise ValueError(
                 f"volumes has no 'volumes' or 'volume' variable: {list(volumes.data_vars)}"
             )
+        pixel = volumes.attrs.get("pixel_size")
         volumes = volumes[names[0]]
     if isinstance(volumes, xr.DataArray):
-        pixel = volumes.attrs.get("pixel_size")
+        pixel = volumes.attrs.get("pixel_size", pixel)
         labels = (
             [str(v) for v in volumes[VOLUME].values]
             if VOLUME in volumes.coords and volumes.ndim == 4
@@ -388,7 +391,8 @@ def compare_reprojections(
         (``refine``, ``gray``, ``covariance``, ``reprojections``) must be booleans.
     downsample_to : Fourier-crop images and volumes to this pixel size (Å/px, > 0) first
         when they are finer (None: never); shifts are reported in the input's pixels.
-        The images' and the volumes' pixel sizes (attrs ``pixel_size``) must agree where
+        The images' and the volumes' pixel sizes (attrs ``pixel_size``: the stack's or
+        else its ``images``'; the volumes' or else their Dataset's) must agree where
         both are given.
     gray : fit a gray-level gain and offset; the cost is then the mean L1 residual.
     max_shift : largest shift searched (input pixels; default a quarter of the box).
@@ -435,7 +439,10 @@ def compare_reprojections(
     V, names, volume_pixel = _volumes(volumes)
     if V.shape[-1] != n:
         raise ValueError(f"volumes have box size {V.shape[-1]} but the images {n}: they must match")
-    pixel = _pixel_size(ds.attrs.get("pixel_size"), volume_pixel)
+    # the stack's attr, else its images' (a bare DataArray of images carries it there)
+    pixel = _pixel_size(
+        ds.attrs.get("pixel_size", ds["images"].attrs.get("pixel_size")), volume_pixel
+    )
     if isinstance(angular_sampling, bool) or not isinstance(angular_sampling, numbers.Real):
         raise TypeError(f"angular_sampling must be a number of degrees, got {angular_sampling!r}")
     if not 0 < angular_sampling <= 90:
