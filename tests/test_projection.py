@@ -125,6 +125,24 @@ def test_unknown_projection_method_is_refused():
         project(np.zeros((8, 8, 8)), np.eye(3)[None], method="fast")
 
 
+@pytest.mark.parametrize(
+    ("volume", "A", "shifts", "message"),
+    [
+        ((16, 16, 15), (1, 3, 3), None, "volume must be a cubic"),
+        ((16, 16), (1, 3, 3), None, "volume must be a cubic"),
+        ((16, 16, 16), (3, 3), None, "A must be \\(B, 3, 3\\)"),
+        ((16, 16, 16), (2, 3, 3), (2,), "shifts must be \\(B, 2\\) = \\(2, 2\\)"),
+    ],
+)
+def test_bad_shapes_are_clear_errors(volume, A, shifts, message):
+    """A (16, 16, 15) map was projected as if cubic (off-centre along x), one (3, 3)
+    matrix or (2,) shifts failed inside with IndexError."""
+    A = np.broadcast_to(np.eye(3), A)
+    shifts = None if shifts is None else np.zeros(shifts)
+    with pytest.raises(ValueError, match=message):
+        project(np.ones(volume), A, shifts)
+
+
 def test_identity_orientation_is_the_sum_along_z():
     blobs = random_blobs(6, radius=6.0, sigma=2.0, seed=5)
     V = blob_volume(blobs, 32, np.float64)
