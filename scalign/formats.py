@@ -46,7 +46,7 @@ from mrcfile.mrcfile import MrcFile
 
 from scalign._array import to_numpy
 from scalign.images import IMAGE, STACK_DIMS, X, Y, Z, default_chunk, make_stack
-from scalign.validation import check_chunks
+from scalign.validation import check_chunks, check_flag
 
 ANGLES = {"rot": "rlnAngleRot", "tilt": "rlnAngleTilt", "psi": "rlnAnglePsi"}
 CTF = {
@@ -330,6 +330,7 @@ def _partial(path: Path) -> Path:
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
+    check_flag("overwrite", overwrite)  # "no" would count as true and replace the file
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     if not path.parent.is_dir():
@@ -439,6 +440,8 @@ def write_stack(
     ------
     FileExistsError
         ``path`` exists and ``overwrite`` is false.
+    TypeError
+        Pixels that are not real numbers, or an ``overwrite`` that is not a boolean.
     ValueError
         Not 2-D/3-D, empty, or non-finite pixels (nothing is left behind).
     """

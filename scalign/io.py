@@ -25,7 +25,7 @@ from dask.base import tokenize
 
 from scalign._array import to_numpy
 from scalign.ensemble import STRUCTURE, default_chunk, make_ensemble, validate_ensemble
-from scalign.validation import check_chunks
+from scalign.validation import check_chunks, check_flag
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,8 @@ def check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
     points to. Raise ``FileExistsError`` if something is there and ``overwrite`` is
     false, or if it is not a zarr store (a file, or a non-empty folder without
     ``zarr.json``, ``.zgroup`` or ``.zarray``: a mistyped argument must not destroy an
-    input)."""
+    input). ``overwrite`` must be a boolean: ``"no"`` would replace the store."""
+    check_flag("overwrite", overwrite)
     path = Path(path)
     if path.is_symlink():
         path = path.resolve()

@@ -47,7 +47,7 @@ from scalign.kernels.scores import (
     ridge,
 )
 from scalign.mapping import map_batch
-from scalign.validation import check_chunks, check_option
+from scalign.validation import check_chunks, check_flag, check_option
 
 VOLUME = "volume"
 ANGLES = ("rot", "tilt", "psi", "shift_x", "shift_y")
@@ -98,7 +98,9 @@ def _shared(array: np.ndarray, dims: tuple[str, ...]) -> xr.DataArray:
 
 
 def _volumes(volumes: Any) -> tuple[np.ndarray, list[str], float | None]:
-    """``(V, names, pixel_size)`` with ``V (n_volumes, n, n, n)`` float32."""
+    """``(V, names, pixel_size)`` with ``V (n_volumes, n, n, n)`` float32; the pixel size
+    is the volumes' attr, else (a Dataset) the Dataset's, as ``save_zarr`` of a volume
+    Dataset and the CLI's ``_read_volumes`` place it."""
     pixel = None
     if isinstance(volumes, xr.Dataset):
         names = [v for v in ("volumes", "volume") if v in volumes.data_vars]
@@ -106,9 +108,10 @@ def _volumes(volumes: Any) -> tuple[np.ndarray, list[str], float | None]:
             raise ValueError(
                 f"volumes has no 'volumes' or 'volume' variable: {list(volumes.data_vars)}"
             )
+        pixel = volumes.attrs.get("pixel_size")
         volumes = volumes[names[0]]
     if isinstance(volumes, xr.DataArray):
-        pixel = volumes.attrs.get("pixel_size")
+        pixel = volumes.attrs.get("pixel_size", pixel)
         labels = (
             [str(v) for v in volumes[VOLUME].values]
             if VOLUME in volumes.coords and volumes.ndim == 4
@@ -236,6 +239,15 @@ def _ctf_inputs(
             raise ValueError(f"{name} is not finite for {bad.size} image(s), e.g. image {bad[0]}")
         values.append(xr.DataArray(v, dims=(IMAGE,)))
     return constants, [_chunked_like(v, like) for v in values]
+
+
+def _check_eps(eps: Any) -> None:
+    """The projector's relative accuracy: a number in (0, 1). finufft takes anything
+    without a word: NaN and values of 1 or more gave projections ~5% off."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a number, got {eps!r}")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must be a relative accuracy in (0, 1), got {eps}")
 
 
 def _chunked_like(values: Any, like: xr.DataArray) -> Any:
@@ -375,10 +387,12 @@ def compare_reprojections(
         ``T``, ``O``, ``I``; :mod:`scalign.kernels.orientations`).
     angular_sampling : grid step of the search, degrees.
     refine : refine the matched angles and shifts locally (to < 0.1° steps).
-    ctf : apply each image's CTF to its reprojections.
+    ctf : apply each image's CTF to its reprojections. This and the other flags
+        (``refine``, ``gray``, ``covariance``, ``reprojections``) must be booleans.
     downsample_to : Fourier-crop images and volumes to this pixel size (Å/px, > 0) first
         when they are finer (None: never); shifts are reported in the input's pixels.
-        The images' and the volumes' pixel sizes (attrs ``pixel_size``) must agree where
+        The images' and the volumes' pixel sizes (attrs ``pixel_size``: the stack's or
+        else its ``images``'; the volumes' or else their Dataset's) must agree where
         both are given.
     gray : fit a gray-level gain and offset; the cost is then the mean L1 residual.
     max_shift : largest shift searched (input pixels; default a quarter of the box).
@@ -388,7 +402,7 @@ def compare_reprojections(
     reprojections : also return each image's reprojection (angles, shift and CTF
         applied, as compared): ``reprojection (volume, image, y, x)``, or over
         ``(y_down, x_down)`` when the images were downsampled.
-    eps : accuracy of the projector's non-uniform FFT.
+    eps : accuracy of the projector's non-uniform FFT, in (0, 1).
     device : {"auto", "cpu", "gpu"}
         Where the chunks are computed (:func:`scalign.execution.to_device`): ``"gpu"``
         moves them to the GPU (CuPy) once (host chunks merged to ~256 MiB,
@@ -405,6 +419,16 @@ def compare_reprojections(
     ``z_score_res_cov``); each score's ``attrs["better"]`` says which way is better.
     """
     check_option("device", device, DEVICES)
+    # a string such as "no" would count as true: ctf="no" applied the CTF
+    for name, flag in (
+        ("refine", refine),
+        ("ctf", ctf),
+        ("gray", gray),
+        ("covariance", covariance),
+        ("reprojections", reprojections),
+    ):
+        check_flag(name, flag)
+    _check_eps(eps)
     ds = gpu_batches(validate_stack(images), device)
     stack = to_device(ds["images"], device)
     if stack.dims != (IMAGE, Y, X):
@@ -415,7 +439,10 @@ def compare_reprojections(
     V, names, volume_pixel = _volumes(volumes)
     if V.shape[-1] != n:
         raise ValueError(f"volumes have box size {V.shape[-1]} but the images {n}: they must match")
-    pixel = _pixel_size(ds.attrs.get("pixel_size"), volume_pixel)
+    # the stack's attr, else its images' (a bare DataArray of images carries it there)
+    pixel = _pixel_size(
+        ds.attrs.get("pixel_size", ds["images"].attrs.get("pixel_size")), volume_pixel
+    )
     if isinstance(angular_sampling, bool) or not isinstance(angular_sampling, numbers.Real):
         raise TypeError(f"angular_sampling must be a number of degrees, got {angular_sampling!r}")
     if not 0 < angular_sampling <= 90:
@@ -653,12 +680,14 @@ def reproject(
     Raises
     ------
     ValueError
-        More than one volume, an invalid volume, or NaN angles.
+        More than one volume, an invalid volume, NaN angles, or an ``eps`` outside
+        (0, 1).
     TypeError
-        ``angles`` not a Dataset with a 1-D ``rot``.
+        ``angles`` not a Dataset with a 1-D ``rot``, or an ``eps`` that is no number.
     """
     check_option("device", device, DEVICES)
     check_chunks(chunks)
+    _check_eps(eps)
     V, _, _ = _volumes(volume)
     if V.shape[0] != 1:
         raise ValueError(f"reproject takes one volume, got {V.shape[0]}")

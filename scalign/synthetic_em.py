@@ -20,6 +20,7 @@ from scalign.images import make_stack
 from scalign.kernels.ctf import ctf_half_plane
 from scalign.kernels.euler import euler_to_matrix
 from scalign.kernels.projection import box_center
+from scalign.validation import check_flag
 
 
 class Blobs(NamedTuple):
@@ -180,6 +181,7 @@ def simulate_particles(
         ``image`` and attrs ``pixel_size`` (and ``voltage``, ``cs``,
         ``amplitude_contrast`` with ``ctf``); ``A``: the true orientations ``(B, 3, 3)``.
     """
+    check_flag("ctf", ctf)  # ctf="no" would count as true
     rng = np.random.default_rng(seed)
     # uniform rotations: the viewing direction uniform on the sphere, psi uniform
     rot = rng.uniform(-180, 180, n_images)

@@ -97,6 +97,25 @@ def _n_tasks(arr: da.Array) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def test_overwrite_must_be_a_boolean(tmp_path):
+    """overwrite="no" counted as true: the stack, the volume and the STAR file were
+    replaced."""
+    ones = np.ones((2, 8, 8), dtype=np.float32)
+    stack = make_stack(ones, attrs={"pixel_size": 2.0})
+    write_stack(tmp_path / "a.mrcs", ones)
+    write_volume(tmp_path / "v.mrc", np.ones((8, 8, 8)))
+    export_star(stack, tmp_path / "p.star")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for write in (
+        lambda: write_stack(tmp_path / "a.mrcs", 0 * ones, overwrite="no"),
+        lambda: write_volume(tmp_path / "v.mrc", np.zeros((8, 8, 8)), overwrite="no"),
+        lambda: export_star(stack.isel(image=[0]), tmp_path / "p.star", overwrite="no"),
+    ):
+        with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
+            write()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_volume_round_trip_and_atomic_overwrite(tmp_path):
     vol = np.random.default_rng(1).standard_normal((6, 7, 8)).astype(np.float32)
     path = tmp_path / "map.mrc"

@@ -33,6 +33,15 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.zarr"]
 
 
+def test_overwrite_must_be_a_boolean(tmp_path):
+    """overwrite="no" counted as true and replaced the store."""
+    ens = helix_ensemble(6, 5)
+    save_zarr(ens, tmp_path / "e.zarr")
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
+        save_zarr(ens.isel(structure=slice(0, 2)), tmp_path / "e.zarr", overwrite="no")
+    assert xr.open_zarr(tmp_path / "e.zarr", consolidated=False).sizes["structure"] == 6
+
+
 def test_only_a_zarr_store_is_ever_replaced_and_links_are_followed(tmp_path):
     """overwrite=True replaces a store, never a file or a folder of other things (a
     mistyped output must not destroy an input); a link to a store is written through,

@@ -28,6 +28,16 @@ def ncc(a, b):
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def test_euler_round_trip_holds_to_rounding_next_to_the_poles():
+    """tilt was arccos(A_22), flat next to 0 and 180: 1e-7° came back as 0 and the
+    matrix 1.7e-9 off, not to rounding as documented."""
+    tilt = np.array([1e-7, 1e-5, 1e-3, 180 - 1e-7, 180 - 1e-5])
+    A = euler_to_matrix(25.0, tilt, -40.0)
+    rot, back, psi = matrix_to_euler(A)
+    np.testing.assert_allclose(back, tilt, rtol=1e-9)
+    np.testing.assert_allclose(euler_to_matrix(rot, back, psi), A, rtol=0, atol=1e-15)
+
+
 def test_euler_matches_scipy_and_round_trips():
     rot, tilt, psi = random_angles(500)
     tilt[:5], tilt[5:10] = 0.0, 180.0  # the gimbal-locked ends
@@ -123,6 +133,24 @@ def test_interpolating_projector_transforms_each_volume_once(monkeypatch):
 def test_unknown_projection_method_is_refused():
     with pytest.raises(ValueError, match="unknown method 'fast'"):
         project(np.zeros((8, 8, 8)), np.eye(3)[None], method="fast")
+
+
+@pytest.mark.parametrize(
+    ("volume", "A", "shifts", "message"),
+    [
+        ((16, 16, 15), (1, 3, 3), None, "volume must be a cubic"),
+        ((16, 16), (1, 3, 3), None, "volume must be a cubic"),
+        ((16, 16, 16), (3, 3), None, "A must be \\(B, 3, 3\\)"),
+        ((16, 16, 16), (2, 3, 3), (2,), "shifts must be \\(B, 2\\) = \\(2, 2\\)"),
+    ],
+)
+def test_bad_shapes_are_clear_errors(volume, A, shifts, message):
+    """A (16, 16, 15) map was projected as if cubic (off-centre along x), one (3, 3)
+    matrix or (2,) shifts failed inside with IndexError."""
+    A = np.broadcast_to(np.eye(3), A)
+    shifts = None if shifts is None else np.zeros(shifts)
+    with pytest.raises(ValueError, match=message):
+        project(np.ones(volume), A, shifts)
 
 
 def test_identity_orientation_is_the_sum_along_z():

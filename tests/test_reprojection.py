@@ -332,6 +332,51 @@ def test_bad_input_gets_a_clear_error(volumes, change, exc, message):
         compare_reprojections(st, V, covariance=False, **kwargs)
 
 
+@pytest.mark.parametrize("flag", ["refine", "ctf", "gray", "covariance", "reprojections"])
+def test_flags_must_be_booleans(volumes, flag):
+    """ctf="no" applied the CTF (and gray="no" scored by the L1 cost) without a word, and
+    once computed failed in int(ctf) with "invalid literal for int()"."""
+    st = simulate_particles(BLOBS, N, 2, ctf=True, seed=11).stack
+    kwargs = {"angles": "stack", "covariance": False, flag: "no"}
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
+        compare_reprojections(st, volumes[0], **kwargs)
+    if flag == "ctf":
+        with pytest.raises(TypeError, match="ctf must be True or False"):
+            simulate_particles(BLOBS, N, 2, ctf="no")
+
+
+@pytest.mark.parametrize(
+    ("eps", "exc"),
+    [(float("nan"), ValueError), (1.0, ValueError), (0.0, ValueError), ("1e-4", TypeError)],
+)
+def test_projector_accuracy_must_be_in_zero_one(volumes, eps, exc):
+    """eps=NaN or >= 1 was passed to finufft, which projected ~5% off without a word."""
+    from scalign.reprojection import reproject
+
+    st = simulate_particles(BLOBS, N, 2, seed=11).stack
+    with pytest.raises(exc, match="eps must be"):
+        compare_reprojections(st, volumes[0], angles="stack", covariance=False, eps=eps)
+    with pytest.raises(exc, match="eps must be"):
+        reproject(volumes[0], st[["rot", "tilt", "psi"]], eps=eps)
+
+
+def test_pixel_sizes_are_read_where_a_dataset_or_a_bare_array_holds_them(volumes):
+    """A volume Dataset with its pixel size in the Dataset's attrs (as save_zarr keeps it,
+    and as the CLI reads it), or images given as a DataArray with theirs, had it ignored:
+    a 2.5 Å map was compared with 3 Å images without a word, and the images were not
+    downsampled."""
+    st = simulate_particles(BLOBS, N, 2, seed=11, pixel_size=3.0).stack
+    mapped = xr.Dataset({"volume": (("z", "y", "x"), volumes[0])}, attrs={"pixel_size": 2.5})
+    with pytest.raises(ValueError, match="volumes' pixel size \\(2.5 Å\\) differs"):
+        compare_reprojections(st, mapped, angles="stack", covariance=False)
+    images = st["images"].assign_attrs(pixel_size=1.5)
+    with pytest.raises(ValueError, match="volumes' pixel size \\(2.5 Å\\) differs"):
+        compare_reprojections(images, mapped, covariance=False)
+    found = compare_reprojections(images[:1], volumes[0], angular_sampling=30.0, covariance=False)
+    assert found.attrs["pixel_size"] == pytest.approx(3.0)
+    assert found.attrs["box_size"] == 16
+
+
 def test_nan_pixels_and_empty_stacks():
     st = simulate_particles(BLOBS, N, 4, seed=12).stack
     images = st["images"].values.copy()

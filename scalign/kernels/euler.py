@@ -85,8 +85,10 @@ def matrix_to_euler(A: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     A = np.asarray(A, dtype=np.float64)
     if A.shape[-2:] != (3, 3):
         raise ValueError(f"A must have shape (..., 3, 3), got {A.shape}")
-    tilt = np.arccos(np.clip(A[..., 2, 2], -1.0, 1.0))
     sb = np.sqrt(A[..., 2, 0] ** 2 + A[..., 2, 1] ** 2)
+    # atan2, not arccos(A_22): cos is flat near 0 and 180, where arccos lost the tilt
+    # (1e-7° came back as 0, the matrix 1.7e-9 off)
+    tilt = np.arctan2(sb, A[..., 2, 2])
     regular = sb > 1e-9
     rot = np.where(regular, np.arctan2(A[..., 2, 1], A[..., 2, 0]), 0.0)
     psi = np.where(

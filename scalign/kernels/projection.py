@@ -292,15 +292,24 @@ def project(
     Raises
     ------
     ValueError
-        An unknown ``method``.
+        An unknown ``method``, a volume that is not cubic, ``A`` not ``(B, 3, 3)`` or
+        ``shifts`` not ``(B, 2)``.
     """
     xp = namespace(volume)
     volume = xp.asarray(volume)
+    # the transform takes n = shape[0] for every axis: a (16, 16, 15) map was projected
+    # off-centre without a word, and one (3, 3) matrix failed deep inside with IndexError
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise ValueError(f"volume must be a cubic (n, n, n) array, got shape {volume.shape}")
     if volume.dtype not in (xp.float32, xp.float64):
         volume = xp.astype(volume, xp.float64)
     n = volume.shape[0]
     A = to_numpy(A)
+    if A.ndim != 3 or A.shape[1:] != (3, 3):
+        raise ValueError(f"A must be (B, 3, 3) rotation matrices, got shape {A.shape}")
     shifts = None if shifts is None else to_numpy(shifts)
+    if shifts is not None and shifts.shape != (len(A), 2):
+        raise ValueError(f"shifts must be (B, 2) = ({len(A)}, 2) pixels, got shape {shifts.shape}")
     spectra = slice_spectra(volume, A, eps, method)
     spectra *= xp.astype(centering_phase(n, shifts, xp), spectra.dtype)
     if ctf is not None:
