@@ -754,6 +754,7 @@ def import_star(
         contrast, or no angle columns with ``require_angles``.
     """
     check_chunks(chunks)
+    check_flag("require_angles", require_angles)  # "no" would count as true
     star = Path(star_path)
     particles, optics = _read_tables(star)
     entries, stacks, index = _parse_image_names(star, particles)

@@ -395,7 +395,9 @@ def compare_reprojections(
         else its ``images``'; the volumes' or else their Dataset's) must agree where
         both are given.
     gray : fit a gray-level gain and offset; the cost is then the mean L1 residual.
-    max_shift : largest shift searched (input pixels; default a quarter of the box).
+    max_shift : largest shift searched (input pixels; default a quarter of the box), as
+        a radius: the shifts with sx² + sy² <= max_shift² (``simulate_particles`` draws each
+        axis within ±max_shift, so its shifts reach √2 times that).
     covariance : compute ``z_score_res_cov`` (the JBLD score). It needs every image's
         angles and a few passes over the images, so it computes the matching first
         (like ``align(reference="mean")``); without it the result stays fully lazy.

@@ -114,6 +114,9 @@ def test_overwrite_must_be_a_boolean(tmp_path):
         with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):
             write()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # require_angles="no" required the angles
+    with pytest.raises(TypeError, match="require_angles must be True or False, got 'no'"):
+        import_star(tmp_path / "p.star", require_angles="no")
 
 
 def test_volume_round_trip_and_atomic_overwrite(tmp_path):
