@@ -233,3 +233,17 @@ def test_robust_generalized_procrustes_finds_the_true_shape(corrupted, loss):
 def test_align_rejects_an_unknown_robust_loss(corrupted):
     with pytest.raises(ValueError, match="unknown robust 'l1'"):
         scalign.align(corrupted, robust="l1")
+
+
+def test_tolerance_is_relative_to_the_prior_weights(adk):
+    """Masses (12-32) as priors: the same fit and the same iterations as the masses over
+    their largest; tol was absolute on the weights, 12-32 times stricter with masses."""
+    X, Y = adk["coords"][60].astype(np.float64), adk["coords"][0].astype(np.float64)
+    X[::50] += 8.0  # outliers to reweight
+    masses = adk["masses"].astype(np.float64)
+    fits = [
+        irls_superpose(X, Y, w, loss="huber", tol=1e-3) for w in (masses, masses / masses.max())
+    ]
+    assert int(fits[0].iterations) == int(fits[1].iterations)
+    np.testing.assert_allclose(fits[0].fit.rotation, fits[1].fit.rotation, atol=1e-12)
+    np.testing.assert_allclose(fits[0].weights / masses.max(), fits[1].weights, atol=1e-12)
