@@ -243,6 +243,16 @@ def test_ctf_constants_no_microscope_has_are_errors(name, value, message):
         ctf_half_plane(16, px, [1e4], [1e4], [0.0], **kwargs)
 
 
+def test_ctf_values_of_different_lengths_are_a_clear_error():
+    """Three defocus_u and two defocus_v gave numpy's broadcasting error, naming neither."""
+    with pytest.raises(ValueError, match=r"one B: \{'defocus_u': \(3,\), 'defocus_v': \(2,\)"):
+        ctf_half_plane(16, 1.0, [1e4, 2e4, 3e4], [1e4, 2e4], 0.0)
+    # numbers and (B,) arrays mix as before
+    one = ctf_half_plane(16, 1.0, [1e4, 2e4], 1.5e4, 10.0, bfactor=[0.0, 50.0])
+    two = ctf_half_plane(16, 1.0, [1e4, 2e4], [1.5e4, 1.5e4], [10.0, 10.0], bfactor=[0.0, 50.0])
+    np.testing.assert_array_equal(one, two)
+
+
 @pytest.mark.parametrize(("n", "m"), [(64, 32), (63, 21), (48, 40)])
 def test_fourier_crop_samples_the_band_limited_image(n, m):
     y, x = np.indices((n, n)) - n // 2

@@ -71,17 +71,29 @@ def ctf_half_plane(
     Raises
     ------
     ValueError
-        A non-positive ``pixel_size`` or ``voltage``, a non-finite constant, or an
-        ``amplitude_contrast`` outside [0, 1).
+        A non-positive ``pixel_size`` or ``voltage``, a non-finite constant, an
+        ``amplitude_contrast`` outside [0, 1), or per-image values of different lengths.
     """
     check_ctf_constants(pixel_size, voltage, cs, amplitude_contrast)
-    du = np.atleast_1d(np.asarray(defocus_u, dtype=np.float64))
-    dv = np.atleast_1d(np.asarray(defocus_v, dtype=np.float64))
-    da = np.radians(np.atleast_1d(np.asarray(defocus_angle, dtype=np.float64)))
-    per_image = [
-        np.atleast_1d(np.asarray(v, dtype=np.float64))[:, None, None]
-        for v in (phase_shift, bfactor, scale)
-    ]
+    values = {
+        "defocus_u": defocus_u,
+        "defocus_v": defocus_v,
+        "defocus_angle": defocus_angle,
+        "phase_shift": phase_shift,
+        "bfactor": bfactor,
+        "scale": scale,
+    }
+    values = {k: np.atleast_1d(np.asarray(v, dtype=np.float64)) for k, v in values.items()}
+    lengths = {k: v.shape for k, v in values.items() if v.shape != (1,)}
+    if len(set(lengths.values())) > 1 or any(len(shape) != 1 for shape in lengths.values()):
+        # numpy's broadcasting error named none of them
+        raise ValueError(
+            f"the per-image CTF values must be numbers or (B,) arrays of one B: {lengths}"
+        )
+    du, dv = values["defocus_u"], values["defocus_v"]
+    da = np.radians(values["defocus_angle"])
+    du, dv, da = np.broadcast_arrays(du, dv, da)
+    per_image = [values[k][:, None, None] for k in ("phase_shift", "bfactor", "scale")]
     phase, b, s = np.broadcast_arrays(*per_image, du[:, None, None])[:3]
     lam = electron_wavelength(voltage)
     ky, kx = half_plane_frequencies(n)
