@@ -44,11 +44,8 @@ double q[4], gaps, error;
 const double lam = qcp_solve(h, bound, q, &gaps, &error);
 const bool unsure = !(gaps > {_ADJUGATE_RTOL!r})
                     || !(error <= {_EIGENVALUE_RTOL!r} * (fabs(lam) + fabs(bound)));
-const double qw = q[0], qx = q[1], qy = q[2], qz = q[3];
-const double R[9] = {{
-    qw * qw + qx * qx - qy * qy - qz * qz, 2.0 * (qx * qy - qw * qz), 2.0 * (qx * qz + qw * qy),
-    2.0 * (qy * qx + qw * qz), qw * qw - qx * qx + qy * qy - qz * qz, 2.0 * (qy * qz - qw * qx),
-    2.0 * (qz * qx - qw * qy), 2.0 * (qz * qy + qw * qx), qw * qw - qx * qx - qy * qy + qz * qz}};
+double R[9];
+qcp_quaternion_matrix(q, R);
 const double sc = (scaled && gx > 0.0) ? lam / gx : 1.0;
 const double e2 = gy - 2.0 * sc * lam + sc * sc * gx;
 const double norm2 = cx[0] * cx[0] + cx[1] * cx[1] + cx[2] * cx[2];

@@ -19,6 +19,7 @@ the Frobenius norm of what is left off the diagonal (Weyl) plus :math:`8 \\epsil
 :func:`scalign.kernels.qcp.largest_eigenvalue` at that :math:`\\lambda`, whichever is
 smaller (the quartic's is often 10-20x smaller: with Jacobi's alone, near-identical pairs
 went to the SVD in ``pairwise_rmsd``).
+
 The rotation is the quaternion of :math:`\\lambda_{max}`'s eigenvector. It is ill-determined
 when :math:`\\lambda_{max}` is nearly repeated; such items are flagged ``unsure`` by the rule
 of :func:`scalign.kernels.qcp.qcp_rotation` (the product of the eigen-gaps, which is the
@@ -150,6 +151,22 @@ __device__ double qcp_solve(const double s[9], double bound, double q[4], double
     return lam;
 }}
 
+// The rotation matrix R (row-major, R x ~ y) of the unit quaternion q = (w, x, y, z), as
+// scalign.kernels.qcp.quaternion_rotation.
+__device__ void qcp_quaternion_matrix(const double q[4], double R[9])
+{{
+    const double w = q[0], x = q[1], y = q[2], z = q[3];
+    R[0] = w * w + x * x - y * y - z * z;
+    R[1] = 2.0 * (x * y - w * z);
+    R[2] = 2.0 * (x * z + w * y);
+    R[3] = 2.0 * (y * x + w * z);
+    R[4] = w * w - x * x + y * y - z * z;
+    R[5] = 2.0 * (y * z - w * x);
+    R[6] = 2.0 * (z * x - w * y);
+    R[7] = 2.0 * (z * y + w * x);
+    R[8] = w * w - x * x - y * y + z * z;
+}}
+
 // The bound of scalign.kernels.qcp.largest_eigenvalue at lam: (2 |P| + rounding) / |P'| on
 // the QCP quartic, often 10-20x below Jacobi's; -1 where P' is 0 (no bound). Evaluated for
 // 2^-e S and 2^-e lam with entries of at most 1, then scaled back: lam^4 of covariances of
@@ -201,17 +218,9 @@ _ROTATION = (
     + rf"""lam = qcp_solve(s, bound, q, &gaps, &error);
 unsure = !(gaps > {_ADJUGATE_RTOL!r})
          || !(error <= {_EIGENVALUE_RTOL!r} * (fabs(lam) + fabs(bound)));
-const double qw = q[0], qx = q[1], qy = q[2], qz = q[3];
-r00 = qw * qw + qx * qx - qy * qy - qz * qz;
-r01 = 2.0 * (qx * qy - qw * qz);
-r02 = 2.0 * (qx * qz + qw * qy);
-r10 = 2.0 * (qy * qx + qw * qz);
-r11 = qw * qw - qx * qx + qy * qy - qz * qz;
-r12 = 2.0 * (qy * qz - qw * qx);
-r20 = 2.0 * (qz * qx - qw * qy);
-r21 = 2.0 * (qz * qy + qw * qx);
-r22 = qw * qw - qx * qx - qy * qy + qz * qz;
-"""
+double R[9];
+qcp_quaternion_matrix(q, R);
+{"".join(f"{r} = R[{k}];{chr(10)}" for k, r in enumerate(_R))}"""
 )
 
 
