@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +68,6 @@ OPTICS = {
 # 9 significant digits: float32 values round-trip exactly, float64 to ~5e-9 relative,
 # and ordinary values stay short (300, 2.7, 0.1) where RELION's %.6f pads and truncates.
 STAR_FLOAT_FORMAT = "%.9g"
-# dask chunks computed together when writing a stack: some parallelism, bounded memory
-_WRITE_BATCH = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -363,51 +360,78 @@ def _image_array(images: Any) -> tuple[Any, dict]:
     return np.asarray(images), {}
 
 
-def _slabs(arr: Any) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, images)`` slabs of a NumPy or dask ``(n, y, x)`` array, in order.
+@dataclass(frozen=True)
+class _MrcPixels:
+    """Where an MRC file's pixels lie. Each task maps the file by its path to write its
+    images: a task on a cluster's worker process holds no handle of ours."""
 
-    Bounds memory: a dask array is computed a few chunks at a time, a NumPy one is
-    converted to float32 about 32 MiB at a time.
-    """
-    if isinstance(arr, da.Array):
-        arr = arr.rechunk({1: -1, 2: -1})
-        starts = np.cumsum((0, *arr.chunks[0]))
-        nb = arr.numblocks[0]
-        for b in range(0, nb, _WRITE_BATCH):
-            ids = range(b, min(b + _WRITE_BATCH, nb))
-            for i, block in zip(ids, dask.compute(*[arr.blocks[i] for i in ids]), strict=True):
-                yield int(starts[i]), to_numpy(block)
-        return
-    step = default_chunk(arr.shape[1:])
-    for start in range(0, arr.shape[0], step):
-        yield start, arr[start : start + step]
+    path: str
+    dtype: np.dtype
+    offset: int
+    shape: tuple[int, ...]
+
+
+def _write_slab(pixels: _MrcPixels, start: int, slab: Any) -> tuple:
+    """Write ``slab`` (NumPy or CuPy) as images ``start, start + 1, ...`` of the file;
+    return ``(start, images, non-finite pixels, min, max, sum, sum of squares)`` for the
+    header (a slab with non-finite pixels is not written: the file is discarded)."""
+    slab = np.asarray(to_numpy(slab), dtype=np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(slab)))
+    if bad:
+        return start, len(slab), bad, 0.0, 0.0, 0.0, 0.0
+    data = np.memmap(
+        pixels.path, dtype=pixels.dtype, mode="r+", offset=pixels.offset, shape=pixels.shape
+    )
+    data[start : start + len(slab)] = slab
+    data.flush()
+    return (
+        start,
+        len(slab),
+        0,
+        float(slab.min()),
+        float(slab.max()),
+        float(slab.sum(dtype=np.float64)),
+        float(np.square(slab, dtype=np.float64).sum()),
+    )
 
 
 def _write_mrc_stack(path: Path, arr: Any, pixel_size: float | None) -> None:
     """Write ``(n, y, x)`` images as a float32 MRC image stack (space group 0), slab by
-    slab, with header statistics accumulated on the way (no second pass)."""
+    slab, with header statistics accumulated on the way (no second pass).
+
+    A dask array is written by one computation, a task per chunk (unoptimised: the
+    writes share the tasks that make the chunks): the chunks of a scan (the motions of
+    ``register_stack(..., "previous")``) need every chunk before them, and computed a
+    few at a time each batch computed all the earlier chunks again. A NumPy array is
+    converted to float32 about 32 MiB at a time.
+    """
     n = arr.shape[0]
-    lo, hi, total, squares = np.inf, -np.inf, 0.0, 0.0
     with mrcfile.new_mmap(path, shape=tuple(arr.shape), mrc_mode=2, overwrite=True) as mrc:
         mrc.set_image_stack()
         if pixel_size is not None:
             mrc.voxel_size = pixel_size
-        for start, slab in _slabs(arr):
-            slab = np.asarray(slab, dtype=np.float32)
-            if not np.all(np.isfinite(slab)):
-                bad = int(np.count_nonzero(~np.isfinite(slab)))
+        pixels = _MrcPixels(str(path), mrc.data.dtype, int(mrc.data.offset), mrc.data.shape)
+        if isinstance(arr, da.Array):
+            arr = arr.rechunk({1: -1, 2: -1})
+            starts = np.cumsum((0, *arr.chunks[0][:-1])).tolist()
+            blocks = arr.to_delayed(optimize_graph=False).ravel()
+            write = dask.delayed(_write_slab, pure=False)
+            writes = [write(pixels, s, b) for s, b in zip(starts, blocks, strict=True)]
+            stats = dask.compute(*writes)
+        else:
+            step = default_chunk(arr.shape[1:])
+            stats = [_write_slab(pixels, s, arr[s : s + step]) for s in range(0, n, step)]
+        for start, images, bad, *_ in stats:
+            if bad:
                 raise ValueError(
-                    f"images {start}..{start + len(slab) - 1} hold {bad} non-finite pixel(s)"
+                    f"images {start}..{start + images - 1} hold {bad} non-finite pixel(s)"
                 )
-            mrc.data[start : start + len(slab)] = slab
-            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
-            total += float(slab.sum(dtype=np.float64))
-            squares += float(np.square(slab, dtype=np.float64).sum())
+        _, _, _, lo, hi, total, squares = zip(*stats, strict=True)
         count = n * arr.shape[1] * arr.shape[2]
-        mean = total / count
+        mean = sum(total) / count
         header = mrc.header
-        header.dmin, header.dmax, header.dmean = lo, hi, mean
-        header.rms = np.sqrt(max(squares / count - mean * mean, 0.0))
+        header.dmin, header.dmax, header.dmean = min(lo), max(hi), mean
+        header.rms = np.sqrt(max(sum(squares) / count - mean * mean, 0.0))
 
 
 def write_stack(

@@ -247,6 +247,42 @@ def test_align_robust_writes_the_final_weights(tmp_path, capsys):
     assert written.attrs["scalign_robust"] == "huber"
 
 
+def test_the_robust_summary_reads_the_weights_chunk_by_chunk(tmp_path):
+    """The final weights (structure x point, float64) are as large as the aligned
+    coordinates: the summary of `scalign align --robust` read them whole (twice their
+    size, with its mask), so a job on an ensemble larger than memory ran out of memory
+    once written. Here on a store of the op's output variables (a robust fit this size
+    takes seconds)."""
+    import tracemalloc
+
+    import dask.array as da
+
+    from scalign.cli import _summary_rows
+
+    n, points = 64_000, 128
+    weights = da.ones((n, points), chunks=(1_000, points))
+    weights[::4, :32] = 0.25  # a quarter of the structures, a quarter of their points
+    out = tmp_path / "robust.zarr"
+    result = xr.Dataset(
+        {
+            "rmsd": ("structure", np.ones(n)),
+            "r2": ("structure", np.ones(n)),
+            "robust_weights": (("structure", "point"), weights),
+            "robust_iterations": ("structure", np.full(n, 3)),
+        },
+        attrs={"scalign_robust": "huber"},
+    ).chunk(structure=1_000)
+    save_zarr(result.assign(space=[0, 1, 2]), out)  # the summary names the dims
+    tracemalloc.start()
+    try:
+        _, rows = _summary_rows(out, 1.0, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert dict(rows)["robust (huber)"].startswith("6.2% of points weighted < 0.5, median 3")
+    assert peak < weights.nbytes / 4, f"{peak / 2**20:.1f} MiB for {weights.nbytes / 2**20} MiB"
+
+
 def test_rmsd_writes_the_pairwise_matrix(store, tmp_path, capsys):
     out = tmp_path / "rmsd.zarr"
     assert main(["rmsd", str(store), str(out), "--chunks", "128", "--quiet"]) == 0

@@ -198,6 +198,33 @@ def test_stack_round_trip_from_numpy_and_dask(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mrcs", "b.mrcs"]
 
 
+def test_a_stack_whose_chunks_build_on_each_other_is_computed_once(tmp_path):
+    """Each chunk of a scan (register_stack's "previous" motions, a running sum) needs
+    every chunk before it: written a few chunks per computation, the early chunks were
+    computed again for every later batch (162 pair fits for a 48-image "previous" stack
+    of 24 chunks, 47 when computed once)."""
+    computed = []
+
+    def source(block, block_info=None):
+        computed.append(block_info[0]["chunk-location"][0])
+        return block
+
+    ones = da.ones((24, 4, 3), chunks=(1, 4, 3), dtype=np.float32)
+    scan = ones.map_blocks(source, dtype=np.float32).cumsum(axis=0)
+    write_stack(tmp_path / "scan.mrcs", scan)
+    assert sorted(computed) == list(range(24))
+    expected = np.cumsum(np.ones((24, 4, 3), np.float32), axis=0)
+    np.testing.assert_array_equal(open_mrc_stack(tmp_path / "scan.mrcs")["images"].values, expected)
+    with mrcfile.open(tmp_path / "scan.mrcs", header_only=True) as mrc:
+        assert (mrc.header.dmin, mrc.header.dmax) == (1, 24)
+        assert mrc.header.dmean == pytest.approx(12.5)
+        assert mrc.header.rms == pytest.approx(expected.std())
+    # a non-finite chunk among them is still an error naming its images, and leaves nothing
+    with pytest.raises(ValueError, match=r"images 6\.\.6 hold 12 non-finite"):
+        write_stack(tmp_path / "bad.mrcs", da.where(scan == 7, np.nan, scan))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.mrcs"]
+
+
 def test_other_modes_are_converted_chunk_wise_and_one_image_is_a_stack(tmp_path):
     ints = np.arange(5 * 4 * 3, dtype=np.int16).reshape(5, 4, 3) - 30
     _mrcs(tmp_path / "i.mrcs", ints)
