@@ -301,7 +301,10 @@ def align(
     reflection : bool
         Allow improper rotations (det -1).
     tol, max_iterations :
-        Convergence of ``reference="mean"``.
+        Convergence of ``reference="mean"``: passes until the mean moves by less than
+        ``tol``, at most ``max_iterations``. With ``robust="tukey"`` or ``"welsch"`` the
+        Huber start they need has a limit of its own, so up to twice as many passes (all
+        counted in ``gpa_iterations``).
     aligned : bool
         Include the aligned coordinates. ``False`` keeps only the fit (rotation,
         translation, scale, rmsd, r2): RMSDs of a large ensemble without writing or
