@@ -90,19 +90,15 @@ def ctf_half_plane(
         raise ValueError(
             f"the per-image CTF values must be numbers or (B,) arrays of one B: {lengths}"
         )
-    du, dv = values["defocus_u"], values["defocus_v"]
-    da = np.radians(values["defocus_angle"])
-    du, dv, da = np.broadcast_arrays(du, dv, da)
-    per_image = [values[k][:, None, None] for k in ("phase_shift", "bfactor", "scale")]
-    phase, b, s = np.broadcast_arrays(*per_image, du[:, None, None])[:3]
+    # one (B, 1, 1) array each: numbers stand for every image
+    du, dv, da, phase, b, s = (v[:, None, None] for v in np.broadcast_arrays(*values.values()))
+    da = np.radians(da)
     lam = electron_wavelength(voltage)
     ky, kx = half_plane_frequencies(n)
     fx, fy = kx / (n * pixel_size), ky / (n * pixel_size)
     u2 = fx * fx + fy * fy
     azimuth = np.arctan2(fy, fx)
-    defocus = 0.5 * (du + dv)[:, None, None] + 0.5 * (du - dv)[:, None, None] * np.cos(
-        2.0 * (azimuth[None] - da[:, None, None])
-    )
+    defocus = 0.5 * (du + dv) + 0.5 * (du - dv) * np.cos(2.0 * (azimuth[None] - da))
     w = amplitude_contrast
     chi = (
         math.pi * lam * defocus * u2

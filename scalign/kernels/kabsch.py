@@ -260,9 +260,8 @@ def _fit_cupy(xp, X, Y, p, scale):
         probabilities = xp.full((n,), 1.0 / n) if p is None else p
         e2 = kabsch_cuda.residual(X, Y, probabilities, idx, out[0][idx], cx[idx], cy, out[2][idx])
         e2 = clamp(e2, 0.0)
-        g = gy[idx]
         out[3][idx] = xp.sqrt(e2)
-        out[4][idx] = xp.where(g > 0, 1.0 - e2 / xp.where(g > 0, g, 1.0), xp.nan)
+        out[4][idx] = _r2(xp, e2, gy[idx])
     if bool(xp.any(redo)):
         idx = xp.nonzero(redo)[0]
         again = _fit(xp, X[idx], Y, p, scale, False, True)
@@ -311,7 +310,7 @@ def _fit(xp, X, Y, p, scale, reflection, shared):
     e2 = clamp(e2, 0.0)
     t = cy - s[:, None] * (R @ cx[:, :, None])[:, :, 0]
     nan = xp.asarray(float("nan"), dtype=xp.float64)
-    r2 = xp.where(gy > 0, 1.0 - e2 / xp.where(gy > 0, gy, 1.0), nan)
+    r2 = _r2(xp, e2, gy)
     return (
         xp.where(ok[:, None, None], R, nan),
         xp.where(ok[:, None], t, nan),
@@ -319,6 +318,11 @@ def _fit(xp, X, Y, p, scale, reflection, shared):
         xp.where(ok, xp.sqrt(e2), nan),
         xp.where(ok, r2, nan),
     )
+
+
+def _r2(xp, e2: Array, gy: Array) -> Array:
+    """:math:`1 - e^2 / \\sigma_y^2`, NaN where the target has no spread."""
+    return xp.where(gy > 0, 1.0 - e2 / xp.where(gy > 0, gy, 1.0), xp.nan)
 
 
 def apply_transform(X: Array, rotation: Array, translation: Array, scale: Array) -> Array:
