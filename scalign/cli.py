@@ -18,7 +18,7 @@ import xarray as xr
 from scalign.align import align
 from scalign.ensemble import STRUCTURE
 from scalign.execution import SCHEDULER_ENV, run, scheduler
-from scalign.formats import _partial, import_star, read_volume
+from scalign.formats import import_star, read_volume, written_beside
 from scalign.icp import icp
 from scalign.images import validate_stack, warp_stack
 from scalign.io import (
@@ -288,24 +288,19 @@ def cmd_icp(args) -> int:
         ("time", f"{seconds:.2f} s"),
     ]
     if out is not None:
-        # written beside and moved into place: an interrupted write leaves the old file
-        partial = _partial(out)
-        try:
-            with open(partial, "wb") as f:
-                np.savez(
-                    f,
-                    aligned=aligned,
-                    rotation=R,
-                    translation=t,
-                    scale=info.scale,
-                    transformation=info.transformation,
-                    correspondences=info.correspondences,
-                    fitness=info.fitness,
-                    inlier_rmse=info.inlier_rmse,
-                )
-            os.replace(partial, out)
-        finally:
-            partial.unlink(missing_ok=True)
+        # an interrupted write leaves the old file
+        with written_beside(out) as partial, open(partial, "wb") as f:
+            np.savez(
+                f,
+                aligned=aligned,
+                rotation=R,
+                translation=t,
+                scale=info.scale,
+                transformation=info.transformation,
+                correspondences=info.correspondences,
+                fitness=info.fitness,
+                inlier_rmse=info.inlier_rmse,
+            )
         rows.append(("output", str(out)))
     print(_table("scalign icp: summary", rows))
     return 0

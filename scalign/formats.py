@@ -26,8 +26,10 @@ atomic: files are written beside their destination and renamed into place when c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,10 +322,18 @@ def read_volume(path: str | os.PathLike) -> xr.DataArray:
 # --------------------------------------------------------------------------------------
 
 
-def _partial(path: Path) -> Path:
-    """A hidden sibling of ``path`` to write into (same folder, so ``os.replace`` is an
-    atomic rename); keeps the suffix for libraries that look at it."""
-    return path.with_name(f".{path.stem}.partial-{uuid.uuid4().hex[:8]}{path.suffix}")
+@contextlib.contextmanager
+def written_beside(path: Path) -> Iterator[Path]:
+    """A hidden sibling of ``path`` to write into, moved onto ``path`` when the block
+    completes (in the same folder ``os.replace`` is an atomic rename) and removed in any
+    case: an interrupted or failed write leaves the old file, or nothing. The sibling
+    keeps the suffix, for libraries that look at it."""
+    tmp = path.with_name(f".{path.stem}.partial-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
@@ -479,12 +489,8 @@ def write_stack(
         raise TypeError(f"images must be real numbers, got dtype {arr.dtype}")
     pixel_size = _pixel_size(pixel_size, attrs, str(path))
     _check_target(path, overwrite)
-    tmp = _partial(path)
-    try:
+    with written_beside(path) as tmp:
         _write_mrc_stack(tmp, arr, pixel_size)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -525,15 +531,10 @@ def write_volume(
         raise ValueError(f"volume has {np.count_nonzero(~np.isfinite(arr))} non-finite voxel(s)")
     pixel_size = _pixel_size(pixel_size, attrs, str(path))
     _check_target(path, overwrite)
-    tmp = _partial(path)
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(arr)  # also sets the header statistics and space group 1
-            if pixel_size is not None:
-                mrc.voxel_size = pixel_size
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with written_beside(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.set_data(arr)  # also sets the header statistics and space group 1
+        if pixel_size is not None:
+            mrc.voxel_size = pixel_size
     return path
 
 
@@ -922,18 +923,13 @@ def export_star(
         if var in ds:
             particles[col] = _metadata(ds, var)
 
-    tmp_stack, tmp_star = _partial(stack), _partial(star)
-    try:
+    # the stack is moved into place first (the inner block exits first): a STAR file
+    # never points at a stack that is not there yet
+    with written_beside(star) as tmp_star, written_beside(stack) as tmp_stack:
         _write_mrc_stack(tmp_stack, images.data, pixel_size)
         starfile.write(
             {"optics": pd.DataFrame(optics), "particles": pd.DataFrame(particles)},
             tmp_star,
             float_format=STAR_FLOAT_FORMAT,
         )
-        # the stack first: a STAR file never points at a stack that is not there yet
-        os.replace(tmp_stack, stack)
-        os.replace(tmp_star, star)
-    finally:
-        tmp_stack.unlink(missing_ok=True)
-        tmp_star.unlink(missing_ok=True)
     return star
