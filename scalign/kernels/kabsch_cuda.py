@@ -20,7 +20,6 @@ import functools
 from typing import Any
 
 from scalign.kernels.kabsch import _CANCELLATION, _FAR_FROM_ORIGIN
-from scalign.kernels.qcp import _ADJUGATE_RTOL, _EIGENVALUE_RTOL
 from scalign.kernels.qcp_cuda import _R, _S, source
 
 Array = Any
@@ -42,8 +41,7 @@ for (int k = 0; k < 9; ++k) h[k] = ok ? s[k] : eye[k];
 const double bound = ok ? 0.5 * (gx + gy) : 1.5;
 double q[4], gaps, error;
 const double lam = qcp_solve(h, bound, q, &gaps, &error);
-const bool unsure = !(gaps > {_ADJUGATE_RTOL!r})
-                    || !(error <= {_EIGENVALUE_RTOL!r} * (fabs(lam) + fabs(bound)));
+const bool unsure = qcp_unsure(gaps, error, lam, bound);
 double R[9];
 qcp_quaternion_matrix(q, R);
 const double sc = (scaled && gx > 0.0) ? lam / gx : 1.0;

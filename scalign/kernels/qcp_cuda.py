@@ -151,6 +151,13 @@ __device__ double qcp_solve(const double s[9], double bound, double q[4], double
     return lam;
 }}
 
+// Whether the rotation of lambda_max is ill-determined (the rule of
+// scalign.kernels.qcp.qcp_rotation): gaps from qcp_solve, error its bound.
+__device__ bool qcp_unsure(double gaps, double error, double lam, double bound)
+{{
+    return !(gaps > {adjugate!r}) || !(error <= {eigenvalue!r} * (fabs(lam) + fabs(bound)));
+}}
+
 // The rotation matrix R (row-major, R x ~ y) of the unit quaternion q = (w, x, y, z), as
 // scalign.kernels.qcp.quaternion_rotation.
 __device__ void qcp_quaternion_matrix(const double q[4], double R[9])
@@ -216,8 +223,7 @@ err = (quartic >= 0.0 && quartic < error) ? quartic : error;
 _ROTATION = (
     _LOAD
     + rf"""lam = qcp_solve(s, bound, q, &gaps, &error);
-unsure = !(gaps > {_ADJUGATE_RTOL!r})
-         || !(error <= {_EIGENVALUE_RTOL!r} * (fabs(lam) + fabs(bound)));
+unsure = qcp_unsure(gaps, error, lam, bound);
 double R[9];
 qcp_quaternion_matrix(q, R);
 {"".join(f"{r} = R[{k}];{chr(10)}" for k, r in enumerate(_R))}"""
@@ -254,6 +260,8 @@ def source() -> str:
         sweeps=MAX_SWEEPS,
         horn=_horn_source(),
         rounding=2.0 * _ROUNDING_ULPS,
+        adjugate=_ADJUGATE_RTOL,
+        eigenvalue=_EIGENVALUE_RTOL,
     )
 
 
