@@ -21,6 +21,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.array.core import getter
 from dask.base import tokenize
 
 from scalign._array import to_numpy
@@ -33,15 +34,58 @@ NPZ_COORD_KEYS = ("coords", "coordinates", "xyz", "positions")
 NPZ_WEIGHT_KEYS = ("weights", "masses")
 
 
+class _ChunkReader:
+    """Dask's chunk getter for a store's variables, whose errors name the store, the
+    variable and the chunk: a corrupt or truncated chunk file otherwise surfaces, at compute
+    time, as a bare codec error (``When changing to a larger dtype...``) naming none."""
+
+    def __init__(self, store: str):
+        self.store = store
+
+    def __call__(self, a: Any, b: Any, asarray: bool = True, lock: Any = None) -> Any:
+        try:
+            return getter(a, b, asarray=asarray, lock=lock)
+        except MemoryError:
+            raise
+        except Exception as exc:  # zarr's codecs and stores raise many kinds
+            where = ", ".join(
+                f"{s.start}:{s.stop}" if isinstance(s, slice) else repr(s)
+                for s in (b if isinstance(b, tuple) else (b,))
+            )
+            raise ValueError(
+                f"{self.store}: cannot read variable {_variable_name(a)!r} at [{where}] "
+                f"(a corrupt or truncated chunk?): {exc}"
+            ) from exc
+
+    def __dask_tokenize__(self) -> str:
+        return self.store
+
+
+def _variable_name(a: Any) -> str:
+    """The name of the zarr array under xarray's lazy indexing wrappers (``?`` if none)."""
+    for _ in range(16):
+        if isinstance(a, zarr.Array):
+            return a.path
+        a = getattr(a, "array", getattr(a, "_array", None))
+    return "?"
+
+
 def open_store(path: str | os.PathLike, **kwargs: Any) -> xr.Dataset:
     """``xarray.open_zarr`` of a zarr v3 store, lazily, with clear errors: a missing store
-    is a ``FileNotFoundError`` and an unreadable one (corrupt metadata, not zarr) a
-    ``ValueError``, both naming the path. ``kwargs`` go to ``open_zarr``."""
+    is a ``FileNotFoundError``, an unreadable one (corrupt metadata, not zarr) a
+    ``ValueError`` naming the path, and a chunk that cannot be read, when computed, a
+    ``ValueError`` naming the store, the variable and the chunk (:class:`_ChunkReader`).
+    ``kwargs`` go to ``open_zarr``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no zarr store at {path}")
     try:
-        return xr.open_zarr(path, consolidated=False, **kwargs)
+        return xr.open_zarr(
+            path,
+            consolidated=False,
+            from_array_kwargs={"getitem": _ChunkReader(str(path))},
+            **kwargs,
+        )
     except Exception as exc:  # zarr and json raise many kinds; all mean "cannot read it"
         raise ValueError(f"{path} is not a readable zarr store: {exc}") from exc
 
@@ -70,7 +114,7 @@ def open_ensemble(path: str | os.PathLike, *, chunks: int | None = None) -> xr.D
     check_chunks(chunks)
     ds = open_store(path, chunks={} if chunks is None else None)
     if chunks is not None:
-        ds = ds.chunk({STRUCTURE: chunks})
+        ds = ds.chunk({STRUCTURE: chunks}, from_array_kwargs={"getitem": _ChunkReader(str(path))})
     return validate_ensemble(ds, name=str(path))
 
 

@@ -61,7 +61,7 @@ def check_pair(X: np.ndarray, Y: np.ndarray, x_name: str = "X", y_name: str = "Y
     check_enough_points(x_name, X.shape[-2], X.shape[-1])
 
 
-_FLOAT64_SQRT_TINY = float(np.sqrt(np.finfo(np.float64).tiny))
+COINCIDENCE_FLOOR = float(np.sqrt(np.finfo(np.float64).tiny))
 
 
 def coincidence_rtol(eps: float) -> float:
@@ -91,7 +91,7 @@ def check_spread(name: str, X: np.ndarray) -> None:
     eps = np.finfo(X.dtype).eps if np.issubdtype(X.dtype, np.floating) else 0.0
     # the fits accumulate in float64 whatever the input dtype
     magnitude = np.abs(X).max(axis=(-2, -1), keepdims=True)
-    tol = np.maximum(coincidence_rtol(eps) * magnitude, _FLOAT64_SQRT_TINY)
+    tol = np.maximum(coincidence_rtol(eps) * magnitude, COINCIDENCE_FLOOR)
     raise_if_coincident(name, np.all(np.abs(centred) <= tol, axis=(-2, -1)))
 
 

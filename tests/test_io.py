@@ -294,3 +294,20 @@ def test_float_variables_are_raw_unless_compression_is_asked(tmp_path):
     assert raw.compressors == () and packed.compressors != ()
     np.testing.assert_array_equal(raw[:], packed[:])
     assert zarr.open_array(tmp_path / "raw.zarr" / "outlier", mode="r").compressors != ()
+
+
+@pytest.mark.parametrize("chunks", [None, 7])
+def test_a_corrupt_chunk_names_the_store_variable_and_chunk_on_the_cluster(
+    tmp_path, client, chunks
+):
+    """zarr's codec error at compute time ("When changing to a larger dtype...") named
+    neither the store nor the variable."""
+    path = tmp_path / "ens.zarr"
+    save_zarr(helix_ensemble(30, 8, chunks=10), path)
+    (path / "coords" / "c" / "2" / "0" / "0").write_bytes(b"garbage")
+    ds = open_ensemble(path, chunks=chunks)
+    assert np.isfinite(ds["coords"][:10].values).all()
+    with pytest.raises(ValueError, match=r"ens\.zarr: cannot read variable 'coords' at \[2\d:"):
+        ds["coords"].compute()
+    with pytest.raises(ValueError, match="cannot read variable 'coords'"):
+        align(ds).compute()
