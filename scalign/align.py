@@ -231,8 +231,6 @@ def _gpa_iterations(coords, ref, weights, scale, reflection, tol, max_iterations
         log.info("generalized Procrustes iteration %d: mean moved %.3g", iteration, shifts[-1])
         if shifts[-1] <= tol:
             break
-    else:
-        log.warning("generalized Procrustes did not converge in %d iterations", max_iterations)
     return ref, shifts
 
 
@@ -245,19 +243,22 @@ def _generalized_reference(coords, weights, scale, reflection, tol, max_iteratio
     otherwise lets drift (the mean would shrink). With ``robust``, each point of the mean
     is weighted by the structures' robust weights, so outlying points do not drag it; the
     redescending losses (Tukey, Welsch) start from the Huber mean, as they keep the
-    outliers of a poor start (the first structure's own) instead of rejecting them. Stops
-    when the mean moves by less than ``tol`` (RMSD between successive means); the report
-    holds every iteration's shift.
+    outliers of a poor start (the first structure's own) instead of rejecting them; that
+    start shares the ``max_iterations`` passes (up to all but one). Stops when the mean
+    moves by less than ``tol`` (RMSD between successive means); the report holds every
+    iteration's shift.
     """
     ref = _resolve_reference(coords, 0)
     # float64 coordinates (cast per chunk) so the mean is not limited by float32 rounding.
     coords = coords.astype(np.float64)
-    args = (weights, scale, reflection, tol, max_iterations)
+    args = (weights, scale, reflection, tol)
     shifts: list[float] = []
-    if robust in ("tukey", "welsch"):
-        ref, shifts = _gpa_iterations(coords, ref, *args, robust="huber")
-    ref, more = _gpa_iterations(coords, ref, *args, robust=robust)
+    if robust in ("tukey", "welsch") and max_iterations > 1:
+        ref, shifts = _gpa_iterations(coords, ref, *args, max_iterations - 1, robust="huber")
+    ref, more = _gpa_iterations(coords, ref, *args, max_iterations - len(shifts), robust=robust)
     shifts += more
+    if not shifts[-1] <= tol:
+        log.warning("generalized Procrustes did not converge in %d iterations", len(shifts))
     return ref, {
         "gpa_iterations": len(shifts),
         "gpa_shift": shifts[-1],
@@ -302,9 +303,9 @@ def align(
         Allow improper rotations (det -1).
     tol, max_iterations :
         Convergence of ``reference="mean"``: passes until the mean moves by less than
-        ``tol``, at most ``max_iterations``. With ``robust="tukey"`` or ``"welsch"`` the
-        Huber start they need has a limit of its own, so up to twice as many passes (all
-        counted in ``gpa_iterations``).
+        ``tol``, at most ``max_iterations`` (``gpa_iterations`` counts them). With
+        ``robust="tukey"`` or ``"welsch"`` the Huber start they need is part of that
+        budget: it takes up to all passes but one, and the loss itself the rest.
     aligned : bool
         Include the aligned coordinates. ``False`` keeps only the fit (rotation,
         translation, scale, rmsd, r2): RMSDs of a large ensemble without writing or

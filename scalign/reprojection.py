@@ -214,16 +214,17 @@ def _ctf_inputs(
         zeros = _chunked_like(xr.DataArray(np.zeros(like.shape[0]), dims=(IMAGE,)), like)
         return None, [zeros] * (len(CTF_VARIABLES) + len(CTF_OPTIONAL))
     missing = [v for v in CTF_VARIABLES if v not in ds.variables]
-    missing += [a for a in CTF_ATTRS if a not in ds.attrs]
+    missing += [a for a in CTF_ATTRS if _stack_attr(ds, a) is None]
     missing += ["pixel_size"] if pixel is None else []
     if missing:
         raise ValueError(f"ctf=True needs the stack's {missing} (variables over image / attrs)")
     constants = {}
     for a in CTF_ATTRS:
+        value = _stack_attr(ds, a)
         try:
-            constants[a] = float(ds.attrs[a])
+            constants[a] = float(value)
         except (TypeError, ValueError):
-            raise TypeError(f"the stack's {a} attr must be a number, got {ds.attrs[a]!r}") from None
+            raise TypeError(f"the stack's {a} attr must be a number, got {value!r}") from None
     check_ctf_constants(pixel, **constants)
     values = []
     for name in (*CTF_VARIABLES, *CTF_OPTIONAL):
@@ -239,6 +240,12 @@ def _ctf_inputs(
             raise ValueError(f"{name} is not finite for {bad.size} image(s), e.g. image {bad[0]}")
         values.append(xr.DataArray(v, dims=(IMAGE,)))
     return constants, [_chunked_like(v, like) for v in values]
+
+
+def _stack_attr(ds: xr.Dataset, name: str) -> Any:
+    """The stack's attr ``name``, else its images' (a bare DataArray of images, taken as
+    a stack's ``images``, carries its attrs there); None if neither has it."""
+    return ds.attrs.get(name, ds["images"].attrs.get(name))
 
 
 def _check_eps(eps: Any) -> None:
@@ -441,10 +448,7 @@ def compare_reprojections(
     V, names, volume_pixel = _volumes(volumes)
     if V.shape[-1] != n:
         raise ValueError(f"volumes have box size {V.shape[-1]} but the images {n}: they must match")
-    # the stack's attr, else its images' (a bare DataArray of images carries it there)
-    pixel = _pixel_size(
-        ds.attrs.get("pixel_size", ds["images"].attrs.get("pixel_size")), volume_pixel
-    )
+    pixel = _pixel_size(_stack_attr(ds, "pixel_size"), volume_pixel)
     if isinstance(angular_sampling, bool) or not isinstance(angular_sampling, numbers.Real):
         raise TypeError(f"angular_sampling must be a number of degrees, got {angular_sampling!r}")
     if not 0 < angular_sampling <= 90:

@@ -377,6 +377,23 @@ def test_pixel_sizes_are_read_where_a_dataset_or_a_bare_array_holds_them(volumes
     assert found.attrs["box_size"] == 16
 
 
+def test_a_bare_array_of_images_carries_its_ctf_like_a_stack(volumes):
+    """A DataArray of images with the microscope's constants in its attrs and the
+    per-image defoci and angles as coordinates compares as the Dataset does: ctf=True
+    asked for the constants it held ("ctf=True needs the stack's ['voltage', ...]")."""
+    st = simulate_particles(BLOBS, N, 4, ctf=True, seed=12).stack
+    per_image = [v for v in st.data_vars if v != "images"]
+    images = st["images"].assign_coords({v: st[v] for v in per_image}).assign_attrs(st.attrs)
+    options = {"angles": "stack", "ctf": True, "covariance": False, "downsample_to": None}
+    bare = compare_reprojections(images, volumes[:2], **options)
+    whole = compare_reprojections(st, volumes[:2], **options)
+    assert bare.attrs["ctf"] == 1
+    for name in ("correlation", "cost", "residual_mean"):
+        np.testing.assert_array_equal(bare[name].values, whole[name].values)
+    without = compare_reprojections(st, volumes[:2], **(options | {"ctf": False}))
+    assert not np.allclose(bare["correlation"].values, without["correlation"].values)
+
+
 def test_nan_pixels_and_empty_stacks():
     st = simulate_particles(BLOBS, N, 4, seed=12).stack
     images = st["images"].values.copy()

@@ -230,6 +230,18 @@ def test_robust_generalized_procrustes_finds_the_true_shape(corrupted, loss):
     assert robust_error < 0.01 and plain_error > 0.3
 
 
+@pytest.mark.parametrize("loss", ["tukey", "welsch"])
+@pytest.mark.parametrize("budget", [1, 2, 3])
+def test_the_huber_start_shares_the_generalized_procrustes_budget(corrupted, loss, budget):
+    """Tukey and Welsch start from the Huber mean, whose passes had a limit of their own:
+    max_iterations=3 could make 6 passes."""
+    out = scalign.align(
+        corrupted, "mean", robust=loss, aligned=False, max_iterations=budget, tol=1e-300
+    )
+    assert out.attrs["gpa_iterations"] == len(out.attrs["gpa_shifts"]) == budget
+    assert not out.attrs["gpa_converged"]
+
+
 def test_align_rejects_an_unknown_robust_loss(corrupted):
     with pytest.raises(ValueError, match="unknown robust 'l1'"):
         scalign.align(corrupted, robust="l1")
