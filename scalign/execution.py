@@ -17,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import dask
 import dask.array
+import dask.threaded
 import xarray as xr
+from dask.base import get_scheduler
 from threadpoolctl import threadpool_limits
 
 from scalign._array import is_gpu_backed, move
@@ -412,11 +415,11 @@ def run(obj: Any, *, progress: bool = False) -> Any:
         client = None
     if client is None:
         if not progress:
-            return dask.compute(obj)[0]
+            return _compute_local(obj)
         from dask.diagnostics import ProgressBar
 
         with ProgressBar(minimum=0.5):
-            return dask.compute(obj)[0]
+            return _compute_local(obj)
     future = client.compute(obj)
     if progress:
         from distributed import progress as show
@@ -424,3 +427,18 @@ def run(obj: Any, *, progress: bool = False) -> Any:
         show(future)
         print()
     return future.result()
+
+
+def _compute_local(obj: Any) -> Any:
+    """``dask.compute(obj)[0]`` on Dask's current local scheduler; the threaded one (unless
+    configured with a pool of its own) gets a pool for this computation alone, shut down
+    before this returns, interrupted or not. Dask's shared pool goes on with the tasks it
+    had started after a Ctrl-C: a block write each, into a partial store that the next job
+    at the same destination may already be writing."""
+    if get_scheduler(collections=[obj]) is not dask.threaded.get or dask.config.get("pool", None):
+        return dask.compute(obj)[0]
+    pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
+    try:
+        return dask.compute(obj, pool=pool)[0]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

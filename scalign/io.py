@@ -26,6 +26,7 @@ from dask.base import tokenize
 
 from scalign._array import to_numpy
 from scalign.ensemble import STRUCTURE, default_chunk, make_ensemble, validate_ensemble
+from scalign.execution import run
 from scalign.validation import check_chunks, check_flag
 
 log = logging.getLogger(__name__)
@@ -129,19 +130,38 @@ def _json_attrs(attrs: dict) -> dict:
 
 #: The metadata file at the root of a zarr store (v3, v2 group, v2 array).
 _ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
-#: Inside a partial store: the job's fingerprint and one empty file per written block.
+#: Inside a partial store: the job's fingerprint, and per written block a file holding it.
 PROGRESS = ".scalign-progress"
 
 
-def _write_blocks(store: str, blocks: list[tuple[Any, str, tuple, str]]) -> None:
+def _holds(file: Path, job: str) -> bool:
+    """Whether ``file`` reads ``job``: a partial store's fingerprint, when the store is still
+    the one that job started; a block's marker, when that job wrote the block."""
+    try:
+        return file.read_text() == job
+    except OSError:
+        return False
+
+
+def _write_blocks(store: str, job: str, blocks: list[tuple[Any, str, tuple, str]]) -> None:
     """Write computed blocks ``(block, name, region, marker)`` into their regions of the
-    store's arrays, each marked done after it is written (the marker comes last: a block
-    cut off mid-write is rewritten on resume)."""
-    group = zarr.open_group(store=store, mode="r+")
+    store's arrays, each marked done after it is written by a marker holding ``job`` (the
+    marker comes last: a block cut off mid-write is rewritten on resume). A store that is
+    no longer the job's (another job at the same destination started over it) is not
+    written: a ``RuntimeError``."""
+    fingerprint = Path(store) / PROGRESS / "job"
+    group = None
     for block, name, region, marker in blocks:
+        if not _holds(fingerprint, job):
+            raise RuntimeError(
+                f"{store} was taken over by another write to the same destination: "
+                "two jobs wrote there at once"
+            )
+        if group is None:
+            group = zarr.open_group(store=store, mode="r+")
         array = group[name]
         array[region] = np.asarray(to_numpy(block), dtype=array.dtype)
-        Path(marker).touch()
+        Path(marker).write_text(job)
 
 
 def _write_group(var: xr.Variable, loc: tuple[int, ...]) -> tuple:
@@ -207,14 +227,17 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     fingerprint (dask's token of the dataset and the options, and the size and
     modification time of every file of the zarr stores it reads: dask's token of an
     opened store changes only with the store folder's own time, which a rewrite of its
-    chunks leaves alone) and, for each dask block
-    written, an empty marker file. ``delayed`` writes every block without a marker when
-    computed (on whichever scheduler the caller runs it, with its own progress display):
-    when a run of the same job was killed, the next one finds its partial store and
-    writes only the missing blocks; a partial store of another job is discarded.
-    ``commit()`` then renames the store into ``path``, replacing any previous one, so a
-    store at ``path`` is always complete. If the computation fails with an error, call
-    ``commit(success=False)`` to remove the partial store.
+    chunks leaves alone) and, for each dask block written, a marker file holding that
+    fingerprint. ``delayed`` writes every block without a marker when computed (on
+    whichever scheduler the caller runs it, with its own progress display): when a run of
+    the same job was killed, the next one finds its partial store and writes only the
+    missing blocks; a partial store of another job is discarded. A task that finds the
+    partial store taken over by another job (started at the same destination while this
+    one's tasks still ran) writes nothing more there and fails, and its markers never
+    count for the other job. ``commit()`` then renames the store into ``path``, replacing
+    any previous one, so a store at ``path`` is always complete. If the computation fails
+    with an error, call ``commit(success=False)`` to remove the partial store (only if it
+    is still this job's).
     """
     if isinstance(ds, xr.DataArray):
         raise TypeError(
@@ -236,8 +259,10 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     progress = tmp / PROGRESS
     job = tokenize(ds, compress, _input_files(ds))
     fingerprint = progress / "job"
-    if fingerprint.is_file() and fingerprint.read_text() == job:
-        done = {p.name for p in progress.iterdir()}
+    if _holds(fingerprint, job):
+        # a marker counts only with this job's fingerprint in it: one left by the tasks
+        # of another job, still running when this one took the store over, does not
+        done = {p.name for p in progress.iterdir() if p.name != "job" and _holds(p, job)}
     else:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -272,18 +297,25 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
                 (blocks[loc], str(name), region, str(progress / marker))
             )
     write = dask.delayed(_write_blocks, pure=False)
-    writes = [write(str(tmp), items) for items in groups.values()]
+    writes = [write(str(tmp), job, items) for items in groups.values()]
     pending = sum(map(len, groups.values()))
     if done:
         log.info(
             "resuming the interrupted write of %s: %d block(s) already written, %d to go",
             path,
-            len(done) - 1,
+            len(done),
             pending,
         )
     delayed = dask.delayed(len, pure=False)(writes)
 
     def commit(success: bool = True) -> None:
+        if not _holds(fingerprint, job):
+            if success:
+                raise RuntimeError(
+                    f"{tmp} was taken over by another write to {path}: two jobs wrote there "
+                    "at once, and this one's store is gone"
+                )
+            return
         if not success:
             shutil.rmtree(tmp, ignore_errors=True)
             return
@@ -352,7 +384,9 @@ def save_zarr(
         zstd-compress floating-point variables too (default: raw, see
         :func:`to_zarr_delayed`).
     compute : callable, optional
-        How to run the write (e.g. with a progress bar); default ``delayed.compute()``.
+        How to run the write (e.g. with a progress bar); default
+        :func:`scalign.execution.run` (which, on the threaded scheduler, returns from an
+        interrupt only once the tasks it started have ended).
 
     Returns
     -------
@@ -367,7 +401,7 @@ def save_zarr(
     path = check_destination(path, overwrite)
     delayed, commit = to_zarr_delayed(ds, path, compress=compress)
     try:
-        (compute or (lambda d: d.compute()))(delayed)
+        (compute or run)(delayed)
     except Exception:
         # an error would recur on a rerun: nothing to resume. An interrupt (Ctrl-C, a
         # killed process) keeps the partial store for the next run of the same job.

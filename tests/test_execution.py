@@ -159,3 +159,42 @@ def test_a_word_for_an_address_is_a_clear_error(word, monkeypatch, capsys):
             pass
     assert main(["demo", "--structures", "20", "--points", "6", "--chunks", "10"]) == 2
     assert "is not a scheduler address" in capsys.readouterr().err
+
+
+def test_an_interrupted_threaded_run_returns_once_its_started_tasks_have_ended():
+    """Dask's shared thread pool went on with the tasks it had started after Ctrl-C (a
+    block write each), into a destination the next job may already be writing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, signal, threading, time
+        import dask
+        from scalign.execution import run
+
+        lock, state = threading.Lock(), {"running": 0, "done": 0}
+
+        def task(i):
+            with lock:
+                state["running"] += 1
+            time.sleep(0.5)
+            with lock:
+                state["running"] -= 1
+                state["done"] += 1
+
+        run(dask.delayed(task, pure=False)(-1))  # the pool's threads up
+        threading.Timer(0.7, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            run(dask.delayed(list)([dask.delayed(task, pure=False)(i) for i in range(20)]))
+        except KeyboardInterrupt:
+            at_return = dict(state)
+        time.sleep(1.0)
+        print(at_return["running"], at_return["done"], state["done"])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    running, done, later = map(int, out.stdout.split())
+    assert running == 0 and done == later > 1

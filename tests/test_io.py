@@ -311,3 +311,28 @@ def test_a_corrupt_chunk_names_the_store_variable_and_chunk_on_the_cluster(
         ds["coords"].compute()
     with pytest.raises(ValueError, match="cannot read variable 'coords'"):
         align(ds).compute()
+
+
+def test_the_tasks_of_a_job_overtaken_at_its_destination_write_nothing_there(tmp_path):
+    """Job A interrupted, job B started at once at the same OUT: A's tasks still running
+    wrote their blocks and markers into B's partial store, and B, interrupted and
+    resumed, skipped the blocks A had marked."""
+    from scalign.io import PROGRESS, to_zarr_delayed
+
+    out = tmp_path / "out.zarr"
+    first, second = helix_ensemble(40, 6, chunks=10, seed=1), helix_ensemble(40, 6, chunks=10)
+    late_a, commit_a = to_zarr_delayed(first, out)
+    job_b, commit_b = to_zarr_delayed(second, out)
+    with pytest.raises(RuntimeError, match="taken over by another write"):
+        late_a.compute(scheduler="sync")
+    commit_a(success=False)  # leaves B's store alone
+    progress = tmp_path / ".out.zarr.partial" / PROGRESS
+    assert sorted(p.name for p in progress.iterdir()) == ["job"]
+    # a stray marker of A (written as B took over) does not count for B on resume
+    (progress / "coords.1.0.0").write_text("another job")
+    job_b, commit_b = to_zarr_delayed(second, out)
+    job_b.compute(scheduler="sync")
+    commit_b()
+    with pytest.raises(RuntimeError, match="taken over by another write"):
+        commit_a()
+    np.testing.assert_array_equal(open_ensemble(out)["coords"].values, second["coords"].values)
