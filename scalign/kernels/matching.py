@@ -301,7 +301,36 @@ def _peak(cc: np.ndarray, max_shift: float) -> tuple[np.ndarray, np.ndarray]:
     return shift, best
 
 
-def _newton_shift(G: np.ndarray, shift: np.ndarray, n: int, steps: int = 2) -> tuple:
+class _Refinement(NamedTuple):
+    """What every correlation of the refinement reuses, made once per call
+    (:func:`_refinement`): on the GPU, host-computed tables copied once instead of per
+    call."""
+
+    phases: np.ndarray | None  # (2 n m, S) the grid's phase matrix (:func:`_grid_phases`)
+    weights: np.ndarray  # (n, m) w_k / n² (:func:`_half_plane_weights`)
+    fx: np.ndarray  # (m,) ω_x = 2π k_x / n
+    fy: np.ndarray  # (n,) ω_y
+    px: np.ndarray  # (m, 3) 1, ω_x, ω_x²
+    py: np.ndarray  # (3, n) 1, ω_y, ω_y²
+
+
+def _refinement(n: int, grid: _ShiftGrid | None, like: np.ndarray) -> _Refinement:
+    """:class:`_Refinement` for images of ``n²`` on the array library of ``like`` (the
+    phases in its real dtype)."""
+    xp = namespace(like)
+    ky, kx = half_plane_frequencies(n)
+    fx, fy = kx[0] * (2 * np.pi / n), ky[:, 0] * (2 * np.pi / n)
+    return _Refinement(
+        None if grid is None else _grid_phases(grid, n, like),
+        xp.asarray(_half_plane_weights(n)),
+        xp.asarray(fx),
+        xp.asarray(fy),
+        xp.asarray(np.stack([np.ones_like(fx), fx, fx**2], axis=-1)),
+        xp.asarray(np.stack([np.ones_like(fy), fy, fy**2], axis=0)),
+    )
+
+
+def _newton_shift(G: np.ndarray, shift: np.ndarray, basis: _Refinement, steps: int = 2) -> tuple:
     """Maximise the trigonometric interpolant of a cross-correlation,
     :math:`c(s) = \\frac{1}{n^2} \\sum_k w_k \\mathrm{Re}(G_k e^{i \\omega_k \\cdot s})`
     (``G`` its half-plane spectrum, :func:`_half_plane_weights`, :math:`\\omega_k = 2\\pi
@@ -315,12 +344,8 @@ def _newton_shift(G: np.ndarray, shift: np.ndarray, n: int, steps: int = 2) -> t
     products per step instead of a pass over the spectrum per term. In float64 however
     ``G`` comes: the refinement compares scores that differ by ~1e-6 near its end."""
     xp = namespace(G)
-    Gw = xp.astype(G, xp.complex128) * xp.asarray(_half_plane_weights(n))
-    ky, kx = half_plane_frequencies(n)
-    fx, fy = kx[0] * (2 * np.pi / n), ky[:, 0] * (2 * np.pi / n)
-    px = xp.asarray(np.stack([np.ones_like(fx), fx, fx**2], axis=-1))  # (m, 3)
-    py = xp.asarray(np.stack([np.ones_like(fy), fy, fy**2], axis=0))  # (3, n)
-    fx, fy = xp.asarray(fx), xp.asarray(fy)
+    Gw = xp.astype(G, xp.complex128) * basis.weights
+    fx, fy, px, py = basis.fx, basis.fy, basis.px, basis.py
     s = xp.asarray(shift, dtype=xp.float64, copy=True)
     for step in range(steps + 1):
         ex = xp.exp(1j * s[..., 0, None] * fx)[..., :, None] * px  # (..., m, 3)
@@ -348,21 +373,23 @@ def _correlate(
     n: int,
     max_shift: float,
     grid: _ShiftGrid | None,
+    basis: _Refinement,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalised cross-correlations of images ``(B, ...)`` with projections given by their
     centred half-plane spectra ``(B, K, ...)`` (mean removed), at the continuous optimum of
     the shift (Newton steps on the correlation's trigonometric interpolant from the
     integer peak), so that candidates compare at their best sub-pixel alignment: shifts
     ``(B, K, 2)`` and scores ``(B, K)``. The integer peak comes from the correlation on
-    ``grid`` (:func:`_shift_grid`) or, without one, an inverse FFT."""
+    ``grid`` (:func:`_shift_grid`, its phases in ``basis``) or, without one, an inverse
+    FFT."""
     xp = namespace(P_spectra)
     # the image is P moved by s: c(s) = sum_p I(p) P(p - s) = IDFT[Î conj(P̂)](s)
     G = spectra_img[:, None] * xp.conj(P_spectra)
     if grid is None:
         shift, _ = _peak(_irfft2(G, n), max_shift)
     else:
-        shift, _ = _grid_peak(_real_view(G) @ _grid_phases(grid, n, G), grid)
-    shift, peak = _newton_shift(G, shift, n)
+        shift, _ = _grid_peak(_real_view(G) @ basis.phases, grid)
+    shift, peak = _newton_shift(G, shift, basis)
     with np.errstate(invalid="ignore", divide="ignore"):
         score = peak / (norms_img[:, None] * _spectrum_norms(P_spectra))
     # the search's bookkeeping is on the host: a few numbers per image and candidate
@@ -577,6 +604,7 @@ def match_images(
     scores = best_score.reshape(-1)
     rounds = np.zeros(B * K, dtype=int)
     if refine:
+        basis = _refinement(n, grid, F)
         on_device = xp.asarray(owner)
         Fc, normc = F[on_device], norms[on_device]
         ctfc = None if ctf is None else ctf[on_device]
@@ -613,7 +641,7 @@ def match_images(
                 if ctfc is not None:
                     P = P * ctfc[rows_idx, None]
                 shift[part, cols], score[part, cols] = _correlate(
-                    Fc[rows_idx], normc[rows_idx], P, n, max_shift, grid
+                    Fc[rows_idx], normc[rows_idx], P, n, max_shift, grid, basis
                 )
             r = np.arange(idx.size)
             k = np.argmax(score, axis=1)
