@@ -52,10 +52,11 @@ def test_layout_is_a_warp_per_item_up_to_warp_points():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not gpu_available(), reason="no usable CUDA device (cupy.is_available())")
-@pytest.mark.parametrize("n", [1, 33, 1000])
-def test_warp_and_block_kernels_give_the_same_sums(n):
-    """Both layouts on the same items, against float64 sums in NumPy (B not a multiple of
-    the 8 items of a warp kernel's block, and more items than resident warps)."""
+@pytest.mark.parametrize("n", [1, 33, 36, 1000])
+def test_every_layout_gives_the_same_sums(n):
+    """Every layout on the same items (``vec4`` where it fits), against float64 sums in
+    NumPy (B not a multiple of the 8 items of a warp kernel's block, and more items than
+    resident warps)."""
     import cupy
 
     rng = np.random.default_rng(n)
@@ -73,6 +74,14 @@ def test_warp_and_block_kernels_give_the_same_sums(n):
         axis=1,
     )
     args = (cupy.asarray(X), cupy.asarray(Yc), cupy.asarray(p))
-    for per in ("warp", "block"):
+    layouts = ["warp", "block"] + (["vec4"] if n % 4 == 0 else [])
+    for per in layouts:
         got = moments_cuda.moment_sums(*args, per=per).get()
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9, err_msg=per)
+    assert moments_cuda.vec4_fits(args[0]) == (n % 4 == 0)
+    # items 4-byte aligned only (a contiguous view one float in): 16-byte loads would fault
+    shifted = args[0].reshape(-1)[1 : 1 + 40_000 * n * 3].reshape(40_000, n, 3)
+    for refused in ([args[0]] if n % 4 else []) + [shifted]:
+        assert not moments_cuda.vec4_fits(refused)
+        with pytest.raises(ValueError, match="no 'vec4' moments kernel for float32 items"):
+            moments_cuda.moment_sums(refused, *args[1:], per="vec4")
