@@ -73,6 +73,28 @@ __device__ __forceinline__ void warp_sum(double acc[13])
     }}
 }}
 
+// The sums of item b over its warp, written by lane 0.
+__device__ __forceinline__ void store_warp_sums(
+    double acc[13], double* __restrict__ out, const long long b)
+{{
+    warp_sum(acc);
+    if ((threadIdx.x & 31) == 0) {{
+        #pragma unroll
+        for (int j = 0; j < 13; ++j) out[b * 13 + j] = acc[j];
+    }}
+}}
+
+// A warp per item: this warp's first item, and the stride of the grid-stride item loop.
+__device__ __forceinline__ long long warp_first()
+{{
+    return ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+}}
+
+__device__ __forceinline__ long long warp_stride()
+{{
+    return ((long long)gridDim.x * blockDim.x) >> 5;
+}}
+
 // One block per item (many points): warps' sums meet in shared memory.
 extern "C" __global__ void shared_moments_{name}(
     const {ctype}* __restrict__ X,     // (B, n, 3), C order
@@ -88,9 +110,7 @@ extern "C" __global__ void shared_moments_{name}(
     const int warps = blockDim.x >> 5;
     for (long long b = blockIdx.x; b < B; b += gridDim.x) {{
         const {ctype}* x = X + b * (long long)n * 3;
-        double acc[13];
-        #pragma unroll
-        for (int j = 0; j < 13; ++j) acc[j] = 0.0;
+        double acc[13] = {{}};
         for (int k = threadIdx.x; k < n; k += blockDim.x) accumulate_{name}(acc, x, q, p, k);
         warp_sum(acc);
         if (lane == 0) {{
@@ -118,20 +138,12 @@ extern "C" __global__ void warp_moments_{name}(
     double* __restrict__ out)
 {{
     const int lane = threadIdx.x & 31;
-    const long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const long long stride = ((long long)gridDim.x * blockDim.x) >> 5;
-    for (long long b = first; b < B; b += stride) {{
+    for (long long b = warp_first(); b < B; b += warp_stride()) {{
         const {ctype}* x = X + b * (long long)n * 3;
-        double acc[13];
-        #pragma unroll
-        for (int j = 0; j < 13; ++j) acc[j] = 0.0;
+        double acc[13] = {{}};
         #pragma unroll 4
         for (int k = lane; k < n; k += 32) accumulate_{name}(acc, x, q, p, k);
-        warp_sum(acc);
-        if (lane == 0) {{
-            #pragma unroll
-            for (int j = 0; j < 13; ++j) out[b * 13 + j] = acc[j];
-        }}
+        store_warp_sums(acc, out, b);
     }}
 }}
 """
@@ -149,14 +161,10 @@ extern "C" __global__ void vec4_moments_float32(
     double* __restrict__ out)
 {
     const int lane = threadIdx.x & 31;
-    const long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const long long stride = ((long long)gridDim.x * blockDim.x) >> 5;
     const int groups = n >> 2;
-    for (long long b = first; b < B; b += stride) {
+    for (long long b = warp_first(); b < B; b += warp_stride()) {
         const float4* x = reinterpret_cast<const float4*>(X + b * (long long)n * 3);
-        double acc[13];
-        #pragma unroll
-        for (int j = 0; j < 13; ++j) acc[j] = 0.0;
+        double acc[13] = {};
         #pragma unroll 2
         for (int g = lane; g < groups; g += 32) {
             const float4 a = x[3 * g], c = x[3 * g + 1], d = x[3 * g + 2];
@@ -166,11 +174,7 @@ extern "C" __global__ void vec4_moments_float32(
             add_point(acc, c.z, c.w, d.x, q, p, k + 2);
             add_point(acc, d.y, d.z, d.w, q, p, k + 3);
         }
-        warp_sum(acc);
-        if (lane == 0) {
-            #pragma unroll
-            for (int j = 0; j < 13; ++j) out[b * 13 + j] = acc[j];
-        }
+        store_warp_sums(acc, out, b);
     }
 }
 """
