@@ -62,13 +62,20 @@ class _ChunkReader:
         return self.store
 
 
+def _zarr_array(value: Any) -> zarr.Array | None:
+    """The zarr array under xarray's lazy-indexing adapters (``value`` itself, ``.array``,
+    ``._array``, ...), if there is one."""
+    for _ in range(8):  # the adapters' depth, with room to spare
+        if isinstance(value, zarr.Array) or value is None:
+            return value
+        value = getattr(value, "array", getattr(value, "_array", None))
+    return None
+
+
 def _variable_name(a: Any) -> str:
-    """The name of the zarr array under xarray's lazy indexing wrappers (``?`` if none)."""
-    for _ in range(16):
-        if isinstance(a, zarr.Array):
-            return a.path
-        a = getattr(a, "array", getattr(a, "_array", None))
-    return "?"
+    """The name of the zarr array read by a chunk getter (``?`` if none)."""
+    array = _zarr_array(a)
+    return "?" if array is None else array.path
 
 
 def open_store(path: str | os.PathLike, **kwargs: Any) -> xr.Dataset:
@@ -197,16 +204,10 @@ def _input_files(ds: xr.Dataset) -> list[tuple[str, int, int]]:
         return []
     folders = set()
     for value in dict(graph).values():
-        for _ in range(8):  # the adapters' depth, with room to spare
-            if isinstance(value, zarr.Array):
-                root = getattr(value.store, "root", None)  # a LocalStore's folder
-                if root is not None:
-                    folders.add(Path(root) / value.path)
-                break
-            inner = getattr(value, "array", None)
-            value = getattr(value, "_array", None) if inner is None else inner
-            if value is None:
-                break
+        array = _zarr_array(value)
+        root = None if array is None else getattr(array.store, "root", None)  # a LocalStore's
+        if root is not None:
+            folders.add(Path(root) / array.path)
     files = []
     for folder in sorted(folders):
         for p in sorted(folder.rglob("*")):
