@@ -290,11 +290,16 @@ def torch_procrustes_align(
         # tr(Sigma D) = max_R tr(R H): R held fixed gives its exact gradient, U D V^T.
         trace = (R.detach() * H.mT).sum(dim=(-2, -1))[..., None, None]
         s_units = trace / (p * Xs.square().sum(dim=-1)).sum(dim=-1)[..., None, None]
+        s = s_units * a / b
+        # Envelope theorem: e^2 = min over (R, s, t) changes only through X, Y, p.
+        residual = s_units.detach() * (Xs @ R.detach().mT) - Ys  # b times the residual
+        unit = b
     else:
-        s_units = b / a
-    s = s_units * a / b
+        s = torch.ones((), dtype=X.dtype, device=X.device)
+        # in the unit of the larger set: sets of very different sizes (X 1e10, Y 1e-30)
+        # would overflow the ratio b / a
+        unit = torch.minimum(a, b)
+        residual = (unit * Xc) @ R.detach().mT - unit * Yc
     aligned = s * (Xc @ R.mT) + cy
-    # Envelope theorem: e^2 = min over (R, s, t) changes only through X, Y, p.
-    residual = s_units.detach() * (Xs @ R.detach().mT) - Ys  # b times the residual
-    error = _safe_sqrt((p * residual.square().sum(dim=-1)).sum(dim=-1)) / b[..., 0, 0]
+    error = _safe_sqrt((p * residual.square().sum(dim=-1)).sum(dim=-1)) / unit[..., 0, 0]
     return aligned, R, error

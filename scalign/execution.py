@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ import dask
 import dask.array
 import dask.threaded
 import xarray as xr
-from dask.base import get_scheduler
+from dask.base import get_scheduler, unpack_collections
 from threadpoolctl import threadpool_limits
 
 from scalign._array import is_gpu_backed, move
@@ -435,10 +436,22 @@ def _compute_local(obj: Any) -> Any:
     before this returns, interrupted or not. Dask's shared pool goes on with the tasks it
     had started after a Ctrl-C: a block write each, into a partial store that the next job
     at the same destination may already be writing."""
-    if get_scheduler(collections=[obj]) is not dask.threaded.get or dask.config.get("pool", None):
+    collections, _ = unpack_collections(obj)
+    # dask.compute's choice: the configured scheduler, else the collections' default
+    chosen = get_scheduler(collections=collections or None)
+    if chosen not in (None, dask.threaded.get) or dask.config.get("pool", None):
         return dask.compute(obj)[0]
-    pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
+    pool = _ContextPool(dask.config.get("num_workers", None) or dask.threaded.CPU_COUNT)
     try:
         return dask.compute(obj, pool=pool)[0]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _ContextPool(ThreadPoolExecutor):
+    """A thread pool whose tasks run in the submitting thread's context, as in Dask's own
+    pool (context variables: NumPy's ``errstate``, and warning filters on free-threaded
+    Python)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -80,20 +81,19 @@ def _variable_name(a: Any) -> str:
 
 def open_store(path: str | os.PathLike, **kwargs: Any) -> xr.Dataset:
     """``xarray.open_zarr`` of a zarr v3 store, lazily, with clear errors: a missing store
-    is a ``FileNotFoundError``, an unreadable one (corrupt metadata, not zarr) a
-    ``ValueError`` naming the path, and a chunk that cannot be read, when computed, a
-    ``ValueError`` naming the store, the variable and the chunk (:class:`_ChunkReader`).
+    is a ``FileNotFoundError`` and an unreadable one (corrupt metadata, not zarr) a
+    ``ValueError``, both naming the path. In the store's own chunks (``chunks={}``) a chunk
+    that cannot be read is, when computed, a ``ValueError`` naming the store, the variable
+    and the chunk (:class:`_ChunkReader`); not in others, where that getter would cost the
+    reads of a selection: Dask narrows a selection's read only through its own getters.
     ``kwargs`` go to ``open_zarr``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no zarr store at {path}")
+    if kwargs.get("chunks") == {}:
+        kwargs["from_array_kwargs"] = {"getitem": _ChunkReader(str(path))}
     try:
-        return xr.open_zarr(
-            path,
-            consolidated=False,
-            from_array_kwargs={"getitem": _ChunkReader(str(path))},
-            **kwargs,
-        )
+        return xr.open_zarr(path, consolidated=False, **kwargs)
     except Exception as exc:  # zarr and json raise many kinds; all mean "cannot read it"
         raise ValueError(f"{path} is not a readable zarr store: {exc}") from exc
 
@@ -105,7 +105,9 @@ def open_ensemble(path: str | os.PathLike, *, chunks: int | None = None) -> xr.D
     ----------
     path : zarr store (directory)
     chunks : int, optional
-        Structures per dask chunk; default: the store's own chunking.
+        Structures per dask chunk; default: the store's own chunking, in which a corrupt
+        chunk is an error naming the store, the variable and the chunk
+        (:func:`open_store`).
 
     Returns
     -------
@@ -122,7 +124,7 @@ def open_ensemble(path: str | os.PathLike, *, chunks: int | None = None) -> xr.D
     check_chunks(chunks)
     ds = open_store(path, chunks={} if chunks is None else None)
     if chunks is not None:
-        ds = ds.chunk({STRUCTURE: chunks}, from_array_kwargs={"getitem": _ChunkReader(str(path))})
+        ds = ds.chunk({STRUCTURE: chunks})
     return validate_ensemble(ds, name=str(path))
 
 
@@ -137,38 +139,52 @@ def _json_attrs(attrs: dict) -> dict:
 
 #: The metadata file at the root of a zarr store (v3, v2 group, v2 array).
 _ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray")
-#: Inside a partial store: the job's fingerprint, and per written block a file holding it.
+#: Inside a partial store: the job's fingerprint and one empty file per written block.
 PROGRESS = ".scalign-progress"
 
 
 def _holds(file: Path, job: str) -> bool:
-    """Whether ``file`` reads ``job``: a partial store's fingerprint, when the store is still
-    the one that job started; a block's marker, when that job wrote the block."""
+    """Whether ``file`` (a partial store's fingerprint) reads ``job``."""
     try:
         return file.read_text() == job
     except OSError:
         return False
 
 
+def _partial_store(path: Path, job: str) -> Path:
+    """Where job ``job`` (its fingerprint) writes the store for ``path`` until it is
+    complete: ``.NAME.<16 hex digits of the job>.partial`` beside it. One per job, so that
+    the tasks of an interrupted job still running cannot write into another job's."""
+    return path.with_name(f".{path.name}.{job[:16]}.partial")
+
+
+def _remove_other_partials(path: Path, keep: Path) -> None:
+    """Remove the partial stores of other jobs for ``path`` (and the ``.NAME.partial`` of
+    earlier versions): a job started at the same destination supersedes them."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"([0-9a-f]{16}\.)?partial")
+    if not path.parent.is_dir():
+        return
+    for other in path.parent.iterdir():
+        if other != keep and pattern.fullmatch(other.name) and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def _write_blocks(store: str, job: str, blocks: list[tuple[Any, str, tuple, str]]) -> None:
     """Write computed blocks ``(block, name, region, marker)`` into their regions of the
-    store's arrays, each marked done after it is written by a marker holding ``job`` (the
-    marker comes last: a block cut off mid-write is rewritten on resume). A store that is
-    no longer the job's (another job at the same destination started over it) is not
-    written: a ``RuntimeError``."""
+    store's arrays, each marked done after it is written (the marker comes last: a block
+    cut off mid-write is rewritten on resume). A store whose fingerprint is no longer
+    ``job``'s (removed by another job at the same destination) is not written: a
+    ``RuntimeError``."""
     fingerprint = Path(store) / PROGRESS / "job"
     group = None
     for block, name, region, marker in blocks:
         if not _holds(fingerprint, job):
-            raise RuntimeError(
-                f"{store} was taken over by another write to the same destination: "
-                "two jobs wrote there at once"
-            )
+            raise RuntimeError(f"{store} is gone: another job started writing the same destination")
         if group is None:
             group = zarr.open_group(store=store, mode="r+")
         array = group[name]
         array[region] = np.asarray(to_numpy(block), dtype=array.dtype)
-        Path(marker).write_text(job)
+        Path(marker).touch()
 
 
 def _write_group(var: xr.Variable, loc: tuple[int, ...]) -> tuple:
@@ -224,21 +240,20 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     coordinates by ~7% but tripled the write time (measured on a 2-core machine); other
     variables keep zarr's default codecs.
 
-    The data go into a hidden sibling store, ``.NAME.partial``, which records the job's
-    fingerprint (dask's token of the dataset and the options, and the size and
-    modification time of every file of the zarr stores it reads: dask's token of an
-    opened store changes only with the store folder's own time, which a rewrite of its
-    chunks leaves alone) and, for each dask block written, a marker file holding that
-    fingerprint. ``delayed`` writes every block without a marker when computed (on
-    whichever scheduler the caller runs it, with its own progress display): when a run of
-    the same job was killed, the next one finds its partial store and writes only the
-    missing blocks; a partial store of another job is discarded. A task that finds the
-    partial store taken over by another job (started at the same destination while this
-    one's tasks still ran) writes nothing more there and fails, and its markers never
-    count for the other job. ``commit()`` then renames the store into ``path``, replacing
-    any previous one, so a store at ``path`` is always complete. If the computation fails
-    with an error, call ``commit(success=False)`` to remove the partial store (only if it
-    is still this job's).
+    The data go into a hidden sibling store of the job's own (:func:`_partial_store`),
+    which records the job's fingerprint (dask's token of the dataset and the options, and
+    the size and modification time of every file of the zarr stores it reads: dask's token
+    of an opened store changes only with the store folder's own time, which a rewrite of
+    its chunks leaves alone) and, for each dask block written, an empty marker file.
+    ``delayed`` writes every block without a marker when computed (on whichever scheduler
+    the caller runs it, with its own progress display): when a run of the same job was
+    killed, the next one finds its partial store and writes only the missing blocks; the
+    partial stores of other jobs for ``path`` are removed. The tasks of such a job that
+    still run (an interrupted job's, or one running at once) write into their own store,
+    never this one's, and fail once it is gone. ``commit()`` then renames the store into
+    ``path``, replacing any previous one, so a store at ``path`` is always complete. If
+    the computation fails with an error, call ``commit(success=False)`` to remove the
+    partial store (only if it is still this job's).
     """
     if isinstance(ds, xr.DataArray):
         raise TypeError(
@@ -247,7 +262,6 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"ds must be an xarray Dataset, got {type(ds).__name__}")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
     ds = _regular_chunks(ds.copy())
     ds.attrs = _json_attrs(ds.attrs)
     for var in ds.variables.values():
@@ -257,13 +271,13 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
         for name, var in ds.data_vars.items()
         if not compress and np.issubdtype(var.dtype, np.floating)
     }
-    progress = tmp / PROGRESS
     job = tokenize(ds, compress, _input_files(ds))
+    tmp = _partial_store(path, job)
+    progress = tmp / PROGRESS
     fingerprint = progress / "job"
+    _remove_other_partials(path, tmp)
     if _holds(fingerprint, job):
-        # a marker counts only with this job's fingerprint in it: one left by the tasks
-        # of another job, still running when this one took the store over, does not
-        done = {p.name for p in progress.iterdir() if p.name != "job" and _holds(p, job)}
+        done = {p.name for p in progress.iterdir() if p.name != "job"}
     else:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -312,10 +326,7 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     def commit(success: bool = True) -> None:
         if not _holds(fingerprint, job):
             if success:
-                raise RuntimeError(
-                    f"{tmp} was taken over by another write to {path}: two jobs wrote there "
-                    "at once, and this one's store is gone"
-                )
+                raise RuntimeError(f"{tmp} is gone: another job started writing {path} meanwhile")
             return
         if not success:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -35,10 +35,13 @@ def test_ctrl_c_is_one_line_and_leaves_no_store(tmp_path):
     save_zarr(helix_ensemble(150_000, 64, noise=0.1, chunks=5_000), source)
     out = tmp_path / "out.zarr"
     command = [sys.executable, "-m", "scalign.cli", "align", str(source), str(out), "--quiet"]
-    progress = tmp_path / ".out.zarr.partial" / ".scalign-progress"
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (progress.is_dir() and len(list(progress.iterdir())) > 3):
+    # the job's own partial store: .out.zarr.<its fingerprint>.partial
+    while not (
+        (found := list(tmp_path.glob(".out.zarr.*.partial/.scalign-progress")))
+        and len(list(found[0].iterdir())) > 3
+    ):
         assert proc.poll() is None, "the job ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.01)

@@ -198,3 +198,17 @@ def test_an_interrupted_threaded_run_returns_once_its_started_tasks_have_ended()
     assert out.returncode == 0, out.stderr
     running, done, later = map(int, out.stdout.split())
     assert running == 0 and done == later > 1
+
+
+def test_run_takes_what_dask_compute_takes_and_keeps_the_callers_context():
+    """The pool of its own made run() read the scheduler of a list as a collection's
+    (AttributeError) and drop the caller's context variables (NumPy's errstate)."""
+    import dask.array as da
+
+    assert run([da.ones(2)])[0].tolist() == [1.0, 1.0]
+    assert run((da.ones(2), 3))[1] == 3
+    assert run(np.ones(2)).tolist() == [1.0, 1.0]
+    with np.errstate(divide="raise"), pytest.raises(FloatingPointError):
+        run(da.ones(4, chunks=2) / 0)
+    with dask.config.set(scheduler="sync"):
+        assert run(da.ones(3).sum()) == 3.0

@@ -96,22 +96,25 @@ def test_a_killed_cli_write_resumes_where_it_stopped(tmp_path):
     scalign.save_zarr(scalign.helix_ensemble(150_000, 64, noise=0.1, chunks=5_000), source)
     out, reference = tmp_path / "out.zarr", tmp_path / "reference.zarr"
     command = [sys.executable, "-m", "scalign.cli", "align", str(source), str(out), "--quiet"]
-    progress = tmp_path / ".out.zarr.partial" / ".scalign-progress"
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (progress.is_dir() and len(list(progress.iterdir())) > 5):
+    # the job's own partial store: .out.zarr.<its fingerprint>.partial
+    while not (
+        (found := list(tmp_path.glob(".out.zarr.*.partial/.scalign-progress")))
+        and len(list(found[0].iterdir())) > 5
+    ):
         assert proc.poll() is None, "the job ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = len(list(progress.iterdir())) - 1
+    written = len(list(found[0].iterdir())) - 1
     assert not out.exists() and written > 0
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming the interrupted write" in rerun.stderr + rerun.stdout
     assert f"{written} block(s) already written" in rerun.stderr + rerun.stdout
-    assert not (tmp_path / ".out.zarr.partial").exists()
+    assert not list(tmp_path.glob(".out.zarr.*partial"))
     scalign.save_zarr(scalign.align(scalign.open_ensemble(source), "first"), reference)
     xr.testing.assert_identical(
         xr.open_zarr(out, consolidated=False).load(),

@@ -387,6 +387,17 @@ def test_float32_sets_of_any_size_fit_and_differentiate_like_unit_ones(size, sca
     np.testing.assert_allclose(error.detach().numpy(), ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("x_size", "y_size"), [(1e10, 1e-30), (1e19, 1e-19), (1e-30, 1e10)])
+def test_float32_sets_of_very_different_sizes_fit_without_scale_as_in_numpy(x_size, y_size):
+    """Without scale the residual was taken in Y's unit, X's being b / a = 2^(e_x - e_y)
+    times it: infinite in float32 for sets 1e40 apart (aligned and error inf)."""
+    X, Y = _batch(3, seed=5)
+    X32, Y32 = (X * x_size).astype(np.float32), (Y * y_size).astype(np.float32)
+    aligned, _, error = torch_procrustes_align(_t(X32, torch.float32), _t(Y32, torch.float32))
+    assert torch.isfinite(aligned).all()
+    np.testing.assert_allclose(error.numpy(), procrustes_align(X32, Y32)[-1], rtol=1e-5)
+
+
 def test_scalign_imports_without_torch_and_the_module_says_what_to_install():
     # A finder that refuses torch makes `import torch` fail as if it were not installed.
     code = (

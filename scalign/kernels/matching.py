@@ -604,7 +604,9 @@ def match_images(
     scores = best_score.reshape(-1)
     rounds = np.zeros(B * K, dtype=int)
     if refine:
-        basis = _refinement(n, grid, F)
+        # in the correlations' precision: float32 spectra times a float32 or float64
+        # volume's projections (slice_spectra)
+        basis = _refinement(n, grid, xp.zeros(1, dtype=xp.result_type(F.dtype, volume.dtype)))
         on_device = xp.asarray(owner)
         Fc, normc = F[on_device], norms[on_device]
         ctfc = None if ctf is None else ctf[on_device]
