@@ -777,6 +777,14 @@ def bench_register(cfg: dict, repeat: int, res: Results) -> None:
 
     t = gpu_time(gpu_op, repeat)
     res.add(Row("gpu.register_op", "GPU register_stack op", "register", t, B + 1, "threaded Dask"))
+    # the chunks of one GPU share its stream: Dask's threads (one per core) only contend
+    # for the GIL while launching this launch-bound estimate's kernels (the op ran at half
+    # the kernel's rate on the H200's 16 threads); one thread, for comparison
+    with dask.config.set(num_workers=1):
+        t = gpu_time(gpu_op, repeat)
+    res.add(
+        Row("gpu.register_op1", "GPU register_stack op, 1 thread", "register", t, B + 1, "Dask")
+    )
     host_stack = scalign.make_stack(np.concatenate([ref_host[None], Xc]), chunks=(m + 2) // 2)
 
     def cpu_op():
