@@ -179,7 +179,9 @@ def _write_blocks(store: str, job: str, blocks: list[tuple[Any, str, tuple, str]
     group = None
     for block, name, region, marker in blocks:
         if not _holds(fingerprint, job):
-            raise RuntimeError(f"{store} is gone: another job started writing the same destination")
+            raise RuntimeError(
+                f"{store} is gone: another run writing the same destination removed or committed it"
+            )
         if group is None:
             group = zarr.open_group(store=store, mode="r+")
         array = group[name]
@@ -326,7 +328,9 @@ def to_zarr_delayed(ds: xr.Dataset, path: str | os.PathLike, *, compress: bool =
     def commit(success: bool = True) -> None:
         if not _holds(fingerprint, job):
             if success:
-                raise RuntimeError(f"{tmp} is gone: another job started writing {path} meanwhile")
+                raise RuntimeError(
+                    f"{tmp} is gone: another run writing {path} removed or committed it"
+                )
             return
         if not success:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -337,12 +337,12 @@ def test_the_tasks_of_a_job_overtaken_at_its_destination_write_nothing_there(tmp
     job_b, commit_b = to_zarr_delayed(second, out)
     (only_b,) = tmp_path.glob(".out.zarr.*.partial")
     assert only_b != only_a  # A's late writes go to A's store, never into B's
-    with pytest.raises(RuntimeError, match="is gone: another job started writing"):
+    with pytest.raises(RuntimeError, match="is gone: another run writing"):
         late_a.compute(scheduler="sync")
     commit_a(success=False)  # not A's store any more: left alone
     job_b.compute(scheduler="sync")
     commit_b()
-    with pytest.raises(RuntimeError, match="is gone: another job started writing"):
+    with pytest.raises(RuntimeError, match="is gone: another run writing"):
         commit_a()
     np.testing.assert_array_equal(open_ensemble(out)["coords"].values, second["coords"].values)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
