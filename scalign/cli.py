@@ -307,7 +307,10 @@ def cmd_icp(args) -> int:
 
 
 def _open_stack(path: str) -> xr.Dataset:
-    return validate_stack(open_store(path), name=str(path))
+    """A stack store read in its own chunks (a corrupt one then names itself:
+    :func:`scalign.io.open_store`), merged along its first dim up to Dask's chunk size."""
+    ds = validate_stack(open_store(path, chunks={}), name=str(path))
+    return ds.chunk({ds["images"].dims[0]: "auto"})
 
 
 def cmd_warp(args) -> int:

@@ -38,11 +38,14 @@ def files(tmp_path_factory):
     (d / "corrupt.zarr" / "zarr.json").write_text("{not json")
     images = np.random.default_rng(0).random((6, 32, 32)).astype(np.float32)
     scalign.save_zarr(scalign.make_stack(images, chunks=3), d / "stack.zarr")
+    scalign.save_zarr(scalign.make_stack(images, chunks=3), d / "bad_stack.zarr")
+    (d / "bad_stack.zarr" / "images" / "c" / "1" / "0" / "0").write_bytes(b"\0" * 12)
     bad = images.copy()
     bad[2, 4, 4] = np.inf
     xr.Dataset({"images": (("image", "y", "x"), bad)}).to_zarr(d / "inf.zarr", consolidated=False)
     np.save(d / "singular.npy", np.diag([0.0, 1.0, 1.0]))
     np.save(d / "shape.npy", np.eye(4))
+    np.save(d / "shift.npy", np.array([[1.0, 0.0, 1.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
     np.save(d / "three.npy", np.random.default_rng(1).random((5, 3)))
     np.save(d / "ints.npy", np.arange(60).reshape(5, 4, 3))
     np.save(d / "flat.npy", np.zeros((5, 3)))
@@ -85,6 +88,11 @@ CASES = [
     (["warp", "{d}/stack.zarr", "{out}", "--matrix", "{d}/singular.npy", "--order", "7"], "order"),
     (["warp", "{d}/ens.zarr", "{out}", "--matrix", "{d}/shape.npy"], "images"),
     (["register", "{d}/inf.zarr", "{out}"], "non-finite"),
+    (["register", "{d}/bad_stack.zarr", "{out}"], "cannot read variable 'images' at [3:6"),
+    (
+        ["warp", "{d}/bad_stack.zarr", "{out}", "--matrix", "{d}/shift.npy"],
+        "bad_stack.zarr: cannot",
+    ),
     (["register", "{d}/stack.zarr", "{out}", "--reference", "last"], "reference"),
     (["import", "{d}/ints.npy", "{out}", "--chunks", "-1"], "chunks"),
     (["import-star", "{d}/missing.star", "{out}"], "missing.star"),
