@@ -1,8 +1,10 @@
-"""The fused CUDA moments kernel: compiled with NVRTC wherever CuPy is installed (no GPU
-needed), and checked against the NumPy moments on a CUDA device (``pytest -m gpu``)."""
+"""The fused CUDA moments kernels: compiled with NVRTC wherever CuPy is installed and run
+in a CPU emulation of CUDA's threads wherever g++ is (no GPU needed for either), and
+checked against the NumPy moments on a CUDA device (``pytest -m gpu``)."""
 
 from __future__ import annotations
 
+import cuda_emulation
 import numpy as np
 import pytest
 from conftest import assert_compiles_with_nvrtc
@@ -15,6 +17,45 @@ from scalign.kernels.kabsch import _shared_moments
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_kernel_source_compiles_with_nvrtc(dtype):
     assert_compiles_with_nvrtc(moments_cuda.source(dtype), "moments.cu")
+
+
+@pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ (C++20)")
+@pytest.mark.parametrize(
+    ("layout", "dtype"),
+    [("warp", "float32"), ("warp", "float64"), ("block", "float32"), ("block", "float64")]
+    + [("vec4", "float32")],
+)
+def test_kernel_source_computes_the_sums_in_a_cpu_emulation(layout, dtype):
+    """The kernels' own CUDA source, run on CPU threads (:mod:`cuda_emulation`), against
+    float64 sums in NumPy: indexing, grid-stride loops over more items than warps, warp
+    shuffles and the block's shared-memory reduction, with no GPU."""
+    lib = cuda_emulation.build(
+        moments_cuda.source(dtype),
+        f"{moments_cuda.LAYOUTS[layout]}_{dtype}",
+        [f"const {'float' if dtype == 'float32' else 'double'}*", "const double*"]
+        + ["const double*", "long long", "int", "double*"],
+    )
+    rng = np.random.default_rng(7)
+    for n in (4, 36, 300) if layout == "vec4" else (1, 33, 300):
+        B = 37  # not a multiple of a block's 8 warps; more items than the grid's warps
+        X = (rng.standard_normal((B, n, 3)) * 3 + 10).astype(dtype)
+        Yc = rng.standard_normal((n, 3))
+        p = rng.uniform(0.5, 1.5, n)
+        p /= p.sum()
+        out = np.full((B, moments_cuda.SUMS), np.nan)
+        block = moments_cuda.threads_per_item(n) if layout == "block" else 64
+        args = [X, p[:, None] * Yc, p, np.int64(B), np.int32(n), out]
+        cuda_emulation.launch(lib, 3, block, args)
+        x = X.astype(np.float64)
+        want = np.concatenate(
+            [
+                np.einsum("bka,kc->bac", x, p[:, None] * Yc).reshape(-1, 9),
+                np.einsum("bka,k->ba", x, p),
+                np.einsum("bk,k->b", (x * x).sum(-1), p)[:, None],
+            ],
+            axis=1,
+        )
+        np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-12, err_msg=f"n = {n}")
 
 
 @pytest.mark.parametrize(("n", "threads"), [(1, 32), (128, 32), (129, 64), (1000, 256)])
