@@ -19,6 +19,19 @@ def test_kernel_source_compiles_with_nvrtc(dtype):
     assert_compiles_with_nvrtc(moments_cuda.source(dtype), "moments.cu")
 
 
+def _reference_sums(X: np.ndarray, Yc: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The kernels' 13 sums per item in float64: H (row-major), Σ p x, Σ p |x|²."""
+    x = X.astype(np.float64)
+    return np.concatenate(
+        [
+            np.einsum("bka,kc->bac", x, p[:, None] * Yc).reshape(-1, 9),
+            np.einsum("bka,k->ba", x, p),
+            np.einsum("bk,k->b", (x * x).sum(-1), p)[:, None],
+        ],
+        axis=1,
+    )
+
+
 @pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize(
     ("layout", "dtype"),
@@ -46,15 +59,7 @@ def test_kernel_source_computes_the_sums_in_a_cpu_emulation(layout, dtype):
         block = moments_cuda.threads_per_item(n) if layout == "block" else 64
         args = [X, p[:, None] * Yc, p, np.int64(B), np.int32(n), out]
         cuda_emulation.launch(lib, 3, block, args)
-        x = X.astype(np.float64)
-        want = np.concatenate(
-            [
-                np.einsum("bka,kc->bac", x, p[:, None] * Yc).reshape(-1, 9),
-                np.einsum("bka,k->ba", x, p),
-                np.einsum("bk,k->b", (x * x).sum(-1), p)[:, None],
-            ],
-            axis=1,
-        )
+        want = _reference_sums(X, Yc, p)
         np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-12, err_msg=f"n = {n}")
 
 
@@ -105,15 +110,7 @@ def test_every_layout_gives_the_same_sums(n):
     Yc = rng.standard_normal((n, 3))
     p = rng.uniform(0.5, 1.5, n)
     p /= p.sum()
-    x = X.astype(np.float64)
-    want = np.concatenate(
-        [
-            np.einsum("bka,kc->bac", x, p[:, None] * Yc).reshape(-1, 9),
-            np.einsum("bka,k->ba", x, p),
-            np.einsum("bk,k->b", (x * x).sum(-1), p)[:, None],
-        ],
-        axis=1,
-    )
+    want = _reference_sums(X, Yc, p)
     args = (cupy.asarray(X), cupy.asarray(Yc), cupy.asarray(p))
     layouts = ["warp", "block"] + (["vec4"] if n % 4 == 0 else [])
     for per in layouts:
