@@ -16,9 +16,9 @@ get the explicit residual from :func:`residual`, one thread per item.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
+from scalign.kernels.elementwise import Elementwise, compiled
 from scalign.kernels.kabsch import _CANCELLATION, _FAR_FROM_ORIGIN
 from scalign.kernels.qcp_cuda import _R, _S, source
 
@@ -65,19 +65,16 @@ r2 = (ok && gy > 0.0) ? 1.0 - e2c / gy : nan_;
 """
 
 
-@functools.cache
-def _kernel():
-    import cupy
-
-    inputs = ", ".join(f"float64 {v}" for v in (*_S, *_CX, *_CY, "gx", "gy"))
-    outputs = ", ".join(f"float64 {v}" for v in (*_R, *_T, "scale", "rmsd", "r2"))
-    return cupy.ElementwiseKernel(
-        inputs + ", bool scaled",
-        outputs + ", bool redo, bool refit",
-        _FINISH,
-        "scalign_superpose_finish",
-        preamble=source(),
-    )
+_FINISH_INPUTS = ", ".join(f"float64 {v}" for v in (*_S, *_CX, *_CY, "gx", "gy"))
+_FINISH_OUTPUTS = ", ".join(f"float64 {v}" for v in (*_R, *_T, "scale", "rmsd", "r2"))
+#: A batch's fits from its moments, flagging the items for the general path or the residual.
+FINISH = Elementwise(
+    _FINISH_INPUTS + ", bool scaled",
+    _FINISH_OUTPUTS + ", bool redo, bool refit",
+    _FINISH,
+    "scalign_superpose_finish",
+    preamble=source(),
+)
 
 
 def finish(cx: Array, cy: Array, H: Array, gx: Array, gy: Array, scale: bool):
@@ -93,7 +90,7 @@ def finish(cx: Array, cy: Array, H: Array, gx: Array, gy: Array, scale: bool):
     cy = cupy.broadcast_to(cy, (B, 3))
     columns = [H[:, r, c] for r in range(3) for c in range(3)]
     columns += [cx[:, a] for a in range(3)] + [cy[:, a] for a in range(3)]
-    *out, redo, refit = _kernel()(*columns, gx, gy, bool(scale))
+    *out, redo, refit = compiled(FINISH)(*columns, gx, gy, bool(scale))
     rotation = cupy.stack(out[:9], axis=-1).reshape(B, 3, 3)
     translation = cupy.stack(out[9:12], axis=-1)
     return rotation, translation, out[12], out[13], out[14], redo, refit
@@ -120,17 +117,14 @@ e2 = sum;
 """
 
 
-@functools.cache
-def _residual_kernel():
-    import cupy
-
-    per_item = ", ".join(f"float64 {v}" for v in (*_R, *_CX, *_CY, "sc"))
-    return cupy.ElementwiseKernel(
-        f"int64 item, raw T X, raw float64 Y, raw float64 p, int64 n, {per_item}",
-        "float64 e2",
-        _RESIDUAL,
-        "scalign_superpose_residual",
-    )
+_PER_ITEM = ", ".join(f"float64 {v}" for v in (*_R, *_CX, *_CY, "sc"))
+#: The explicit residual of chosen items, one thread per item.
+RESIDUAL = Elementwise(
+    f"int64 item, raw T X, raw float64 Y, raw float64 p, int64 n, {_PER_ITEM}",
+    "float64 e2",
+    _RESIDUAL,
+    "scalign_superpose_residual",
+)
 
 
 def residual(X: Array, Y: Array, p: Array, items: Array, R: Array, cx: Array, cy: Array, s):
@@ -149,4 +143,4 @@ def residual(X: Array, Y: Array, p: Array, items: Array, R: Array, cx: Array, cy
     columns += [cx[:, a] for a in range(3)] + [cy[:, a] for a in range(3)]
     # raw arguments are indexed flat: C-contiguous 1-D views
     X, Y, p = (cupy.ascontiguousarray(a).reshape(-1) for a in (X, Y, p))
-    return _residual_kernel()(items, X, Y, p, n, *columns, s)
+    return compiled(RESIDUAL)(items, X, Y, p, n, *columns, s)

@@ -11,8 +11,9 @@ the points' precision (as the array version) and the spectrum's complex type.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
+
+from scalign.kernels.elementwise import Elementwise, compiled
 
 Array = Any
 
@@ -44,16 +45,14 @@ v = (wx == T(0) && wy == T(0) && wz == T(0)) ? total : acc;
 """
 
 
-@functools.cache
-def _kernel():
-    import cupy
-
-    return cupy.ElementwiseKernel(
-        "T wz, T wy, T wx, raw C G, int64 N, T padding, T centre, C total",
-        "C v",
-        _TRILINEAR,
-        "scalign_trilinear",
-    )
+#: Trilinear interpolation of a padded spectrum at slice points (T: their real dtype, C:
+#: the spectrum's complex one).
+TRILINEAR = Elementwise(
+    "T wz, T wy, T wx, raw C G, int64 N, T padding, T centre, C total",
+    "C v",
+    _TRILINEAR,
+    "scalign_trilinear",
+)
 
 
 def trilinear(G: Array, w: tuple, padding: int, total: Array) -> Array:
@@ -66,7 +65,7 @@ def trilinear(G: Array, w: tuple, padding: int, total: Array) -> Array:
     N = G.shape[0]
     real = w[0].dtype
     flat = cupy.ascontiguousarray(G).reshape(-1)
-    return _kernel()(
+    return compiled(TRILINEAR)(
         w[2],
         w[1],
         w[0],

@@ -30,11 +30,11 @@ scale) and re-solved by SVD by the caller.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 
+from scalign.kernels.elementwise import Elementwise, compiled
 from scalign.kernels.qcp import _ADJUGATE_RTOL, _EIGENVALUE_RTOL, _ROUNDING_ULPS, _horn_entries
 
 Array = Any
@@ -265,22 +265,19 @@ def source() -> str:
     )
 
 
-@functools.cache
-def _kernels():
-    import cupy
-
-    inputs = ", ".join(f"float64 {s}" for s in _S)
-    lam = cupy.ElementwiseKernel(
-        inputs, "float64 lam, float64 err", _LAMBDA, "scalign_qcp_lambda", preamble=source()
-    )
-    rotation = cupy.ElementwiseKernel(
-        inputs + ", float64 bound",
-        "float64 lam, bool unsure, " + ", ".join(f"float64 {r}" for r in _R),
-        _ROTATION,
-        "scalign_qcp_rotation",
-        preamble=source(),
-    )
-    return lam, rotation
+_INPUTS = ", ".join(f"float64 {s}" for s in _S)
+#: λmax of Horn's matrix and its error bound, per item.
+LAMBDA = Elementwise(
+    _INPUTS, "float64 lam, float64 err", _LAMBDA, "scalign_qcp_lambda", preamble=source()
+)
+#: The rotation and λmax, flagged where the bound does not hold it (``unsure``).
+ROTATION = Elementwise(
+    _INPUTS + ", float64 bound",
+    "float64 lam, bool unsure, " + ", ".join(f"float64 {r}" for r in _R),
+    _ROTATION,
+    "scalign_qcp_rotation",
+    preamble=source(),
+)
 
 
 def _entries(S: Array) -> list[Array]:
@@ -294,7 +291,7 @@ def largest_eigenvalue(S: Array) -> tuple[Array, Array]:
     import cupy
 
     S = cupy.asarray(S, dtype=cupy.float64)
-    return _kernels()[0](*_entries(S))
+    return compiled(LAMBDA)(*_entries(S))
 
 
 def qcp_rotation(S: Array, bound: Array) -> tuple[Array, Array, Array]:
@@ -303,6 +300,6 @@ def qcp_rotation(S: Array, bound: Array) -> tuple[Array, Array, Array]:
     import cupy
 
     S = cupy.asarray(S, dtype=cupy.float64)
-    lam, unsure, *r = _kernels()[1](*_entries(S), cupy.asarray(bound, dtype=cupy.float64))
+    lam, unsure, *r = compiled(ROTATION)(*_entries(S), cupy.asarray(bound, dtype=cupy.float64))
     R = cupy.stack(r, axis=-1).reshape(S.shape)
     return R, lam, unsure
