@@ -95,23 +95,7 @@ def build(source: str, kernel: str, params: list[str]) -> ctypes.CDLL:
         f"({p})args[{i}]" if p.endswith("*") else f"*({p}*)args[{i}]" for i, p in enumerate(params)
     ]
     launcher = LAUNCHER.replace("KERNEL", kernel).replace("CALL_ARGS", ", ".join(casts))
-    code = PRELUDE + source + launcher
-    digest = hashlib.sha1(code.encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / "scalign-cuda-emulation"
-    folder.mkdir(exist_ok=True)
-    library = folder / f"{kernel}-{digest}.so"
-    if not library.exists():
-        cpp = folder / f"{kernel}-{digest}.cpp"
-        cpp.write_text(code)
-        built = folder / f"{kernel}-{digest}.{id(code)}.so"
-        subprocess.run(
-            [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", str(cpp)]
-            + ["-o", str(built)],
-            check=True,
-            capture_output=True,
-        )
-        built.replace(library)
-    lib = ctypes.CDLL(str(library))
+    lib = _compile(PRELUDE + source + launcher, kernel)
     lib.launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
     return lib
 
@@ -124,3 +108,107 @@ def launch(lib: ctypes.CDLL, grid: int, block: int, args: list) -> None:
     held = [np.ascontiguousarray(a) if isinstance(a, np.ndarray) else np.array(a) for a in args]
     pointers = (ctypes.c_void_p * len(held))(*(a.ctypes.data for a in held))
     lib.launch(grid, block, pointers)
+
+
+#: CuPy's dtype names as C++ types (CuPy's complex<T> as std::complex<T>).
+_C_TYPES = {
+    "float64": "double",
+    "float32": "float",
+    "bool": "bool",
+    "int32": "int",
+    "int64": "long long",
+    "complex64": "std::complex<float>",
+    "complex128": "std::complex<double>",
+}
+
+_ELEMENTWISE_PRELUDE = r"""
+#include <cmath>
+#include <complex>
+#define __device__ static inline
+#define __forceinline__
+using namespace std;
+"""
+
+
+def _params(spec: str) -> list[tuple[str, str, bool]]:
+    """``(type, name, raw)`` of each item of a CuPy parameter list."""
+    out = []
+    for item in spec.split(","):
+        words = item.split()
+        raw = words[0] == "raw"
+        type_name, name = words[1:] if raw else words
+        out.append((type_name, name, raw))
+    return out
+
+
+def elementwise(kernel, *args: np.ndarray | np.generic) -> tuple[np.ndarray, ...]:
+    """Run a :class:`scalign.kernels.elementwise.Elementwise` on NumPy inputs as CuPy runs
+    it: the inputs broadcast (``raw`` ones passed whole, indexed flat), the outputs
+    allocated in their declared dtypes, a type placeholder (``T``) bound to the dtype of
+    its first argument; the operation on each element in turn. Returns the outputs."""
+    inputs, outputs = _params(kernel.in_params), _params(kernel.out_params)
+    if len(args) != len(inputs):
+        raise ValueError(f"{kernel.name} takes {len(inputs)} inputs, got {len(args)}")
+    arrays = [np.asarray(a) for a in args]
+    bound: dict[str, str] = {}
+    for (type_name, _, _), a in zip(inputs, arrays, strict=True):
+        if type_name not in _C_TYPES:
+            bound.setdefault(type_name, a.dtype.name)
+
+    def dtype(type_name: str) -> np.dtype:
+        return np.dtype(bound.get(type_name, type_name))
+
+    shape = np.broadcast_shapes(*(a.shape for a, p in zip(arrays, inputs, strict=True) if not p[2]))
+    held = [
+        np.ascontiguousarray(
+            a.astype(dtype(t)) if raw else np.broadcast_to(a.astype(dtype(t)), shape)
+        )
+        for a, (t, _, raw) in zip(arrays, inputs, strict=True)
+    ]
+    results = [np.empty(shape, dtype=dtype(t)) for t, _, _ in outputs]
+    signature, loads = ["long long n_"], []
+    for k, (t, name, raw) in enumerate(inputs):
+        c = _C_TYPES[dtype(t).name]
+        signature.append(f"const {c}* {name if raw else f'in{k}_'}")
+        if not raw:
+            loads.append(f"const {c} {name} = in{k}_[i];")
+    for k, (t, name, _) in enumerate(outputs):
+        c = _C_TYPES[dtype(t).name]
+        signature.append(f"{c}* out{k}_")
+        loads.append(f"{c}& {name} = out{k}_[i];")
+    typedefs = "".join(f"typedef {_C_TYPES[d]} {p};\n" for p, d in sorted(bound.items()))
+    code = (
+        _ELEMENTWISE_PRELUDE
+        + typedefs
+        + kernel.preamble
+        + f'\nextern "C" void run({", ".join(signature)}) {{\n'
+        + "for (long long i = 0; i < n_; ++i) {\n"
+        + "\n".join(loads)
+        + "\n{\n"
+        + kernel.operation
+        + "\n}\n}\n}\n"
+    )
+    lib = _compile(code, kernel.name)
+    pointers = [ctypes.c_void_p(a.ctypes.data) for a in held + results]
+    lib.run(ctypes.c_longlong(int(np.prod(shape))), *pointers)
+    return tuple(results)
+
+
+def _compile(code: str, name: str) -> ctypes.CDLL:
+    """``code`` built into a shared library once (cached by its hash in the temp folder)."""
+    digest = hashlib.sha1(code.encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "scalign-cuda-emulation"
+    folder.mkdir(exist_ok=True)
+    library = folder / f"{name}-{digest}.so"
+    if not library.exists():
+        cpp = folder / f"{name}-{digest}.cpp"
+        cpp.write_text(code)
+        built = folder / f"{name}-{digest}.{id(code)}.so"
+        subprocess.run(
+            [compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", str(cpp)]
+            + ["-o", str(built)],
+            check=True,
+            capture_output=True,
+        )
+        built.replace(library)
+    return ctypes.CDLL(str(library))

@@ -1,19 +1,23 @@
 """The fused finish of CuPy superpositions (scalign.kernels.kabsch_cuda): compiled with
-NVRTC wherever CuPy is installed, and on a CUDA device (``pytest -m gpu``) equal to the
-NumPy superposition, with the items it cannot finish handed to the general path."""
+NVRTC wherever CuPy is installed, and in a CPU emulation of its source and on a CUDA
+device (``pytest -m gpu``) equal to the NumPy superposition, with the items it cannot
+finish handed to the general path."""
 
 from __future__ import annotations
 
+import cuda_emulation
 import numpy as np
 import pytest
+from array_api_compat import numpy as np_compat
 from conftest import assert_compiles_with_nvrtc
 from scipy.spatial.transform import Rotation
 
 from scalign.execution import gpu_available
 from scalign.kernels import kabsch_cuda, qcp_cuda
-from scalign.kernels.kabsch import superpose
+from scalign.kernels.kabsch import _shared_moments, superpose
 
 gpu = pytest.mark.skipif(not gpu_available(), reason="no usable CUDA device (cupy.is_available())")
+emulated = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ (C++20)")
 
 NAN, CLOSE, FAR, LINE = 3, 5, 7, 9
 
@@ -45,6 +49,57 @@ def test_kernel_source_compiles_with_nvrtc():
         + "}\n"
     )
     assert_compiles_with_nvrtc(source, "finish.cu")
+
+
+@emulated
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("scale", [False, True])
+def test_finish_and_residual_in_a_cpu_emulation_equal_numpy(weighted, scale):
+    """The kernels' own source run on the CPU (:mod:`cuda_emulation`) on the NumPy
+    moments: the fits of the items it finishes equal NumPy's, it hands over exactly the
+    hard ones, and the residual kernel gives NumPy's rmsd² from NumPy's fits."""
+    X, Y, w = batch()
+    w = w if weighted else None
+    p = None if w is None else w / w.sum()
+    cx, cy, H, gx, gy = _shared_moments(np_compat, X, Y, p)
+    columns = [H[:, r, c] for r in range(3) for c in range(3)]
+    columns += [cx[:, a] for a in range(3)] + [
+        np.broadcast_to(cy, cx.shape)[:, a] for a in range(3)
+    ]
+    *out, redo, refit = cuda_emulation.elementwise(
+        kabsch_cuda.FINISH, *columns, gx, np.broadcast_to(gy, gx.shape), np.bool_(scale)
+    )
+    assert np.flatnonzero(redo).tolist() == [FAR, LINE]
+    assert np.flatnonzero(refit).tolist() == [CLOSE]
+    want = superpose(X, Y, w, scale=scale)
+    done = ~(redo | refit)
+    got = {
+        "rotation": np.stack(out[:9], axis=-1).reshape(-1, 3, 3),
+        "translation": np.stack(out[9:12], axis=-1),
+        "scale": out[12],
+        "rmsd": out[13],
+        "r2": out[14],
+    }
+    for name, value in got.items():
+        b = getattr(want, name)
+        assert np.array_equal(np.isnan(value[done]), np.isnan(b[done])), name
+        np.testing.assert_allclose(value[done], b[done], rtol=1e-9, atol=1e-9, err_msg=name)
+    items = np.flatnonzero(np.isfinite(want.rmsd))
+    R = want.rotation[items].reshape(-1, 9)
+    fit_cx = cx[items]
+    (e2,) = cuda_emulation.elementwise(
+        kabsch_cuda.RESIDUAL,
+        items.astype(np.int64),
+        X,
+        Y,
+        np.full(len(Y), 1 / len(Y)) if p is None else p,
+        np.int64(len(Y)),
+        *(R[:, k] for k in range(9)),
+        *(fit_cx[:, a] for a in range(3)),
+        *(np.broadcast_to(cy, (len(items), 3))[:, a] for a in range(3)),
+        want.scale[items],
+    )
+    np.testing.assert_allclose(np.sqrt(e2), want.rmsd[items], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,10 @@
 """The fused Jacobi solve of Horn's matrix (scalign.kernels.qcp_cuda): compiled with NVRTC
-wherever CuPy is installed, and checked against LAPACK on a CUDA device (``pytest -m gpu``)."""
+wherever CuPy is installed, and checked against LAPACK in a CPU emulation of its source
+and on a CUDA device (``pytest -m gpu``)."""
 
 from __future__ import annotations
 
+import cuda_emulation
 import numpy as np
 import pytest
 from conftest import assert_compiles_with_nvrtc
@@ -15,6 +17,7 @@ from scalign.kernels.qcp import horn_matrix
 from scalign.synthetic import helix
 
 gpu = pytest.mark.skipif(not gpu_available(), reason="no usable CUDA device (cupy.is_available())")
+emulated = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ (C++20)")
 
 
 def covariances(X, Y):
@@ -57,6 +60,26 @@ def test_kernel_source_compiles_with_nvrtc():
         + "}\n"
     )
     assert_compiles_with_nvrtc(source, "qcp.cu")
+
+
+@emulated
+def test_kernels_in_a_cpu_emulation_match_lapack_and_the_svd():
+    """The kernels' own source run on the CPU (:mod:`cuda_emulation`), as on a GPU below:
+    λmax within its bound of LAPACK's, the rotations the SVD's where not flagged."""
+    S, bound = cases()
+    entries = [S[:, r, c] for r in range(3) for c in range(3)]
+    lam, error = cuda_emulation.elementwise(qcp_cuda.LAMBDA, *entries)
+    exact = np.linalg.eigvalsh(horn_matrix(np, S))[:, -1]
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(lam, exact, rtol=0, atol=1e-14 * scale)
+    assert np.all(np.abs(lam - exact) <= error + 1e-15 * scale)
+    lam, unsure, *r = cuda_emulation.elementwise(qcp_cuda.ROTATION, *entries, bound)
+    R = np.stack(r, axis=-1).reshape(-1, 3, 3)
+    R_svd, trace = _svd_rotation(np, S, reflection=False)
+    sure = ~unsure
+    assert sure[: 300 + 780].all()
+    np.testing.assert_allclose(R[sure], R_svd[sure], atol=1e-9)
+    np.testing.assert_allclose(lam, trace, rtol=1e-12)
 
 
 def test_horn_source_is_horn_matrix():
