@@ -1,11 +1,16 @@
 """Run a CUDA kernel's own source on the CPU (tests only): no GPU needed.
 
-g++ compiles the source with a prelude that gives CUDA's thread model: one ``std::thread``
-per CUDA thread, the blocks one after another (so ``__shared__`` variables can be function
-statics), ``__syncthreads`` a barrier of the block, and the warp shuffles an exchange
-through a per-warp slot array between two barriers of the warp. Enough for the kernels'
-indexing, grid-stride loops and warp-synchronous reductions, which is what goes wrong in
-them; not a memory model, and no timings. 1-D grids and blocks of whole warps only.
+A raw kernel (:func:`build`, :func:`launch`): g++ compiles the source with a prelude
+that gives CUDA's thread model: one ``std::thread`` per CUDA thread, the blocks one after
+another (so ``__shared__`` variables can be function statics), ``__syncthreads`` a barrier
+of the block, and the warp shuffles an exchange through a per-warp slot array between two
+barriers of the warp. Enough for the kernels' indexing, grid-stride loops and
+warp-synchronous reductions, which is what goes wrong in them; not a memory model, and no
+timings. 1-D grids and blocks of whole warps only.
+
+An elementwise kernel (:func:`elementwise`, a
+:class:`scalign.kernels.elementwise.Elementwise`): its operation in a loop over the
+broadcast elements, with CuPy's argument conventions (``raw`` arrays, type placeholders).
 """
 
 from __future__ import annotations
@@ -105,7 +110,9 @@ def launch(lib: ctypes.CDLL, grid: int, block: int, args: list) -> None:
     arrays for pointers, NumPy scalars of the exact C type for values."""
     if block % 32:
         raise ValueError(f"blocks of whole warps only, got {block} threads")
-    held = [np.ascontiguousarray(a) if isinstance(a, np.ndarray) else np.array(a) for a in args]
+    if any(isinstance(a, np.ndarray) and not a.flags.c_contiguous for a in args):
+        raise ValueError("array arguments must be C-contiguous (the kernel indexes them flat)")
+    held = [a if isinstance(a, np.ndarray) else np.array(a) for a in args]
     pointers = (ctypes.c_void_p * len(held))(*(a.ctypes.data for a in held))
     lib.launch(grid, block, pointers)
 
