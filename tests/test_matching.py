@@ -142,7 +142,7 @@ def test_newton_finds_a_known_sub_pixel_shift():
     moved = F * ramp  # the image moved by +s0
     G = moved[:, None] * np.conj(F[:, None])  # c(s) = sum_p moved(p) I(p - s): peak at s0
     s, value = matching._newton_shift(
-        G, np.round(s0)[:, None], matching._refinement(N, None, G), steps=6
+        G, np.round(s0)[:, None], matching._refinement(N, None, np, G.dtype), steps=6
     )
     np.testing.assert_allclose(s[:, 0], s0, atol=1e-7)
     np.testing.assert_allclose(value[:, 0], norms.astype(np.float64) ** 2, rtol=1e-6)

@@ -39,7 +39,7 @@ search (orientations, candidates, steps: a few numbers per image) stays on the h
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.fft
@@ -314,14 +314,13 @@ class _Refinement(NamedTuple):
     py: np.ndarray  # (3, n) 1, ω_y, ω_y²
 
 
-def _refinement(n: int, grid: _ShiftGrid | None, like: np.ndarray) -> _Refinement:
-    """:class:`_Refinement` for images of ``n²`` on the array library of ``like`` (the
-    phases in its real dtype)."""
-    xp = namespace(like)
+def _refinement(n: int, grid: _ShiftGrid | None, xp: Any, dtype: Any) -> _Refinement:
+    """:class:`_Refinement` for images of ``n²`` in the array library ``xp``, the phases in
+    the real precision of the correlations' complex ``dtype``."""
     ky, kx = half_plane_frequencies(n)
     fx, fy = kx[0] * (2 * np.pi / n), ky[:, 0] * (2 * np.pi / n)
     return _Refinement(
-        None if grid is None else _grid_phases(grid, n, like),
+        None if grid is None else _grid_phases(grid, n, xp, np.finfo(dtype).dtype),
         xp.asarray(_half_plane_weights(n)),
         xp.asarray(fx),
         xp.asarray(fy),
@@ -397,13 +396,13 @@ def _correlate(
     return to_numpy(shift), np.where(np.isnan(score), -np.inf, score)
 
 
-def _grid_phases(grid: _ShiftGrid, n: int, like: np.ndarray) -> np.ndarray:
-    """The real matrix ``(2 n m, S)`` that maps a spectrum seen by :func:`_real_view` to its
-    inverse real DFT at the grid's shifts: rows ``w cos`` and ``-w sin`` of the phase."""
-    xp = namespace(like)
+def _grid_phases(grid: _ShiftGrid, n: int, xp: Any, real: Any) -> np.ndarray:
+    """The real matrix ``(2 n m, S)`` (in ``xp``, of dtype ``real``) that maps a spectrum
+    seen by :func:`_real_view` to its inverse real DFT at the grid's shifts: rows ``w cos``
+    and ``-w sin`` of the phase."""
     E = _half_plane_weights(n) * _shift_phases(n, grid.shifts)  # (S, n, m)
     E = np.stack([E.real, -E.imag], axis=-1).reshape(len(E), -1).T
-    return xp.asarray(np.ascontiguousarray(E), dtype=np.finfo(like.dtype).dtype)
+    return xp.asarray(np.ascontiguousarray(E), dtype=real)
 
 
 class _SearchImages(NamedTuple):
@@ -606,7 +605,7 @@ def match_images(
     if refine:
         # in the correlations' precision: float32 spectra times a float32 or float64
         # volume's projections (slice_spectra)
-        basis = _refinement(n, grid, xp.zeros(1, dtype=xp.result_type(F.dtype, volume.dtype)))
+        basis = _refinement(n, grid, xp, xp.result_type(F.dtype, volume.dtype))
         on_device = xp.asarray(owner)
         Fc, normc = F[on_device], norms[on_device]
         ctfc = None if ctf is None else ctf[on_device]

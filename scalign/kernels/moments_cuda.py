@@ -96,13 +96,7 @@ __device__ __forceinline__ long long warp_stride()
 }}
 
 // One block per item (many points): warps' sums meet in shared memory.
-extern "C" __global__ void shared_moments_{name}(
-    const {ctype}* __restrict__ X,     // (B, n, 3), C order
-    const double* __restrict__ q,      // (n, 3): p (Y - ybar), ybar = p Y
-    const double* __restrict__ p,      // (n,): probabilities
-    const long long B,
-    const int n,
-    double* __restrict__ out)          // (B, 13)
+extern "C" __global__ void shared_moments_{name}({params})
 {{
     __shared__ double partial[13][32];
     const int lane = threadIdx.x & 31;
@@ -129,13 +123,7 @@ extern "C" __global__ void shared_moments_{name}(
 
 // One warp per item (up to WARP_POINTS points): no shared memory, no block barriers; the
 // item loop is uniform across a warp, so the full-mask shuffles see every lane.
-extern "C" __global__ void warp_moments_{name}(
-    const {ctype}* __restrict__ X,
-    const double* __restrict__ q,
-    const double* __restrict__ p,
-    const long long B,
-    const int n,
-    double* __restrict__ out)
+extern "C" __global__ void warp_moments_{name}({params})
 {{
     const int lane = threadIdx.x & 31;
     for (long long b = warp_first(); b < B; b += warp_stride()) {{
@@ -152,32 +140,33 @@ _VEC4_SOURCE = r"""
 // One warp per item, each lane taking four points per step from three 16-byte loads:
 // a quarter of the load instructions of warp_moments (float32 items of n % 4 == 0 points,
 // 16-byte aligned).
-extern "C" __global__ void vec4_moments_float32(
-    const float* __restrict__ X,
-    const double* __restrict__ q,
-    const double* __restrict__ p,
-    const long long B,
-    const int n,
-    double* __restrict__ out)
-{
+extern "C" __global__ void vec4_moments_float32({params})
+{{
     const int lane = threadIdx.x & 31;
     const int groups = n >> 2;
-    for (long long b = warp_first(); b < B; b += warp_stride()) {
+    for (long long b = warp_first(); b < B; b += warp_stride()) {{
         const float4* x = reinterpret_cast<const float4*>(X + b * (long long)n * 3);
-        double acc[13] = {};
+        double acc[13] = {{}};
         #pragma unroll 2
-        for (int g = lane; g < groups; g += 32) {
+        for (int g = lane; g < groups; g += 32) {{
             const float4 a = x[3 * g], c = x[3 * g + 1], d = x[3 * g + 2];
             const int k = 4 * g;
             add_point(acc, a.x, a.y, a.z, q, p, k);
             add_point(acc, a.w, c.x, c.y, q, p, k + 1);
             add_point(acc, c.z, c.w, d.x, q, p, k + 2);
             add_point(acc, d.y, d.z, d.w, q, p, k + 3);
-        }
+        }}
         store_warp_sums(acc, out, b);
-    }
-}
+    }}
+}}
 """
+
+#: Every kernel's parameters: X (B, n, 3) C order; q (n, 3) = p (Y - ybar), ybar = p Y;
+#: p (n,) probabilities; out (B, 13).
+_PARAMS = (
+    "const {ctype}* __restrict__ X, const double* __restrict__ q, "
+    "const double* __restrict__ p, const long long B, const int n, double* __restrict__ out"
+)
 
 _CTYPES = {"float32": "float", "float64": "double"}
 #: The kernels by layout (:func:`moment_sums`).
@@ -187,8 +176,10 @@ LAYOUTS = {"warp": "warp_moments", "block": "shared_moments", "vec4": "vec4_mome
 def source(dtype_name: str) -> str:
     """CUDA C source of the kernels (``<layout>_moments_<dtype_name>``) for
     float32/float64; the ``vec4`` one for float32 only."""
-    code = _SOURCE.format(name=dtype_name, ctype=_CTYPES[dtype_name])
-    return code + _VEC4_SOURCE if dtype_name == "float32" else code
+    ctype = _CTYPES[dtype_name]
+    params = _PARAMS.format(ctype=ctype)
+    code = _SOURCE.format(name=dtype_name, ctype=ctype, params=params)
+    return code + _VEC4_SOURCE.format(params=params) if dtype_name == "float32" else code
 
 
 @functools.cache

@@ -201,6 +201,12 @@ def _newton(xp, S: Array, bound: Array):
     c1 = -8.0 * det
     c0 = norm2 * norm2 - 4.0 * cof2
     two_c2 = 2.0 * c2
+
+    def quartic(lam):
+        """``P(λ)`` and ``P'(λ)``."""
+        lam2 = lam * lam
+        return (lam2 + c2) * lam2 + c1 * lam + c0, (4.0 * lam2 + two_c2) * lam + c1
+
     # lambda_max = sigma_1 + sigma_2 -+ sigma_3 >= sigma_1 >= |S|_F / sqrt(3), and no other
     # root but a near-repeated lambda_2 lies above that. From the upper bound Newton
     # descends monotonically onto lambda_max, but near a repeated root rounding can give
@@ -209,9 +215,7 @@ def _newton(xp, S: Array, bound: Array):
     floor = xp.sqrt(-c2 / 6.0)
     lam = xp.asarray(bound, copy=True)
     for _ in range(_NEWTON_MAX_ITERATIONS):
-        lam2 = lam * lam
-        p = (lam2 + c2) * lam2 + c1 * lam + c0
-        dp = (4.0 * lam2 + two_c2) * lam + c1
+        p, dp = quartic(lam)
         nonzero = dp != 0
         step = xp.where(nonzero, p / xp.where(nonzero, dp, 1.0), 0.0)
         lam = xp.maximum(lam - step, floor)
@@ -220,9 +224,9 @@ def _newton(xp, S: Array, bound: Array):
     # P and P' once more at the returned lambda: the last step left it far closer to the
     # root than that step's size (quadratic convergence), which bounded it before (and
     # sent nearly every pair of 70 A helices of radius 10 A, a DNA-like shape, to the SVD)
+    p, dp = quartic(lam)
+    dp = xp.abs(dp)
     lam2 = lam * lam
-    p = (lam2 + c2) * lam2 + c1 * lam + c0
-    dp = xp.abs((4.0 * lam2 + two_c2) * lam + c1)
     terms = lam2 * (lam2 - c2) + xp.abs(c1 * lam) + xp.abs(c0)
     rounding = (2.0 * _ROUNDING_ULPS * xp.finfo(lam.dtype).eps) * terms
     error = xp.where(dp > 0, (2.0 * xp.abs(p) + rounding) / xp.where(dp > 0, dp, 1.0), xp.inf)
