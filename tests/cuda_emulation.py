@@ -150,13 +150,19 @@ def _params(spec: str) -> list[tuple[str, str, bool]]:
 
 def elementwise(kernel, *args: np.ndarray | np.generic) -> tuple[np.ndarray, ...]:
     """Run a :class:`scalign.kernels.elementwise.Elementwise` on NumPy inputs as CuPy runs
-    it: the inputs broadcast (``raw`` ones passed whole, indexed flat), the outputs
-    allocated in their declared dtypes, a type placeholder (``T``) bound to the dtype of
-    its first argument; the operation on each element in turn. Returns the outputs."""
+    it: the inputs broadcast (``raw`` ones passed whole, indexed flat), the operation on
+    each element ``i`` in turn, a type placeholder (``T``) bound to the dtype of its first
+    argument. The outputs follow the inputs, as in CuPy: all of them (C-contiguous, of
+    their declared dtypes, written in place), or none and they are allocated (then none
+    may be ``raw``). Returns the outputs."""
     inputs, outputs = _params(kernel.in_params), _params(kernel.out_params)
-    if len(args) != len(inputs):
-        raise ValueError(f"{kernel.name} takes {len(inputs)} inputs, got {len(args)}")
-    arrays = [np.asarray(a) for a in args]
+    if len(args) not in (len(inputs), len(inputs) + len(outputs)):
+        raise ValueError(
+            f"{kernel.name} takes {len(inputs)} inputs, then optionally its {len(outputs)} "
+            f"outputs, got {len(args)} arguments"
+        )
+    arrays = [np.asarray(a) for a in args[: len(inputs)]]
+    given = args[len(inputs) :]
     bound: dict[str, str] = {}
     for (type_name, _, _), a in zip(inputs, arrays, strict=True):
         if type_name not in _C_TYPES:
@@ -172,17 +178,29 @@ def elementwise(kernel, *args: np.ndarray | np.generic) -> tuple[np.ndarray, ...
         )
         for a, (t, _, raw) in zip(arrays, inputs, strict=True)
     ]
-    results = [np.empty(shape, dtype=dtype(t)) for t, _, _ in outputs]
+    if not given:
+        if any(raw for _, _, raw in outputs):
+            raise ValueError(f"{kernel.name} has raw outputs: pass all its outputs")
+        given = tuple(np.empty(shape, dtype=dtype(t)) for t, _, _ in outputs)
+    for a, (t, name, raw) in zip(given, outputs, strict=True):
+        if not (
+            isinstance(a, np.ndarray)
+            and a.flags.c_contiguous
+            and a.dtype == dtype(t)
+            and (raw or a.shape == shape)
+        ):
+            raise ValueError(f"output {name} must be a C-contiguous {dtype(t)} array")
     signature, loads = ["long long n_"], []
     for k, (t, name, raw) in enumerate(inputs):
         c = _C_TYPES[dtype(t).name]
         signature.append(f"const {c}* {name if raw else f'in{k}_'}")
         if not raw:
             loads.append(f"const {c} {name} = in{k}_[i];")
-    for k, (t, name, _) in enumerate(outputs):
+    for k, (t, name, raw) in enumerate(outputs):
         c = _C_TYPES[dtype(t).name]
-        signature.append(f"{c}* out{k}_")
-        loads.append(f"{c}& {name} = out{k}_[i];")
+        signature.append(f"{c}* {name if raw else f'out{k}_'}")
+        if not raw:
+            loads.append(f"{c}& {name} = out{k}_[i];")
     typedefs = "".join(f"typedef {_C_TYPES[d]} {p};\n" for p, d in sorted(bound.items()))
     code = (
         _ELEMENTWISE_PRELUDE
@@ -196,9 +214,9 @@ def elementwise(kernel, *args: np.ndarray | np.generic) -> tuple[np.ndarray, ...
         + "\n}\n}\n}\n"
     )
     lib = _compile(code, kernel.name)
-    pointers = [ctypes.c_void_p(a.ctypes.data) for a in held + results]
+    pointers = [ctypes.c_void_p(a.ctypes.data) for a in held + list(given)]
     lib.run(ctypes.c_longlong(int(np.prod(shape))), *pointers)
-    return tuple(results)
+    return tuple(given)
 
 
 def _compile(code: str, name: str) -> ctypes.CDLL:

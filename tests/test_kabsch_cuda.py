@@ -24,14 +24,16 @@ NAN, CLOSE, FAR, LINE = 3, 5, 7, 9
 
 def batch():
     """Noisy moved copies of a cloud, with a NaN item, an exact copy (e2 cancels), one
-    1e9 Å from the origin and a collinear set (ill-determined rotation)."""
+    1e6 Å from the origin (beyond ``_FAR_FROM_ORIGIN`` for its size, yet 0.06 Å apart in
+    float32: at 1e9 Å float32 rounds the whole set to one point, where every rotation is
+    optimal) and a collinear set (ill-determined rotation)."""
     rng = np.random.default_rng(0)
     Y = rng.standard_normal((50, 3)) * 5
     Q = Rotation.random(400, random_state=1).as_matrix()
     X = (Y + 0.3 * rng.standard_normal((400, 50, 3))) @ Q + 10 * rng.standard_normal((400, 1, 3))
     X[NAN, 4, 1] = np.nan
     X[CLOSE] = Y @ Q[CLOSE] + 1.0
-    X[FAR] += 1e9
+    X[FAR] += 1e6
     X[LINE] = np.outer(np.arange(50.0), [1.0, 2.0, 3.0])
     return X, Y, rng.uniform(0.5, 2.0, 50)
 
@@ -39,12 +41,13 @@ def batch():
 def test_kernel_source_compiles_with_nvrtc():
     names = (*qcp_cuda._S, *kabsch_cuda._CX, *kabsch_cuda._CY, "gx", "gy")
     inputs = ", ".join(f"double {v}" for v in names) + ", bool scaled"
-    outputs = ", ".join(
-        f"double& {v}" for v in (*qcp_cuda._R, *kabsch_cuda._T, "scale", "rmsd", "r2")
+    outputs = "double* rotation, double* translation, " + ", ".join(
+        f"double& {v}" for v in ("scale", "rmsd", "r2")
     )
     source = (
         qcp_cuda.source()
-        + f"\n__device__ void finish({inputs}, {outputs}, bool& redo)\n{{\n"
+        + f"\n__device__ void finish(long long i, {inputs}, {outputs}, bool& redo, bool& refit)"
+        + "\n{\n"
         + kabsch_cuda._FINISH
         + "}\n"
     )
@@ -66,20 +69,23 @@ def test_finish_and_residual_in_a_cpu_emulation_equal_numpy(weighted, scale):
     columns += [cx[:, a] for a in range(3)] + [
         np.broadcast_to(cy, cx.shape)[:, a] for a in range(3)
     ]
+    B = len(X)
+    outputs = [np.empty((B, 3, 3)), np.empty((B, 3)), *(np.empty(B) for _ in range(3))]
     *out, redo, refit = cuda_emulation.elementwise(
-        kabsch_cuda.FINISH, *columns, gx, np.broadcast_to(gy, gx.shape), np.bool_(scale)
+        kabsch_cuda.FINISH,
+        *columns,
+        gx,
+        np.broadcast_to(gy, gx.shape),
+        np.bool_(scale),
+        *outputs,
+        np.empty(B, dtype=bool),
+        np.empty(B, dtype=bool),
     )
     assert np.flatnonzero(redo).tolist() == [FAR, LINE]
     assert np.flatnonzero(refit).tolist() == [CLOSE]
     want = superpose(X, Y, w, scale=scale)
     done = ~(redo | refit)
-    got = {
-        "rotation": np.stack(out[:9], axis=-1).reshape(-1, 3, 3),
-        "translation": np.stack(out[9:12], axis=-1),
-        "scale": out[12],
-        "rmsd": out[13],
-        "r2": out[14],
-    }
+    got = dict(zip(("rotation", "translation", "scale", "rmsd", "r2"), out, strict=True))
     for name, value in got.items():
         b = getattr(want, name)
         assert np.array_equal(np.isnan(value[done]), np.isnan(b[done])), name

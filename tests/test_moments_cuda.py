@@ -35,7 +35,7 @@ def _reference_sums(X: np.ndarray, Yc: np.ndarray, p: np.ndarray) -> np.ndarray:
 @pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ (C++20)")
 @pytest.mark.parametrize(
     ("layout", "dtype"),
-    [("warp", "float32"), ("warp", "float64"), ("block", "float32"), ("block", "float64")]
+    [(layout, dtype) for layout in ("warp", "pair", "block") for dtype in ("float32", "float64")]
     + [("vec4", "float32")],
 )
 def test_kernel_source_computes_the_sums_in_a_cpu_emulation(layout, dtype):
@@ -57,7 +57,7 @@ def test_kernel_source_computes_the_sums_in_a_cpu_emulation(layout, dtype):
         p /= p.sum()
         out = np.full((B, moments_cuda.SUMS), np.nan)
         block = moments_cuda.threads_per_item(n) if layout == "block" else 64
-        args = [X, p[:, None] * Yc, p, np.int64(B), np.int32(n), out]
+        args = [X, np.ascontiguousarray((p[:, None] * Yc).T), p, np.int64(B), np.int32(n), out]
         cuda_emulation.launch(lib, 3, block, args)
         want = _reference_sums(X, Yc, p)
         np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-12, err_msg=f"n = {n}")
@@ -112,7 +112,7 @@ def test_every_layout_gives_the_same_sums(n):
     p /= p.sum()
     want = _reference_sums(X, Yc, p)
     args = (cupy.asarray(X), cupy.asarray(Yc), cupy.asarray(p))
-    layouts = ["warp", "block"] + (["vec4"] if n % 4 == 0 else [])
+    layouts = [per for per in moments_cuda.LAYOUTS if per != "vec4" or n % 4 == 0]
     for per in layouts:
         got = moments_cuda.moment_sums(*args, per=per).get()
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9, err_msg=per)

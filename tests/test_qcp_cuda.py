@@ -50,10 +50,10 @@ def cases():
 
 def test_kernel_source_compiles_with_nvrtc():
     inputs = ", ".join(f"double {s}" for s in qcp_cuda._S) + ", double bound"
-    outputs = "bool& unsure, " + ", ".join(f"double& {r}" for r in qcp_cuda._R)
     source = (
         qcp_cuda.source()
-        + f"\n__device__ void rotation({inputs}, double& lam, {outputs})\n{{\n"
+        + f"\n__device__ void rotation(long long i, {inputs}, double& lam, bool& unsure, "
+        + "double* rotation)\n{\n"
         + qcp_cuda._ROTATION
         + f"}}\n__device__ void eigenvalue({inputs}, double& lam, double& err)\n{{\n"
         + qcp_cuda._LAMBDA
@@ -73,8 +73,15 @@ def test_kernels_in_a_cpu_emulation_match_lapack_and_the_svd():
     scale = np.abs(exact).max()
     np.testing.assert_allclose(lam, exact, rtol=0, atol=1e-14 * scale)
     assert np.all(np.abs(lam - exact) <= error + 1e-15 * scale)
-    lam, unsure, *r = cuda_emulation.elementwise(qcp_cuda.ROTATION, *entries, bound)
-    R = np.stack(r, axis=-1).reshape(-1, 3, 3)
+    B = len(S)
+    lam, unsure, R = cuda_emulation.elementwise(
+        qcp_cuda.ROTATION,
+        *entries,
+        bound,
+        np.empty(B),
+        np.empty(B, dtype=bool),
+        np.empty((B, 3, 3)),
+    )
     R_svd, trace = _svd_rotation(np, S, reflection=False)
     sure = ~unsure
     assert sure[: 300 + 780].all()

@@ -253,6 +253,9 @@ def _fit_cupy(xp, X, Y, p, scale):
 
     cx, cy, H, gx, gy = fused_moments(X, Y, p)
     *out, redo, refit = kabsch_cuda.finish(cx, cy, H, gx, gy, scale)
+    # one device synchronisation where no item is flagged, the common case
+    if not bool(xp.any(redo | refit)):
+        return tuple(out)
     if bool(xp.any(refit)):
         # the rotation is right, the closed-form e2 has cancelled: the explicit residual
         idx = xp.nonzero(refit)[0]

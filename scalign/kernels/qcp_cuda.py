@@ -222,11 +222,14 @@ err = (quartic >= 0.0 && quartic < error) ? quartic : error;
 
 _ROTATION = (
     _LOAD
-    + rf"""lam = qcp_solve(s, bound, q, &gaps, &error);
+    + r"""lam = qcp_solve(s, bound, q, &gaps, &error);
 unsure = qcp_unsure(gaps, error, lam, bound);
 double R[9];
 qcp_quaternion_matrix(q, R);
-{"".join(f"{r} = R[{k}];{chr(10)}" for k, r in enumerate(_R))}"""
+// straight into the (B, 3, 3) result, as the finish of scalign.kernels.kabsch_cuda
+const long long item = i;
+for (int k = 0; k < 9; ++k) rotation[9 * item + k] = R[k];
+"""
 )
 
 
@@ -273,7 +276,7 @@ LAMBDA = Elementwise(
 #: The rotation and λmax, flagged where the bound does not hold it (``unsure``).
 ROTATION = Elementwise(
     _INPUTS + ", float64 bound",
-    "float64 lam, bool unsure, " + ", ".join(f"float64 {r}" for r in _R),
+    "float64 lam, bool unsure, raw float64 rotation",
     _ROTATION,
     "scalign_qcp_rotation",
     preamble=source(),
@@ -300,6 +303,9 @@ def qcp_rotation(S: Array, bound: Array) -> tuple[Array, Array, Array]:
     import cupy
 
     S = cupy.asarray(S, dtype=cupy.float64)
-    lam, unsure, *r = compiled(ROTATION)(*_entries(S), cupy.asarray(bound, dtype=cupy.float64))
-    R = cupy.stack(r, axis=-1).reshape(S.shape)
+    B = S.shape[0]
+    R, lam, unsure = cupy.empty((B, 3, 3)), cupy.empty(B), cupy.empty(B, dtype=bool)
+    bound = cupy.asarray(bound, dtype=cupy.float64)
+    # raw arguments are indexed flat: a 1-D view of the C-contiguous result
+    compiled(ROTATION)(*_entries(S), bound, lam, unsure, R.reshape(-1))
     return R, lam, unsure
