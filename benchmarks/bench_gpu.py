@@ -8,7 +8,7 @@ copies of the first items: a smaller batch, every figure per item):
 * batched Kabsch, N = 10^6 x n = 1,000 float32 structures (12 GB; fewer when they do not
   fit): ``superpose(X, Y)`` (RMSD + rotation), ``apply_transform`` (aligned coordinates
   written) and both, ``moments_cuda.fused_moments`` alone, and the moments kernel's other
-  layouts (a warp or a block per item, a warp reading 16 bytes at a time) for comparison;
+  layout (a block instead of a warp per item) for comparison;
   structures/s, and GB/s of X read as a share of the copy bandwidth (target >= 50%);
   then superpose on 1,000-point helices (rods: every e2 from the explicit residual);
 * pairwise RMSD: the op ``pairwise_rmsd`` on 20,000 globules of 200 points moved to the
@@ -482,8 +482,7 @@ def bench_kabsch(cfg: dict, repeat: int, res: Results) -> None:
     )
     centred = cupy.ascontiguousarray(Y - Y.mean(axis=0))
     uniform = cupy.full((n,), 1.0 / n)
-    others = [o for o in moments_cuda.LAYOUTS if o != per]
-    for other in others if moments_cuda.vec4_fits(X) else [o for o in others if o != "vec4"]:
+    for other in (o for o in moments_cuda.LAYOUTS if o != per):
         t = gpu_time(
             lambda other=other: moments_cuda.moment_sums(X, centred, uniform, per=other), repeat
         )

@@ -34,41 +34,29 @@ MAX_THREADS = 256
 #: Items up to this many points take one warp each (the block-per-item kernel's barriers
 #: and shared-memory reduction cost as much as ~4 points per thread); larger ones a block.
 WARP_POINTS = 4096
-#: Threads per block of the warp-per-item kernel (8 items per block).
-WARP_BLOCK = 256
+#: Threads per block of the warp-per-item kernels (4 items per block). At ~70 registers a
+#: thread, 7 such blocks fit a Hopper multiprocessor (28 warps) where 3 of 256 threads did
+#: (24): 4.55 against 4.80 ms per million 1,000-point float32 items on an H200. Capping the
+#: registers at 64 for 32 warps spilled and ran slower (5.85 ms).
+WARP_BLOCK = 128
 
 _SOURCE = r"""
-// The 13 sums of a point with coordinates (x0, x1, x2), centred target row (y0, y1, y2) =
-// p_k (y_k - ybar) and probability pk: H (9), p x (3), p |x|^2, in float64.
-__device__ __forceinline__ void add_point(
-    double acc[13], const double x0, const double x1, const double x2,
-    const double y0, const double y1, const double y2, const double pk)
+// The 13 sums of point k of item x: H (9), p x (3), p |x|^2, in float64; q = p (Y - ybar)
+// is precomputed, the products p_k y_k done once, not per item.
+__device__ __forceinline__ void accumulate_{name}(
+    double acc[13], const {ctype}* __restrict__ x, const double* __restrict__ q,
+    const double* __restrict__ p, const int k)
 {{
+    const double x0 = x[3 * k], x1 = x[3 * k + 1], x2 = x[3 * k + 2];
+    const double pk = p[k];
+    const double y0 = q[3 * k];
+    const double y1 = q[3 * k + 1];
+    const double y2 = q[3 * k + 2];
     acc[0] += x0 * y0; acc[1] += x0 * y1; acc[2] += x0 * y2;
     acc[3] += x1 * y0; acc[4] += x1 * y1; acc[5] += x1 * y2;
     acc[6] += x2 * y0; acc[7] += x2 * y1; acc[8] += x2 * y2;
     acc[9] += pk * x0; acc[10] += pk * x1; acc[11] += pk * x2;
     acc[12] += pk * (x0 * x0 + x1 * x1 + x2 * x2);
-}}
-
-// Point k's row of q (3, n), one component per row so that a warp's 32 consecutive points
-// read 256 contiguous bytes per component (q interleaved (n, 3) was 3 times the L1
-// traffic, more than the structures' own), and its probability.
-struct Target {{
-    double y0, y1, y2, pk;
-}};
-
-__device__ __forceinline__ Target target_point(
-    const double* __restrict__ q, const double* __restrict__ p, const int n, const int k)
-{{
-    return {{q[k], q[n + k], q[2 * n + k], p[k]}};
-}}
-
-__device__ __forceinline__ void accumulate_{name}(
-    double acc[13], const {ctype}* __restrict__ x, const Target t, const int k)
-{{
-    add_point(acc, (double)x[3 * k], (double)x[3 * k + 1], (double)x[3 * k + 2],
-              t.y0, t.y1, t.y2, t.pk);
 }}
 
 // Lane 0 ends with the warp's sums.
@@ -114,8 +102,7 @@ extern "C" __global__ void shared_moments_{name}({params})
     for (long long b = blockIdx.x; b < B; b += gridDim.x) {{
         const {ctype}* x = X + b * (long long)n * 3;
         double acc[13] = {{}};
-        for (int k = threadIdx.x; k < n; k += blockDim.x)
-            accumulate_{name}(acc, x, target_point(q, p, n, k), k);
+        for (int k = threadIdx.x; k < n; k += blockDim.x) accumulate_{name}(acc, x, q, p, k);
         warp_sum(acc);
         if (lane == 0) {{
             #pragma unroll
@@ -140,66 +127,15 @@ extern "C" __global__ void warp_moments_{name}({params})
         const {ctype}* x = X + b * (long long)n * 3;
         double acc[13] = {{}};
         #pragma unroll 4
-        for (int k = lane; k < n; k += 32) accumulate_{name}(acc, x, target_point(q, p, n, k), k);
-        store_warp_sums(acc, out, b);
-    }}
-}}
-
-// One warp per two items (b, b + 1), each point's row of q and p read once for both: half
-// the target's share of the loads. An odd last item is summed twice, stored once.
-extern "C" __global__ void pair_moments_{name}({params})
-{{
-    const int lane = threadIdx.x & 31;
-    const long long pairs = (B + 1) >> 1;
-    for (long long g = warp_first(); g < pairs; g += warp_stride()) {{
-        const long long b = 2 * g;
-        const bool second = b + 1 < B;
-        const {ctype}* x = X + b * (long long)n * 3;
-        const {ctype}* y = second ? x + (long long)n * 3 : x;
-        double acc[13] = {{}}, bcc[13] = {{}};
-        #pragma unroll 2
-        for (int k = lane; k < n; k += 32) {{
-            const Target t = target_point(q, p, n, k);
-            accumulate_{name}(acc, x, t, k);
-            accumulate_{name}(bcc, y, t, k);
-        }}
-        store_warp_sums(acc, out, b);
-        if (second) store_warp_sums(bcc, out, b + 1);
-    }}
-}}
-"""
-
-_VEC4_SOURCE = r"""
-// One warp per item, each lane taking four points per step from three 16-byte loads:
-// a quarter of the load instructions of warp_moments (float32 items of n % 4 == 0 points,
-// 16-byte aligned).
-extern "C" __global__ void vec4_moments_float32({params})
-{{
-    const int lane = threadIdx.x & 31;
-    const int groups = n >> 2;
-    for (long long b = warp_first(); b < B; b += warp_stride()) {{
-        const float4* x = reinterpret_cast<const float4*>(X + b * (long long)n * 3);
-        double acc[13] = {{}};
-        #pragma unroll 2
-        for (int g = lane; g < groups; g += 32) {{
-            const float4 a = x[3 * g], c = x[3 * g + 1], d = x[3 * g + 2];
-            const int k = 4 * g;
-            Target t = target_point(q, p, n, k);
-            add_point(acc, a.x, a.y, a.z, t.y0, t.y1, t.y2, t.pk);
-            t = target_point(q, p, n, k + 1);
-            add_point(acc, a.w, c.x, c.y, t.y0, t.y1, t.y2, t.pk);
-            t = target_point(q, p, n, k + 2);
-            add_point(acc, c.z, c.w, d.x, t.y0, t.y1, t.y2, t.pk);
-            t = target_point(q, p, n, k + 3);
-            add_point(acc, d.y, d.z, d.w, t.y0, t.y1, t.y2, t.pk);
-        }}
+        for (int k = lane; k < n; k += 32) accumulate_{name}(acc, x, q, p, k);
         store_warp_sums(acc, out, b);
     }}
 }}
 """
 
-#: Every kernel's parameters: X (B, n, 3) C order; q (3, n) = p (Y - ybar)^T, ybar = p Y;
-#: p (n,) probabilities; out (B, 13).
+#: Every kernel's parameters: X (B, n, 3) C order; q (n, 3) = p (Y - ybar), ybar = p Y;
+#: p (n,) probabilities; out (B, 13). (q as three rows (3, n), each warp's reads of it
+#: contiguous, ran slower on an H200: 5.58 against 4.80 ms per million 1,000-point items.)
 _PARAMS = (
     "const {ctype}* __restrict__ X, const double* __restrict__ q, "
     "const double* __restrict__ p, const long long B, const int n, double* __restrict__ out"
@@ -207,21 +143,15 @@ _PARAMS = (
 
 _CTYPES = {"float32": "float", "float64": "double"}
 #: The kernels by layout (:func:`moment_sums`).
-LAYOUTS = {
-    "warp": "warp_moments",
-    "pair": "pair_moments",
-    "block": "shared_moments",
-    "vec4": "vec4_moments",
-}
+LAYOUTS = {"warp": "warp_moments", "block": "shared_moments"}
 
 
 def source(dtype_name: str) -> str:
     """CUDA C source of the kernels (``<layout>_moments_<dtype_name>``) for
-    float32/float64; the ``vec4`` one for float32 only."""
+    float32/float64."""
     ctype = _CTYPES[dtype_name]
     params = _PARAMS.format(ctype=ctype)
-    code = _SOURCE.format(name=dtype_name, ctype=ctype, params=params)
-    return code + _VEC4_SOURCE.format(params=params) if dtype_name == "float32" else code
+    return _SOURCE.format(name=dtype_name, ctype=ctype, params=params)
 
 
 @functools.cache
@@ -229,12 +159,6 @@ def _kernel(dtype_name: str, per: str):
     import cupy
 
     return cupy.RawKernel(source(dtype_name), f"{LAYOUTS[per]}_{dtype_name}")
-
-
-def vec4_fits(X: Array) -> bool:
-    """Whether the ``vec4`` kernel can read ``X``: float32, ``n % 4 == 0`` (every item
-    16-byte aligned) and the data 16-byte aligned."""
-    return X.dtype.name == "float32" and X.shape[1] % 4 == 0 and X.data.ptr % 16 == 0
 
 
 def threads_per_item(n: int) -> int:
@@ -252,23 +176,20 @@ def layout(n: int) -> str:
 def moment_sums(X: Array, Yc: Array, p: Array, per: str | None = None) -> Array:
     """The ``(B, 13)`` float64 sums of the module docstring for a C-contiguous CuPy ``X
     (B, n, 3)``, the centred target ``Yc (n, 3)`` and ``p (n,)`` (float64, contiguous), by
-    the kernel ``per`` item (``"warp"``, ``"pair"`` (a warp per two items), ``"block"`` or
-    ``"vec4"`` (a warp per item reading 16 bytes at a time, where :func:`vec4_fits`);
-    default :func:`layout`)."""
+    the kernel ``per`` item (``"warp"`` or ``"block"``; default :func:`layout`)."""
     import cupy
 
     B, n, _ = X.shape
     per = layout(n) if per is None else per
-    if per not in LAYOUTS or (per == "vec4" and not vec4_fits(X)):
+    if per not in LAYOUTS:
         raise ValueError(f"no {per!r} moments kernel for {X.dtype} items of {n} points")
-    q = cupy.ascontiguousarray((p[:, None] * Yc).T)
+    q = cupy.ascontiguousarray(p[:, None] * Yc)
     out = cupy.empty((B, SUMS), dtype=cupy.float64)
     if B:
         resident = 32 * _multiprocessors(cupy.cuda.Device().id)
         if per != "block":
-            warps = (B + 1) // 2 if per == "pair" else B
             threads = WARP_BLOCK
-            blocks = min(math.ceil(warps * 32 / threads), resident)
+            blocks = min(math.ceil(B * 32 / threads), resident)
         else:
             threads = threads_per_item(n)
             blocks = min(B, resident)
