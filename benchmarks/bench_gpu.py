@@ -576,6 +576,13 @@ def bench_pairwise(cfg: dict, repeat: int, res: Results) -> None:
             "result left on the GPU",
         )
     )
+
+    # as the register section: do Dask's threads help or contend on one GPU?
+    def op1():
+        out["D"] = D.data.compute(scheduler="threads", num_workers=1)
+
+    t = gpu_time(op1, repeat, setup=out.clear)
+    res.add(Row("gpu.pairwise_op1", "GPU pairwise_rmsd op, 1 thread", "pairwise", t, N * N, ""))
     coords = ens["coords"].values
     A = cupy.asarray(coords[:k])
     t = gpu_time(lambda: pairwise_kernel(A), repeat)
