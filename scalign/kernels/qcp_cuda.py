@@ -298,13 +298,13 @@ def largest_eigenvalue(S: Array) -> tuple[Array, Array]:
 
 
 def qcp_rotation(S: Array, bound: Array) -> tuple[Array, Array, Array]:
-    """``(R, lam, unsure)`` for CuPy cross-covariances ``S (B, 3, 3)`` and the scale
-    ``bound (B,)``, as :func:`scalign.kernels.qcp.qcp_rotation` returns them."""
+    """``(R, lam, unsure)`` for CuPy cross-covariances ``S (..., 3, 3)`` and the scale
+    ``bound (...)``, as :func:`scalign.kernels.qcp.qcp_rotation` returns them."""
     import cupy
 
     S = cupy.asarray(S, dtype=cupy.float64)
-    B = S.shape[0]
-    R, lam, unsure = cupy.empty((B, 3, 3)), cupy.empty(B), cupy.empty(B, dtype=bool)
+    batch = S.shape[:-2]
+    R, lam, unsure = cupy.empty(S.shape), cupy.empty(batch), cupy.empty(batch, dtype=bool)
     bound = cupy.asarray(bound, dtype=cupy.float64)
     # raw arguments are indexed flat: a 1-D view of the C-contiguous result
     compiled(ROTATION)(*_entries(S), bound, lam, unsure, R.reshape(-1))
