@@ -131,6 +131,16 @@ def test_rotations_match_the_svd_and_repeated_roots_are_flagged():
     line = np.outer(np.arange(5.0), [1.0, 2.0, 3.0])
     S1, b1 = covariances((line @ Rotation.random(random_state=4).as_matrix())[None], line[None])
     assert qcp_cuda.qcp_rotation(cupy.asarray(S1), cupy.asarray(b1))[2].get().all()
+    # any batch shape: the first 300 as (20, 15), each item where it was
+    R2, lam2, unsure2 = (
+        a.get()
+        for a in qcp_cuda.qcp_rotation(
+            cupy.asarray(S[:300].reshape(20, 15, 3, 3)), cupy.asarray(bound[:300].reshape(20, 15))
+        )
+    )
+    assert R2.shape == (20, 15, 3, 3) and lam2.shape == unsure2.shape == (20, 15)
+    np.testing.assert_array_equal(R2.reshape(300, 3, 3), R[:300])
+    np.testing.assert_array_equal(lam2.ravel(), lam[:300])
 
 
 @pytest.mark.gpu
