@@ -65,15 +65,11 @@ def test_finish_and_residual_in_a_cpu_emulation_equal_numpy(weighted, scale):
     w = w if weighted else None
     p = None if w is None else w / w.sum()
     cx, cy, H, gx, gy = _shared_moments(np_compat, X, Y, p)
-    columns = [H[:, r, c] for r in range(3) for c in range(3)]
-    columns += [cx[:, a] for a in range(3)] + [
-        np.broadcast_to(cy, cx.shape)[:, a] for a in range(3)
-    ]
     B = len(X)
     outputs = [np.empty((B, 3, 3)), np.empty((B, 3)), *(np.empty(B) for _ in range(3))]
     *out, redo, refit = cuda_emulation.elementwise(
         kabsch_cuda.FINISH,
-        *columns,
+        *kabsch_cuda._columns(H, cx, cy),
         gx,
         np.broadcast_to(gy, gx.shape),
         np.bool_(scale),
@@ -91,8 +87,6 @@ def test_finish_and_residual_in_a_cpu_emulation_equal_numpy(weighted, scale):
         assert np.array_equal(np.isnan(value[done]), np.isnan(b[done])), name
         np.testing.assert_allclose(value[done], b[done], rtol=1e-9, atol=1e-9, err_msg=name)
     items = np.flatnonzero(np.isfinite(want.rmsd))
-    R = want.rotation[items].reshape(-1, 9)
-    fit_cx = cx[items]
     (e2,) = cuda_emulation.elementwise(
         kabsch_cuda.RESIDUAL,
         items.astype(np.int64),
@@ -100,9 +94,7 @@ def test_finish_and_residual_in_a_cpu_emulation_equal_numpy(weighted, scale):
         Y,
         np.full(len(Y), 1 / len(Y)) if p is None else p,
         np.int64(len(Y)),
-        *(R[:, k] for k in range(9)),
-        *(fit_cx[:, a] for a in range(3)),
-        *(np.broadcast_to(cy, (len(items), 3))[:, a] for a in range(3)),
+        *kabsch_cuda._columns(want.rotation[items], cx[items], cy),
         want.scale[items],
     )
     np.testing.assert_allclose(np.sqrt(e2), want.rmsd[items], rtol=1e-9, atol=1e-12)

@@ -67,7 +67,7 @@ def test_kernels_in_a_cpu_emulation_match_lapack_and_the_svd():
     """The kernels' own source run on the CPU (:mod:`cuda_emulation`), as on a GPU below:
     λmax within its bound of LAPACK's, the rotations the SVD's where not flagged."""
     S, bound = cases()
-    entries = [S[:, r, c] for r in range(3) for c in range(3)]
+    entries = qcp_cuda._entries(S)
     lam, error = cuda_emulation.elementwise(qcp_cuda.LAMBDA, *entries)
     exact = np.linalg.eigvalsh(horn_matrix(np, S))[:, -1]
     scale = np.abs(exact).max()

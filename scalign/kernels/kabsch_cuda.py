@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from scalign._array import namespace
 from scalign.kernels.elementwise import Elementwise, compiled
 from scalign.kernels.kabsch import _CANCELLATION, _FAR_FROM_ORIGIN
-from scalign.kernels.qcp_cuda import _R, _S, source
+from scalign.kernels.qcp_cuda import _R, _S, _entries, source
 
 Array = Any
 
@@ -90,17 +91,23 @@ def finish(cx: Array, cy: Array, H: Array, gx: Array, gy: Array, scale: bool):
     import cupy
 
     B = H.shape[0]
-    cy = cupy.broadcast_to(cy, (B, 3))
-    columns = [H[:, r, c] for r in range(3) for c in range(3)]
-    columns += [cx[:, a] for a in range(3)] + [cy[:, a] for a in range(3)]
     rotation = cupy.empty((B, 3, 3))
     translation = cupy.empty((B, 3))
     scale_, rmsd, r2 = (cupy.empty(B) for _ in range(3))
     redo, refit = cupy.empty(B, dtype=bool), cupy.empty(B, dtype=bool)
     # raw arguments are indexed flat: 1-D views of the C-contiguous results
     flat = rotation.reshape(-1), translation.reshape(-1)
+    columns = _columns(H, cx, cy)
     compiled(FINISH)(*columns, gx, gy, bool(scale), *flat, scale_, rmsd, r2, redo, refit)
     return rotation, translation, scale_, rmsd, r2, redo, refit
+
+
+def _columns(M: Array, cx: Array, cy: Array) -> list[Array]:
+    """The per-item arguments of :data:`FINISH` and :data:`RESIDUAL`: the nine entries of
+    ``M (m, 3, 3)``, then the coordinates of ``cx (m, 3)`` and of ``cy`` (``(3,)`` stands
+    for every item), each an ``(m,)`` view."""
+    cy = namespace(cx).broadcast_to(cy, cx.shape)
+    return [*_entries(M), *(cx[:, a] for a in range(3)), *(cy[:, a] for a in range(3))]
 
 
 _RESIDUAL = rf"""
@@ -145,9 +152,7 @@ def residual(X: Array, Y: Array, p: Array, items: Array, R: Array, cx: Array, cy
     import cupy
 
     n = X.shape[1]
-    cy = cupy.broadcast_to(cy, (len(items), 3))
-    columns = [R[:, r, c] for r in range(3) for c in range(3)]
-    columns += [cx[:, a] for a in range(3)] + [cy[:, a] for a in range(3)]
+    columns = _columns(R, cx, cy)
     # raw arguments are indexed flat: C-contiguous 1-D views
     X, Y, p = (cupy.ascontiguousarray(a).reshape(-1) for a in (X, Y, p))
     return compiled(RESIDUAL)(items, X, Y, p, n, *columns, s)

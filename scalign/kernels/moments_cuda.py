@@ -70,28 +70,6 @@ __device__ __forceinline__ void warp_sum(double acc[13])
     }}
 }}
 
-// The sums of item b over its warp, written by lane 0.
-__device__ __forceinline__ void store_warp_sums(
-    double acc[13], double* __restrict__ out, const long long b)
-{{
-    warp_sum(acc);
-    if ((threadIdx.x & 31) == 0) {{
-        #pragma unroll
-        for (int j = 0; j < 13; ++j) out[b * 13 + j] = acc[j];
-    }}
-}}
-
-// A warp per item: this warp's first item, and the stride of the grid-stride item loop.
-__device__ __forceinline__ long long warp_first()
-{{
-    return ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-}}
-
-__device__ __forceinline__ long long warp_stride()
-{{
-    return ((long long)gridDim.x * blockDim.x) >> 5;
-}}
-
 // One block per item (many points): warps' sums meet in shared memory.
 extern "C" __global__ void shared_moments_{name}({params})
 {{
@@ -123,12 +101,18 @@ extern "C" __global__ void shared_moments_{name}({params})
 extern "C" __global__ void warp_moments_{name}({params})
 {{
     const int lane = threadIdx.x & 31;
-    for (long long b = warp_first(); b < B; b += warp_stride()) {{
+    const long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const long long stride = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long b = first; b < B; b += stride) {{
         const {ctype}* x = X + b * (long long)n * 3;
         double acc[13] = {{}};
         #pragma unroll 4
         for (int k = lane; k < n; k += 32) accumulate_{name}(acc, x, q, p, k);
-        store_warp_sums(acc, out, b);
+        warp_sum(acc);
+        if (lane == 0) {{
+            #pragma unroll
+            for (int j = 0; j < 13; ++j) out[b * 13 + j] = acc[j];
+        }}
     }}
 }}
 """
