@@ -3,6 +3,10 @@ GPU (the GPU side is in ``test_gpu.py``, run with ``pytest -m gpu``)."""
 
 from __future__ import annotations
 
+import re
+import tomllib
+from pathlib import Path
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -179,3 +183,18 @@ def test_clamp_equals_numpy_clip_and_keeps_nan():
     q = np.arange(-3, 8)
     assert clamp(q, 0, 5).dtype == q.dtype
     np.testing.assert_array_equal(clamp(q, 0, 5), np.clip(q, 0, 5))
+
+
+def test_gpu_packages_live_in_the_gpu_extra_only():
+    """The base install never pulls CuPy, dask-cuda or RMM (dask-cuda pins its own dask
+    release); the ``gpu`` extra holds all three, and the README names it."""
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    gpu = {"cupy-cuda12x", "dask-cuda", "rmm-cu12"}
+    assert not names(project["dependencies"]) & {*gpu, "cupy"}
+    assert names(project["optional-dependencies"]["gpu"]) == gpu
+    assert 'pip install -e ".[gpu]"' in (root / "README.md").read_text()
